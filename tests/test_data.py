@@ -1,0 +1,184 @@
+"""ProAssist-format loader (real samples, error cases) and the synthetic generator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REFERENCE_SAMPLES, REPO, compose
+from prospect.data import load_dataset
+from prospect.data.frames import FRAME_COLUMN, FrameError, encode_jpeg
+from prospect.data.proassist import DatasetError, load_conversations
+from prospect.data.synthetic import draw_frame, generate, plan_video
+
+
+def write_frames(path: Path, count: int, corrupt: set[int] = frozenset()) -> None:
+    """An arrow frames file like ProAssist's (ArrowWriter, column `frame`, base64 JPEG)."""
+    import random
+
+    from datasets.arrow_writer import ArrowWriter
+
+    plan = plan_video(0, 60, 2, random.Random(0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ArrowWriter(path=str(path)) as writer:
+        for i in range(count):
+            writer.write({FRAME_COLUMN: "not*base64!" if i in corrupt else encode_jpeg(draw_frame(plan, i % plan.num_frames))})
+        writer.finalize()
+
+
+@pytest.fixture
+def real_format_root(tmp_path) -> Path:
+    """The two real ProAssist samples with generated stand-in frames files (the real ones are not available)."""
+    if not REFERENCE_SAMPLES.is_file():
+        pytest.skip(f"{REFERENCE_SAMPLES} not available")
+    subset = tmp_path / "processed_data" / "assembly101"
+    (subset / "prepared").mkdir(parents=True)
+    shutil.copy(REFERENCE_SAMPLES, subset / "prepared" / "dialog_val_L0_I1.jsonl")
+    sample = json.loads(REFERENCE_SAMPLES.read_text().splitlines()[0])
+    write_frames(subset / sample["frames_file"], 360)
+    return tmp_path
+
+
+def test_real_samples_give_proassist_streams(real_format_root):
+    loaded = load_conversations(real_format_root, "assembly101", "dialog_val_L0_I1")
+    assert loaded.skipped == []
+    assert [c.user_type for c in loaded.conversations] == ["no_talk", "talk_some"]
+    assert [c.num_frames for c in loaded.conversations] == [331, 338]
+    assert [len(c.references) for c in loaded.conversations] == [20, 20]
+    first = loaded.conversations[0]
+    assert first.subset == "assembly101" and first.fps == 2.0
+    assert first.system_prompt.startswith("You are a proactive assistant.")
+    # frames 11..14, then the user turn is fed before frame 15 (stream index 4), whose reference follows it
+    frame = first.frames[4]
+    assert (frame.index, frame.original_index, frame.time) == (4, 15, 2.5)
+    assert [t.role for t in frame.turns_before] == ["user"]
+    assert frame.reference.startswith("Great goal! Let's get started.")
+    assert first.frames[0].turns_before == () and first.frames[0].reference is None
+    # a reference sits on the last frame of a frames turn followed by an assistant turn (end exclusive)
+    assert first.frames[341 - 11].reference.startswith("Excellent, the water tank is now detached!")
+    assert first.image(4).size == (384, 384)
+
+
+def test_conversations_are_never_pooled(real_format_root):
+    loaded = load_conversations(real_format_root, "assembly101", "dialog_val_L0_I1")
+    ids = [c.id for c in loaded.conversations]
+    assert len(set(ids)) == 2 and all(c.video_uid == loaded.conversations[0].video_uid for c in loaded.conversations)
+
+
+def _write_annotation(root: Path, lines: list[str], name: str = "dialog_test_L0_I1") -> None:
+    path = root / "processed_data" / "synthetic" / "prepared" / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_bad_samples_are_skipped_and_named(synthetic_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root, root)
+    good = (root / "processed_data/synthetic/prepared/dialog_test_L0_I1.jsonl").read_text().splitlines()
+    missing_frames = json.loads(good[0]) | {"frames_file": "frames/nope.arrow", "video_uid": "ghost"}
+    past_end = json.loads(good[2]) | {"end_frame_idx": 10_000}
+    _write_annotation(root, [good[0], "{not json", json.dumps(missing_frames), json.dumps(past_end), good[1]])
+    loaded = load_conversations(root, "synthetic", "dialog_test_L0_I1")
+    assert [c.id for c in loaded.conversations] == ["synthetic_000/0/no_talk_0", "synthetic_000/0/talk_some_1"]
+    reasons = [s.reason for s in loaded.skipped]
+    assert len(reasons) == 3
+    assert "dialog_test_L0_I1.jsonl:2: malformed JSON" in reasons[0]
+    assert "frames/nope.arrow: frames file missing (video ghost)" in reasons[1]
+    assert "video synthetic_001: end_frame_idx 10000 past the video" in reasons[2] and "has 60 frames" in reasons[2]
+
+
+def test_bad_base64_fails_when_the_stream_reaches_it(synthetic_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root, root)
+    write_frames(root / "processed_data/synthetic/frames/synthetic_000.arrow", 60, corrupt={7})
+    loaded = load_conversations(root, "synthetic", "dialog_test_L0_I1")
+    assert len(loaded.conversations) == 4  # decoding is lazy: loading still succeeds
+    conversation = loaded.conversations[0]
+    conversation.image(0)
+    k = next(f.index for f in conversation.frames if f.original_index == 7)
+    with pytest.raises(FrameError, match=r"synthetic_000.arrow: frame 7 of video synthetic_000: not a base64 JPEG"):
+        conversation.image(k)
+
+
+def test_missing_annotation_lists_available(synthetic_root):
+    with pytest.raises(DatasetError, match=r"dialog_val_L0_I1.jsonl: annotation file missing .*dialog-klg_test_L0_I1, dialog_test_L0_I1"):
+        load_conversations(synthetic_root, "synthetic", "dialog_val_L0_I1")
+
+
+def test_video_filter_and_max_videos(synthetic_root):
+    only = load_conversations(synthetic_root, "synthetic", "dialog_test_L0_I1", video_ids=["synthetic_001"])
+    assert {c.video_uid for c in only.conversations} == {"synthetic_001"} and len(only.conversations) == 2
+    first = load_conversations(synthetic_root, "synthetic", "dialog_test_L0_I1", max_videos=1)
+    assert [c.user_type for c in first.conversations] == ["no_talk", "talk_some"]
+    assert {c.video_uid for c in first.conversations} == {"synthetic_000"}
+
+
+def test_generator_is_deterministic(tmp_path):
+    a, b, c = (generate(tmp_path / name, videos=1, seconds=20, seed=seed, knowledge=True) for name, seed in (("a", 3), ("b", 3), ("c", 4)))
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) == 4  # frames, two annotation files, manifest
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "frames/synthetic_000.arrow").read_bytes() != (c / "frames/synthetic_000.arrow").read_bytes()
+
+
+def test_generated_data_loads_like_real_data(synthetic_root):
+    loaded = load_conversations(synthetic_root, "synthetic", "dialog-klg_test_L0_I1")
+    assert loaded.skipped == [] and len(loaded.conversations) == 4
+    for conversation in loaded.conversations:
+        # 60 frames; the clip starts after the 2 empty-bench frames and ends with the final remark
+        assert conversation.frames[0].original_index == 2
+        assert conversation.num_frames == conversation.frames[-1].original_index - 1 <= 58
+        assert conversation.frames[-1].reference is not None
+        assert conversation.add_knowledge and conversation.knowledge.count("\n") >= 2
+        references = conversation.references
+        assert len(references) >= 4
+        # the goal statement and the knowledge are fed before the first reference frame
+        fed = [t for f in conversation.frames[: references[0].index + 1] for t in f.turns_before]
+        assert [t.role for t in fed] == ["user", "system"] and fed[1].content.startswith("Task knowledge: ")
+        # instructions name the knowledge's steps in order: predictable only from context
+        steps = [line.split(". ", 1)[1].lower() for line in conversation.knowledge.splitlines()[1:]]
+        named = [s for r in references for s in steps if s in r.reference.lower()]
+        assert named == steps[: len(named)] and len(named) >= 2
+        image = conversation.image(references[1].index)
+        assert image.size == (384, 384) and image.mode == "RGB"
+
+
+def test_frames_change_at_step_transitions():
+    import random
+
+    plan = plan_video(0, 60, 2, random.Random(1))
+    edge = plan.boundaries[2]
+    before, after = draw_frame(plan, edge - 1), draw_frame(plan, edge)
+    # a part is completed at the transition: more filled pixels of its colour afterwards
+    assert before.tobytes() != after.tobytes()
+
+
+def test_dataset_synthetic_generates_on_first_use(tmp_path):
+    cfg = compose("dataset.generate.seconds=20", "dataset.generate.videos=1", tmp_path=tmp_path)
+    root = Path(cfg.dataset.root)
+    assert not root.exists()
+    loaded = load_dataset(cfg.dataset)
+    assert root.is_dir() and len(loaded.conversations) == 2
+    stamp = (root / "processed_data/synthetic/frames/synthetic_000.arrow").stat().st_mtime_ns
+    load_dataset(cfg.dataset)  # second use: reused, not regenerated
+    assert (root / "processed_data/synthetic/frames/synthetic_000.arrow").stat().st_mtime_ns == stamp
+
+
+def test_generator_cli(tmp_path):
+    ok = subprocess.run(
+        [sys.executable, "-m", "prospect.data.synthetic", "--root", str(tmp_path), "--videos", "1", "--seconds", "12"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "processed_data/synthetic/prepared/dialog_test_L0_I1.jsonl").is_file()
+    assert not (tmp_path / "processed_data/synthetic/prepared/dialog-klg_test_L0_I1.jsonl").exists()
+    bad = subprocess.run(
+        [sys.executable, "-m", "prospect.data.synthetic", "--root", str(tmp_path), "--videos", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip() == "prospect.data.synthetic: error: --videos must be at least 1, got 0"

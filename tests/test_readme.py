@@ -1,0 +1,26 @@
+"""README, CI and configs agree."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import REPO
+
+
+def _quick_start_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section)
+
+
+def test_readme_has_two_commands_and_ci_runs_the_test_one():
+    run_command, test_command = _quick_start_commands()
+    assert run_command.endswith("python -m prospect.run")
+    assert test_command.endswith("python -m pytest")
+    ci_lines = (REPO / ".ci/run").read_text().splitlines()
+    assert test_command in ci_lines
+
+
+def test_top_level_layout():
+    for name in ("pyproject.toml", "conf", "prospect", "tests", "multirun", "notebooks", "README.md", ".ci/run"):
+        assert (REPO / name).exists(), name
