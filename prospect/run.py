@@ -17,9 +17,11 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as error:
         print(f"prospect: error: {error}", file=sys.stderr)
         sys.exit(2)
+    from hydra.core.hydra_config import HydraConfig
+
     from prospect.experiment import run
 
-    run(cfg)
+    run(cfg, HydraConfig.get().runtime.output_dir)
 
 
 def cli() -> None:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "strategy", "dataset", "eval", "logger", "experiment")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-POSITION_MODES = ("original", "contiguous")
+POSITION_MODES = ("original", "contiguous", "cache_length")
 TALK_POLICIES = ("gt_turns", "threshold")
 CHAT_FORMATS = ("smolvlm", "chatml")
 WANDB_MODES = ("online", "offline", "disabled", "shared")
@@ -238,7 +238,7 @@ def _check_strategy(strategy: DictConfig, stream: DictConfig) -> None:
         raise ConfigError(f"strategy.reserved_seq_len={reserved}: must be < strategy.max_seq_len={max_len}")
     if "_target_" not in strategy:
         raise ConfigError("strategy._target_: missing (the class implementing the strategy)")
-    if _uses_last_keep_len(strategy) and last_keep + reserved >= max_len:
+    if "last_keep_len" in strategy and _uses_last_keep_len(strategy) and last_keep + reserved >= max_len:
         raise ConfigError(
             f"strategy.last_keep_len={last_keep}: last_keep_len + reserved_seq_len ({last_keep + reserved}) "
             f"must be < max_seq_len ({max_len})"
@@ -255,7 +255,16 @@ def _check_strategy(strategy: DictConfig, stream: DictConfig) -> None:
 
 
 def _uses_last_keep_len(strategy: DictConfig) -> bool:
-    return strategy.get("name") == "drop_middle"
+    from prospect.context_strategies import strategy_parameters
+
+    try:
+        from hydra.utils import get_class
+
+        cls = get_class(str(strategy._target_))
+    except Exception as error:  # ImportError, AttributeError, ValueError: the class cannot be found
+        raise ConfigError(f"strategy._target_={strategy._target_}: cannot import ({error})") from None
+    accepted = strategy_parameters(cls)
+    return accepted is None or "last_keep_len" in accepted
 
 
 def _check_stream(stream: DictConfig) -> None:
@@ -277,6 +286,11 @@ def _check_dataset(dataset: DictConfig) -> None:
     ):
         raise ConfigError(f"dataset.video_ids={video_ids}: must be null or a list of video_uid strings")
     _int(dataset, "max_videos", "dataset", minimum=1, optional=True)
+    user_types = dataset.get("user_types")
+    if user_types is not None and not (
+        isinstance(user_types, (ListConfig, list)) and user_types and all(isinstance(v, str) for v in user_types)
+    ):
+        raise ConfigError(f"dataset.user_types={user_types}: must be null or a non-empty list of user types")
     subset = str(_get(dataset, "subset", "dataset"))
     annotation = str(_get(dataset, "annotation", "dataset"))
     root = _get(dataset, "root", "dataset")

@@ -18,4 +18,5 @@ def load_dataset(dataset: DictConfig) -> LoadedDataset:
         g = dataset.generate
         ensure_generated(dataset.root, g.videos, g.seconds, g.fps, g.seed, g.knowledge)
     video_ids = list(dataset.video_ids) if dataset.video_ids is not None else None
-    return load_conversations(dataset.root, dataset.subset, dataset.annotation, video_ids, dataset.max_videos)
+    user_types = list(dataset.user_types) if dataset.get("user_types") is not None else None
+    return load_conversations(dataset.root, dataset.subset, dataset.annotation, video_ids, dataset.max_videos, user_types)

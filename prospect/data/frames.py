@@ -67,3 +67,19 @@ class FrameSource:
             return decode_jpeg(text)
         except ValueError as error:
             raise FrameError(f"{self.path}: frame {original_index} of video {self.video_uid}: {error}") from error
+
+
+class ImageListSource:
+    """Frames already in memory (a list of PIL images, index = frame index in the video)."""
+
+    def __init__(self, images: list, video_uid: str):
+        self.images = images
+        self.video_uid = video_uid
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image(self, original_index: int) -> Image.Image:
+        if not 0 <= original_index < len(self.images):
+            raise FrameError(f"video {self.video_uid}: frame {original_index} out of range 0..{len(self.images) - 1}")
+        return self.images[original_index].convert("RGB")

@@ -73,12 +73,13 @@ def load_conversations(
     annotation: str,
     video_ids: Iterable[str] | None = None,
     max_videos: int | None = None,
+    user_types: Iterable[str] | None = None,
 ) -> LoadedDataset:
     """Read every sample of one annotation file into conversations (frames stay undecoded).
 
     A sample that cannot be used (malformed JSON, missing frames file, end_frame_idx past the video,
     bad turns) is skipped and reported in `skipped`; the others still load. `video_ids` keeps only
-    those videos; `max_videos` keeps the first N distinct videos (all their user types).
+    those videos; `max_videos` keeps the first N distinct videos; `user_types` keeps those user types.
     """
     path = annotation_path(root, subset, annotation)
     if not path.is_file():
@@ -99,6 +100,8 @@ def load_conversations(
                 continue
             video_uid = sample.get("video_uid") if isinstance(sample, dict) else None
             if wanted is not None and video_uid not in wanted:
+                continue
+            if user_types is not None and ((sample.get("metadata") or {}).get("user_type") not in set(user_types)):
                 continue
             if video_uid not in kept_videos:
                 if max_videos is not None and len(kept_videos) >= max_videos:
@@ -207,3 +210,50 @@ def _stream_from_turns(
     if not frames:
         raise SampleError(f"video {video_uid}: the conversation has no frames turn")
     return system_parts, frames
+
+
+def timed_turns_to_prepared(turns: list[dict], fps: float, num_frames: int) -> list[dict]:
+    """Timestamped turns ({role, content, time}) -> ProAssist's prepared form [frames, turn, frames, ...].
+
+    As ProAssist's preparation: a turn at time t follows the frames up to floor(t * fps) (exclusive),
+    moved one frame later when that would leave an empty frames turn; system turns without a time
+    go first. Turns past the last frame are dropped.
+    """
+    prepared = [t for t in turns if t.get("role") == "system" and t.get("time") is None]
+    cursor = 0
+    for turn in turns:
+        if turn.get("role") == "system" and turn.get("time") is None:
+            continue
+        index = max(int(float(turn["time"]) * fps), cursor + 1)
+        if index >= num_frames:
+            break
+        prepared.append({"role": "frames", "start": cursor, "end": index})
+        prepared.append(turn)
+        cursor = index
+    return prepared
+
+
+def conversation_from_images(video_uid: str, images: list, turns: list[dict], fps: float, user_type: str = "unknown") -> Conversation:
+    """A conversation over in-memory frames; `turns` are ProAssist prepared turns or timestamped turns."""
+    from prospect.data.frames import ImageListSource
+
+    if not any(t.get("role") == "frames" for t in turns):
+        turns = timed_turns_to_prepared(turns, fps, len(images))
+    spans = [(t["start"], t["end"]) for t in turns if t.get("role") == "frames"]
+    if not spans:
+        raise SampleError(f"video {video_uid}: no frames before the first turn")
+    start, end = min(s for s, _ in spans), max(e for _, e in spans)
+    system_parts, frames = _stream_from_turns(turns, start, end, fps, video_uid)
+    return Conversation(
+        id=f"{video_uid}/0/{user_type}",
+        video_uid=video_uid,
+        subset="custom",
+        user_type=user_type,
+        fps=fps,
+        system_prompt="\n".join(system_parts),
+        task_goal="",
+        knowledge="",
+        add_knowledge=False,
+        frames=frames,
+        frame_source=ImageListSource(images, video_uid),
+    )

@@ -1,0 +1,180 @@
+"""Operations on a transformers KV cache: length, keep spans, crop, re-rotate keys.
+
+transformers stores keys *after* RoPE, so a cache alone does not say at which positions its tokens
+were encoded. `PositionedCache` is a transformers `Cache` whose layers are preallocated buffers of
+`capacity` tokens (appending writes in place; no per-step concatenation), and which records the
+position of every cached token (`positions`, absolute token positions) and the position the next
+token gets (`next_position`). Eviction moves kept tokens to the front of the buffers; slices and
+copies are exact (bitwise), `rerotate` applies a RoPE rotation by (new - old) positions.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class BufferLayer(DynamicLayer):
+    """One layer's keys/values in buffers [batch, kv_heads, capacity, head_dim]; `keys`/`values` are
+    views of the first `length` tokens. Appending past `capacity` raises."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, dim = key_states.shape
+        self.key_buffer = torch.zeros(batch, heads, self.capacity, dim, dtype=key_states.dtype, device=key_states.device)
+        self.value_buffer = torch.zeros(
+            batch, heads, self.capacity, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device
+        )
+        self.is_initialized = True
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        count = key_states.shape[-2]
+        if self.length + count > self.capacity:
+            raise RuntimeError(f"KV buffer full: {self.length} + {count} tokens > capacity {self.capacity}")
+        self.key_buffer[:, :, self.length : self.length + count] = key_states
+        self.value_buffer[:, :, self.length : self.length + count] = value_states
+        self.length += count
+        self._refresh_views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the tokens at `index` (ascending), moved to the front in order."""
+        if self.is_initialized:
+            count = index.numel()
+            index = index.to(self.key_buffer.device)
+            self.key_buffer[:, :, :count] = self.key_buffer[:, :, index]  # the gather copies before writing
+            self.value_buffer[:, :, :count] = self.value_buffer[:, :, index]
+            self.length = count
+            self._refresh_views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to remove from the end")
+        self.length = max(0, self.length + tokens_to_remove)
+        if self.is_initialized:
+            self._refresh_views()
+
+    def reset(self) -> None:
+        self.length = 0
+        if self.is_initialized:
+            self._refresh_views()
+
+
+class PositionedCache(Cache):
+    """A KV cache of preallocated per-layer buffers plus the RoPE position of each cached token."""
+
+    def __init__(self, capacity: int, inv_freq: torch.Tensor | None = None, attention_scaling: float = 1.0):
+        super().__init__(layer_class_to_replicate=lambda: BufferLayer(capacity))
+        self.capacity = capacity
+        self.positions = torch.empty(0, dtype=torch.long)  # on CPU; one entry per cached token
+        self.next_position = 0
+        self.inv_freq = inv_freq
+        self.attention_scaling = attention_scaling
+
+    def take_positions(self, count: int) -> torch.Tensor:
+        """Positions for `count` new tokens (recorded as cached): next_position, next_position + 1, ..."""
+        new = torch.arange(self.next_position, self.next_position + count, dtype=torch.long)
+        self.positions = torch.cat([self.positions, new])
+        self.next_position += count
+        return new
+
+    def layer_tensors(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """(keys, values) of each layer: views [batch, kv_heads, length, head_dim]."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                yield layer.keys, layer.values
+
+    def check(self) -> None:
+        """Raise if the recorded positions do not match the cached tokens."""
+        if len(self.positions) != self.get_seq_length():
+            raise RuntimeError(f"cache holds {self.get_seq_length()} tokens but records {len(self.positions)} positions")
+
+
+def cache_length(cache: Cache) -> int:
+    return cache.get_seq_length()
+
+
+def keep_spans(cache: PositionedCache, spans: list[tuple[int, int]]) -> None:
+    """Keep tokens [start, end) of each span, in order, in every layer (in place). [] empties the cache."""
+    length = cache_length(cache)
+    spans = [(max(0, a), min(length, b)) for a, b in spans if min(length, b) > max(0, a)]
+    index = torch.cat([torch.arange(a, b) for a, b in spans]) if spans else torch.empty(0, dtype=torch.long)
+    if bool((index == torch.arange(index.numel())).all()) and index.numel() == length:
+        return  # keeps everything
+    for layer in cache.layers:
+        layer.keep(index)
+    cache.positions = cache.positions[index]
+
+
+def crop_end(cache: PositionedCache, count: int) -> None:
+    """Remove the last `count` tokens and give their positions back (next_position moves back)."""
+    if count <= 0:
+        return
+    keep_spans(cache, [(0, cache_length(cache) - count)])
+    cache.next_position -= count
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate post-RoPE keys [b, h, n, d] by `delta` positions ([n]) with Llama's RoPE (rotate_half)."""
+    freqs = delta.to(inv_freq.device, torch.float32)[:, None] * inv_freq.float()[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    k = keys.float()
+    return (k * cos + rotate_half(k) * sin).to(keys.dtype)
+
+
+def make_contiguous(cache: PositionedCache) -> None:
+    """Re-rotate keys so the cache holds positions 0..len-1; new tokens continue at len (StreamingLLM)."""
+    length = cache_length(cache)
+    target = torch.arange(length, dtype=torch.long)
+    delta = target - cache.positions
+    moved = torch.nonzero(delta != 0).flatten()
+    if moved.numel():
+        if cache.inv_freq is None:
+            raise ValueError("contiguous positions need the model's RoPE inv_freq on the cache")
+        if cache.attention_scaling != 1.0:
+            raise ValueError(f"contiguous positions need plain RoPE (attention_scaling 1), got {cache.attention_scaling}")
+        for layer in cache.layers:
+            if layer.is_initialized:
+                index = moved.to(layer.key_buffer.device)
+                layer.key_buffer[:, :, index] = rerotate(layer.key_buffer[:, :, index], delta[moved], cache.inv_freq)
+    cache.positions = target
+    cache.next_position = length
+
+
+def clone_cache(cache: PositionedCache) -> PositionedCache:
+    """A copy holding exactly the cached tokens (capacity = their count), with the same positions."""
+    length = cache_length(cache)
+    copy = PositionedCache(max(length, 1), cache.inv_freq, cache.attention_scaling)
+    for layer_index, (keys, values) in enumerate(cache.layer_tensors()):
+        copy.update(keys.clone(), values.clone(), layer_index)
+    copy.positions = cache.positions.clone()
+    copy.next_position = cache.next_position
+    return copy

@@ -1,0 +1,79 @@
+"""Context strategies: one small class per strategy; the cache surgery lives in prospect.cache.
+
+    from prospect.context_strategies import ContextStrategyFactory, BaseContextStrategy
+    strategy = ContextStrategyFactory.create_strategy(strategy_type="drop_middle", max_seq_len=4096,
+                                                      reserved_seq_len=128, last_keep_len=512)
+
+A new strategy subclasses BaseContextStrategy (should_reduce_cache, handle_overflow, name) and is
+selected from the command line with strategy._target_=package.module.Class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+from prospect.context_strategies.base import POSITION_MODES, BaseContextStrategy, ContextOverflowError
+from prospect.context_strategies.drop_all import DropAll
+from prospect.context_strategies.drop_middle import DropMiddle
+from prospect.context_strategies.full import FullContext
+from prospect.context_strategies.none import NoContext
+from prospect.context_strategies.summarize_and_drop import SummarizeAndDrop
+
+STRATEGIES: dict[str, type[BaseContextStrategy]] = {
+    "none": NoContext,
+    "full": FullContext,
+    "drop_all": DropAll,
+    "drop_middle": DropMiddle,
+    "summarize_and_drop": SummarizeAndDrop,
+}
+
+__all__ = [
+    "BaseContextStrategy", "ContextOverflowError", "ContextStrategyFactory", "DropAll", "DropMiddle", "FullContext",
+    "NoContext", "POSITION_MODES", "STRATEGIES", "SummarizeAndDrop", "create_strategy", "strategy_from_config",
+    "strategy_parameters",
+]
+
+
+def strategy_parameters(cls: type) -> set[str] | None:
+    """The parameters a strategy class takes (dataclass fields), or None if it takes any (**kwargs)."""
+    signature = inspect.signature(cls.__init__)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls) if f.init}
+    return {name for name in signature.parameters if name != "self"}
+
+
+def _instantiate(cls: type, params: dict[str, Any]) -> BaseContextStrategy:
+    accepted = strategy_parameters(cls)
+    used = params if accepted is None else {k: v for k, v in params.items() if k in accepted}
+    strategy = cls(**used)
+    if not isinstance(strategy, BaseContextStrategy):
+        raise TypeError(f"{cls.__module__}.{cls.__name__} is not a BaseContextStrategy")
+    return strategy
+
+
+def create_strategy(strategy_type: str, **params: Any) -> BaseContextStrategy:
+    """A built-in strategy by name; parameters it does not use (e.g. last_keep_len for drop_all) are ignored."""
+    if strategy_type not in STRATEGIES:
+        raise ValueError(f"strategy_type={strategy_type}: choose one of: {', '.join(STRATEGIES)}")
+    return _instantiate(STRATEGIES[strategy_type], params)
+
+
+class ContextStrategyFactory:
+    """The seed's entry point, kept for its users: ContextStrategyFactory.create_strategy(strategy_type=..., ...)."""
+
+    create_strategy = staticmethod(create_strategy)
+
+
+def strategy_from_config(strategy_cfg: Any) -> BaseContextStrategy:
+    """Instantiate the `strategy` config group: `_target_` is the class, the other keys its parameters."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.to_container(strategy_cfg, resolve=True) if not isinstance(strategy_cfg, dict) else dict(strategy_cfg)
+    target = params.pop("_target_")
+    params.pop("name", None)
+    return _instantiate(get_class(target), params)

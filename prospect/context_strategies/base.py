@@ -1,0 +1,98 @@
+"""The context-strategy interface (the seed's API) and the mechanics every strategy shares.
+
+A strategy watches the cache length and, when asked, reduces the cache. ProAssist's threshold:
+reduce once the cache holds `ctxlen_to_reduce = max_seq_len - reserved_seq_len` tokens (checked after
+every frame step and every reply); independently, the runner never lets the cache exceed
+`max_seq_len`: if the next chunk would not fit, it asks the strategy to reduce first.
+
+Positions after eviction (`position_mode`; keys are cached after RoPE):
+- original: new tokens continue at the running position counter; kept keys keep their positions.
+- contiguous: kept keys are re-rotated to 0..len-1 and new tokens continue at len (StreamingLLM).
+- cache_length: new tokens continue at the cache length, kept keys keep their positions (what
+  ProAssist's code does implicitly: transformers derives positions from the cache length).
+An emptied cache restarts at position 0 in every mode.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from prospect.cache import PositionedCache, cache_length, clone_cache, keep_spans, make_contiguous
+
+POSITION_MODES = ("original", "contiguous", "cache_length")
+
+
+class ContextOverflowError(RuntimeError):
+    """The next chunk cannot fit in the cache even after the strategy reduced it."""
+
+
+@dataclass
+class BaseContextStrategy(ABC):
+    """Base of all context strategies; subclasses add their own parameters as dataclass fields.
+
+    max_seq_len: tokens the cache may hold; reserved_seq_len: tokens kept free (the reduction threshold
+    is max_seq_len - reserved_seq_len); position_mode: see the module docstring.
+    """
+
+    max_seq_len: int = 4096
+    reserved_seq_len: int = 128
+    position_mode: str = "original"
+
+    event: ClassVar[str] = "compress"  # what a reduction is called in the trace
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len={self.max_seq_len}: must be >= 1")
+        if not 0 <= self.reserved_seq_len < self.max_seq_len:
+            raise ValueError(f"reserved_seq_len={self.reserved_seq_len}: must be in [0, max_seq_len={self.max_seq_len})")
+        if self.position_mode not in POSITION_MODES:
+            raise ValueError(f"position_mode={self.position_mode}: choose one of: {', '.join(POSITION_MODES)}")
+        self.init_kv_cache: PositionedCache | None = None
+        self.init_len = 0
+        self.prompt_len = 0
+
+    @property
+    @abstractmethod
+    def name(self) -> str: ...
+
+    @property
+    def ctxlen_to_reduce(self) -> int:
+        """Cache length (tokens) at which the strategy reduces."""
+        return self.max_seq_len - self.reserved_seq_len
+
+    def capacity(self, model_max_positions: int) -> int:
+        """The most tokens the cache may ever hold under this strategy."""
+        return self.max_seq_len
+
+    def should_reduce_cache(self, current_seq_len: int) -> bool:
+        return current_seq_len >= self.ctxlen_to_reduce
+
+    @abstractmethod
+    def handle_overflow(self, past_key_values: Any, last_msg: list[int] | None, **context: Any) -> tuple[Any, list[int] | None]:
+        """Reduce the cache. Returns (cache, last_msg): last_msg are token ids fed before the next chunk.
+
+        context (from the runner): model, system_prompt, knowledge, encode_system_turn(text) -> ids,
+        summarize(prompt, max_new_tokens) -> text, frame_index, time.
+        """
+
+    def start_stream(self, prompt_len: int) -> None:
+        """A new conversation begins; the cache holds its system prompt (prompt_len tokens)."""
+        self.init_kv_cache, self.init_len, self.prompt_len = None, 0, prompt_len
+
+    def set_initial_cache(self, cache: PositionedCache) -> None:
+        """ProAssist's initial cache: everything up to the frame of the first user turn (and its reply)."""
+        self.init_kv_cache = clone_cache(cache)
+        self.init_len = cache_length(cache)
+
+    def keep(self, cache: PositionedCache, spans: list[tuple[int, int]]) -> None:
+        """Keep [start, end) spans of the cache and apply position_mode."""
+        keep_spans(cache, spans)
+        length = cache_length(cache)
+        if length == 0:
+            cache.next_position = 0
+        elif self.position_mode == "contiguous":
+            make_contiguous(cache)
+        elif self.position_mode == "cache_length":
+            cache.next_position = length

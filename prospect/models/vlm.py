@@ -1,0 +1,214 @@
+"""SmolVLM2 for streaming: loading (hub id | local dir | offline default | random-init) and the two
+operations the stream needs: encode frames into image features, and run the language model on a chunk
+of tokens at explicit positions on top of a KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from prospect.cache import PositionedCache
+from prospect.models.architectures import ARCHITECTURES, OFFLINE_VISION, Architecture, smolvlm_config
+from prospect.models.chat_format import (
+    CHAT_FORMATS,
+    FAKE_IMAGE_TOKEN,
+    GLOBAL_IMAGE_TOKEN,
+    IMAGE_TOKEN,
+    SMOLVLM_ADDED_TOKENS,
+    ChatFormat,
+)
+from prospect.models.offline import ModelUnavailable, offline_smollm2_dir, smolvlm_tokenizer_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelUnavailable(f"model.device={device}: CUDA is not available on this machine (use model.device=cpu or auto)")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def image_processor_for(arch: Architecture):
+    """SmolVLM's image processor (PIL backend: no torchvision) for unsplit frames of `arch`."""
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    size = {"longest_edge": arch.image_size}
+    return SmolVLMImageProcessorPil(
+        do_image_splitting=False, size=size, max_image_size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+
+
+@dataclass
+class VisionLanguageModel:
+    """A loaded SmolVLM2 with its tokenizer, image processor and prompt format."""
+
+    model: torch.nn.Module  # SmolVLMForConditionalGeneration
+    tokenizer: object
+    image_processor: object
+    chat: ChatFormat
+    name: str
+    blind: bool = False  # True for the offline default: image features are zero
+    stop_at_newline: bool = False  # a reply also ends at any token holding a line break
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        vocab = self.tokenizer.get_vocab()
+        self.image_token_id = vocab[IMAGE_TOKEN]
+        self.stop_ids = [vocab[self.chat.end_of_turn]]
+        if self.stop_at_newline:
+            self.stop_ids += sorted(
+                i for token, i in vocab.items() if "\n" in self.tokenizer.convert_tokens_to_string([token])
+            )
+        # image placeholders are never generated (a generated <image> would have no features)
+        self.suppressed_ids = [vocab[t] for t in (IMAGE_TOKEN, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN) if t in vocab]
+        if self.chat.end_of_turn not in SMOLVLM_ADDED_TOKENS:  # a ChatML model never saw SmolVLM's added tokens
+            self.suppressed_ids = [vocab[t] for t in SMOLVLM_ADDED_TOKENS if t in vocab]
+        if self.image_token_id != self.model.config.image_token_id:
+            raise ModelUnavailable(
+                f"{self.name}: tokenizer <image> id {self.image_token_id} != model image_token_id {self.model.config.image_token_id}"
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def image_tokens(self) -> int:
+        """`<image>` tokens per (unsplit) frame."""
+        return int(self.model.model.image_seq_len)
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.model.model.text_model.rotary_emb.inv_freq
+
+    def new_cache(self, capacity: int) -> PositionedCache:
+        """An empty KV cache of preallocated buffers for `capacity` tokens."""
+        rope = self.model.model.text_model.rotary_emb
+        return PositionedCache(capacity, inv_freq=rope.inv_freq, attention_scaling=float(rope.attention_scaling))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence) -> torch.Tensor:
+        """Image features of frames, [n, image_tokens, hidden], in one vision-tower batch."""
+        inputs = self.image_processor(images=[[image] for image in images], return_tensors="pt", do_image_splitting=False)
+        pixels = inputs["pixel_values"].to(self.device, self.dtype)
+        mask = inputs["pixel_attention_mask"].to(self.device)
+        output = self.model.model.get_image_features(pixels, mask, return_dict=True)
+        return torch.stack(list(output.pooler_output))
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Sequence[int],
+        cache: PositionedCache,
+        image_features: torch.Tensor | None = None,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Append `input_ids` to the cache at positions cache.next_position.. and return float32 logits
+        of the last token ([vocab]) or of every token ([n, vocab]). `<image>` tokens take the rows of
+        `image_features` in order."""
+        ids = torch.tensor([list(input_ids)], device=self.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        image_mask = ids[0] == self.image_token_id
+        if image_features is not None or bool(image_mask.any()):
+            rows = image_features.reshape(-1, embeds.shape[-1]) if image_features is not None else None
+            if rows is None or rows.shape[0] != int(image_mask.sum()):
+                found = 0 if rows is None else rows.shape[0]
+                raise ValueError(f"{int(image_mask.sum())} <image> tokens but {found} image feature rows")
+            embeds[0, image_mask] = rows.to(embeds.dtype)
+        positions = cache.take_positions(ids.shape[1]).to(self.device)
+        hidden = self.model.model.text_model(
+            inputs_embeds=embeds, position_ids=positions[None], past_key_values=cache, use_cache=True
+        ).last_hidden_state
+        hidden = hidden[0] if all_logits else hidden[0, -1]
+        return self.model.lm_head(hidden).float()
+
+
+def load_model(model_cfg: DictConfig, cache_dir: str | Path, seed: int = 0) -> VisionLanguageModel:
+    """Load the model of a `model` config group (see conf/model/*.yaml)."""
+    device = resolve_device(str(model_cfg.device))
+    dtype = resolve_dtype(str(model_cfg.dtype), device)
+    chat = CHAT_FORMATS[model_cfg.chat_format]
+    from transformers import AutoTokenizer, SmolVLMForConditionalGeneration
+
+    if model_cfg.get("gguf_file"):
+        folder = offline_smollm2_dir(cache_dir, model_cfg.gguf_package, model_cfg.gguf_file)
+        model = SmolVLMForConditionalGeneration.from_pretrained(str(folder), dtype=dtype).to(device)
+        log.warning("%s: language weights are real but the model is BLIND TO PIXELS (untrained vision, zero connector)", model_cfg.name)
+        arch = replace(ARCHITECTURES[model_cfg.architecture], **OFFLINE_VISION)
+        return VisionLanguageModel(
+            model, AutoTokenizer.from_pretrained(str(folder)), image_processor_for(arch), chat, model_cfg.name, blind=True,
+            stop_at_newline=bool(model_cfg.get("stop_at_newline", False)),
+        )
+    if model_cfg.random_init:
+        arch = ARCHITECTURES[model_cfg.architecture]
+        tokenizer = AutoTokenizer.from_pretrained(str(smolvlm_tokenizer_dir(cache_dir)))
+        torch.manual_seed(seed)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = SmolVLMForConditionalGeneration(smolvlm_config(arch))
+        finally:
+            torch.set_default_dtype(default_dtype)
+        log.info("%s: real %s architecture with random weights", model_cfg.name, model_cfg.architecture)
+        return VisionLanguageModel(
+            model, tokenizer, image_processor_for(arch), chat, model_cfg.name,
+            stop_at_newline=bool(model_cfg.get("stop_at_newline", False)),
+        )
+    return _load_pretrained(model_cfg, device, dtype, chat)
+
+
+def _load_pretrained(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, chat: ChatFormat) -> VisionLanguageModel:
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    source = str(Path(model_cfg.path).expanduser()) if model_cfg.get("path") else model_cfg.hub_id
+    key = "model.path" if model_cfg.get("path") else "model.hub_id"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        image_processor = SmolVLMImageProcessorPil.from_pretrained(source)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype).to(device)
+    except ImportError as error:
+        raise ModelUnavailable(f"{key}={source}: a package is missing ({error}); install it with pip") from None
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = "download it on a machine with network (hf download {0}) and set model.path=DIR".format(source)
+        raise ModelUnavailable(
+            f"{key}={source}: cannot load ({'HF_HUB_OFFLINE is set and it is not in the local cache' if offline else str(error).splitlines()[0]}); {hint}"
+        ) from None
+    if model.config.model_type != "smolvlm":
+        raise ModelUnavailable(f"{key}={source}: model_type {model.config.model_type!r} is not smolvlm")
+    return VisionLanguageModel(
+        model, tokenizer, image_processor, chat, model_cfg.name, stop_at_newline=bool(model_cfg.get("stop_at_newline", False))
+    )

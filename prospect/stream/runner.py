@@ -1,0 +1,353 @@
+"""The per-frame stream (ProAssist protocol on SmolVLM2's chat format).
+
+For each frame, in order: the system/user turns due before it are added as text before the frame's
+image tokens and the chunk is prefilled into one KV cache at explicit positions; the talk policy
+decides whether the assistant speaks; a reply is decoded token by token (greedy by default) and stays
+in the cache; the context strategy reduces the cache when it reaches its threshold. The cache never
+holds more than the strategy's capacity: if the next chunk (frame, reply or summary) would not fit,
+the strategy reduces first. Ground-truth assistant turns are never fed.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from prospect.cache import PositionedCache, cache_length, crop_end
+from prospect.context_strategies import BaseContextStrategy, ContextOverflowError
+from prospect.data.types import Conversation, StreamFrame, Turn
+from prospect.models.vlm import VisionLanguageModel
+from prospect.stream.decode import pick_token
+from prospect.stream.talk import TALK_POLICIES, not_talk_probability
+
+log = logging.getLogger(__name__)
+
+KNOWLEDGE_PREFIX = "Task knowledge:"  # ProAssist's knowledge system turn (kept for summaries)
+
+
+@dataclass
+class StreamSettings:
+    """How frames are fed and replies decoded. Token counts are tokens, thresholds probabilities."""
+
+    max_new_tokens: int = 100
+    talk_policy: str = "gt_turns"
+    talk_threshold: float = 0.5
+    temperature: float = 0.0
+    top_p: float = 1.0
+    frame_stride: int = 1
+    seed: int = 0
+    vision_batch_size: int = 1  # frames per vision-tower call (frames are known ahead in offline evaluation)
+
+    def __post_init__(self) -> None:
+        if self.talk_policy not in TALK_POLICIES:
+            raise ValueError(f"talk_policy={self.talk_policy}: choose one of: {', '.join(TALK_POLICIES)}")
+        if self.frame_stride < 1 or self.max_new_tokens < 1 or self.vision_batch_size < 1:
+            raise ValueError("frame_stride, max_new_tokens and vision_batch_size must be >= 1")
+
+
+@dataclass
+class ConversationResult:
+    """What one conversation produced; filled frame by frame, so a failure keeps what was computed."""
+
+    conversation: Conversation
+    replies: dict[int, str] = field(default_factory=dict)  # stream index -> generated text
+    trace: list[dict] = field(default_factory=list)  # one record per processed frame
+    summaries: list[str] = field(default_factory=list)
+    peak_memory_mb: float = 0.0
+    wall_s: float = 0.0
+    error: str | None = None
+
+    def prediction_frames(self) -> list[dict]:
+        """Frames where the model spoke or a reference exists: {index, time, gen, ref} (DESIGN §6)."""
+        rows = []
+        for frame in self.conversation.frames:
+            gen, ref = self.replies.get(frame.index, ""), frame.reference or ""
+            if gen or ref:
+                rows.append({"index": frame.index, "time": frame.time, "gen": gen, "ref": ref})
+        return rows
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max allocated since the last reset; CPU: the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def frames_to_feed(conversation: Conversation, stride: int) -> list[tuple[StreamFrame, tuple[Turn, ...], bool]]:
+    """(frame, turns fed before it, speaks under gt_turns) for every `stride`-th frame.
+
+    Turns and references of skipped frames move to the next fed frame, so nothing is lost by striding;
+    references stay at their own frame for evaluation.
+    """
+    fed = []
+    turns: list[Turn] = []
+    due = False
+    last = len(conversation.frames) - 1
+    for frame in conversation.frames:
+        turns.extend(frame.turns_before)
+        due = due or frame.reference is not None
+        if frame.index % stride == 0 or frame.index == last:
+            fed.append((frame, tuple(turns), due))
+            turns, due = [], False
+    return fed
+
+
+class StreamRunner:
+    """Streams conversations through one model under one context strategy."""
+
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        strategy: BaseContextStrategy,
+        settings: StreamSettings | None = None,
+        on_forward: Callable[[list[int], torch.Tensor | None, torch.Tensor, torch.Tensor], None] | None = None,
+    ):
+        self.model = model
+        self.strategy = strategy
+        self.settings = settings or StreamSettings()
+        self.on_forward = on_forward  # (ids, image_features, positions, logits) after each forward: for tests
+        self.cache: PositionedCache | None = None
+        chat = model.chat
+        self.prompt_ids = model.encode(chat.assistant_prompt)
+        self.closing_ids = model.encode(chat.turn_closing)
+        self.capacity = strategy.capacity(model.max_positions)
+
+    # ---- one conversation ----------------------------------------------------------------------
+
+    def run(self, conversation: Conversation, result: ConversationResult | None = None, progress: bool = False) -> ConversationResult:
+        """Stream one conversation. Pass `result` to keep the partial output if this raises."""
+        result = result or ConversationResult(conversation)
+        model, strategy, settings = self.model, self.strategy, self.settings
+        device = model.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        generator = torch.Generator().manual_seed(settings.seed)
+        self.cache = cache = model.new_cache(self.capacity)
+        self._generator = generator
+        self._knowledge = ""
+        self._conversation = conversation
+        started = time.perf_counter()
+
+        system = model.chat.stream_start
+        if conversation.system_prompt:
+            system += model.chat.text_turn("system", conversation.system_prompt)
+        if system:
+            self._forward(model.encode(system))
+        strategy.start_stream(prompt_len=cache_length(cache))
+        pending: list[int] = []
+        initial_captured = False
+
+        schedule = frames_to_feed(conversation, settings.frame_stride)
+        features = self._frame_features(conversation, [frame for frame, _, _ in schedule])
+        iterator = schedule
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(schedule, desc=conversation.id, unit="frame", leave=False)
+        for frame, turns, reference_due in iterator:
+            _synchronize(device)
+            frame_start = time.perf_counter()
+            record: dict[str, Any] = {
+                "conversation": conversation.id,
+                "index": frame.index,
+                "time": frame.time,
+                "cache_before": cache_length(cache),
+                "events": ["frame"],
+            }
+            timing = {"vision_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "reduce_ms": 0.0}
+            self._timing = timing
+            for turn in turns:
+                if turn.role == "system" and turn.content.startswith(KNOWLEDGE_PREFIX):
+                    self._knowledge = turn.content
+            text = "".join(model.chat.text_turn(t.role, t.content) for t in turns)
+            text_ids = model.encode(text + model.chat.frame(model.image_tokens, frame.time))
+            pending = self._make_room(len(pending) + len(text_ids), pending, record, frame)
+            image = next(features)
+            t0 = time.perf_counter()
+            logits = self._forward(pending + text_ids, image)
+            timing["prefill_ms"] += self._elapsed_ms(t0)
+            record["chunk_tokens"] = len(pending) + len(text_ids)
+            pending = []
+
+            speak = reference_due if settings.talk_policy == "gt_turns" else None
+            reply_ids = self._reply(speak, record, frame)
+            if reply_ids is not None:
+                reply = model.decode(reply_ids)
+                result.replies[frame.index] = reply
+                record["reply"] = reply
+                record["events"].append("speak")
+            record["generated_tokens"] = len(reply_ids or [])
+
+            if not initial_captured and any(t.role == "user" for t in turns):
+                strategy.set_initial_cache(cache)
+                initial_captured = True
+            if strategy.should_reduce_cache(cache_length(cache)):
+                pending = self._reduce(pending, record, frame)
+            _synchronize(device)
+            record.update(timing)
+            record["cache_after"] = cache_length(cache)
+            record["next_position"] = cache.next_position
+            record["pending_tokens"] = len(pending)
+            record["wall_ms"] = self._elapsed_ms(frame_start)
+            result.trace.append(record)
+            if cache_length(cache) > self.capacity:  # the invariant; a bug if it ever fires
+                raise ContextOverflowError(f"cache holds {cache_length(cache)} tokens > capacity {self.capacity}")
+        result.wall_s = time.perf_counter() - started
+        result.peak_memory_mb = peak_memory_mb(device)
+        return result
+
+    # ---- pieces ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _elapsed_ms(start: float) -> float:
+        return (time.perf_counter() - start) * 1000
+
+    def _forward(self, ids: list[int], image: torch.Tensor | None = None) -> torch.Tensor:
+        cache = self.cache
+        first = cache.next_position
+        logits = self.model.forward(ids, cache, image)
+        if self.on_forward is not None:
+            self.on_forward(ids, image, torch.arange(first, first + len(ids)), logits)
+        return logits
+
+    def _frame_features(self, conversation: Conversation, frames: list[StreamFrame]):
+        """Image features of the fed frames, in order, computed `vision_batch_size` frames at a time."""
+        batch = self.settings.vision_batch_size
+        device = self.model.device
+        for start in range(0, len(frames), batch):
+            chunk = frames[start : start + batch]
+            images = [conversation.image(frame.index) for frame in chunk]
+            _synchronize(device)
+            t0 = time.perf_counter()
+            encoded = self.model.image_features(images)
+            _synchronize(device)
+            per_frame = self._elapsed_ms(t0) / len(chunk)
+            for row in encoded:
+                self._timing["vision_ms"] = per_frame
+                yield row
+
+    def _context(self, frame: StreamFrame) -> dict[str, Any]:
+        chat = self.model.chat
+        return {
+            "model": self.model,
+            "system_prompt": self._conversation.system_prompt,
+            "knowledge": self._knowledge,
+            "encode_system_turn": lambda text: self.model.encode(chat.stream_start + chat.text_turn("system", text)),
+            "summarize": self._summarize,
+            "frame_index": frame.index,
+            "time": frame.time,
+        }
+
+    def _reduce(self, pending: list[int], record: dict, frame: StreamFrame) -> list[int]:
+        """Let the strategy reduce the cache; returns the tokens to feed before the next chunk."""
+        t0 = time.perf_counter()
+        before = cache_length(self.cache)
+        cache, last_msg = self.strategy.handle_overflow(self.cache, pending, **self._context(frame))
+        if cache is not self.cache:
+            self.cache = self._adopt(cache)
+        record["events"].append(self.strategy.event)
+        record.setdefault("reductions", []).append({"before": before, "after": cache_length(self.cache)})
+        summary = getattr(self.strategy, "last_summary", None)
+        if self.strategy.event == "summary" and summary is not None:
+            record["summary"] = summary
+        self._timing["reduce_ms"] += self._elapsed_ms(t0)
+        return list(last_msg or [])
+
+    def _adopt(self, cache: Any) -> PositionedCache:
+        """A strategy returned a cache other than the one it got (a custom, seed-style strategy)."""
+        if cache is None:  # the seed's "drop everything"
+            return self.model.new_cache(self.capacity)
+        if isinstance(cache, PositionedCache):
+            cache.check()
+            return cache
+        # a plain transformers cache: positions are unknown, so they follow the cache length (seed behaviour)
+        fresh = self.model.new_cache(self.capacity)
+        for layer_index, layer in enumerate(cache.layers):
+            if layer.is_initialized and layer.keys is not None:
+                fresh.update(layer.keys, layer.values, layer_index)
+        length = cache_length(fresh)
+        fresh.positions = torch.arange(length, dtype=torch.long)
+        fresh.next_position = length
+        return fresh
+
+    def _make_room(self, needed: int, pending: list[int], record: dict, frame: StreamFrame) -> list[int]:
+        """Reduce first when `needed` more tokens would not fit; raise if they still do not fit."""
+        if cache_length(self.cache) + needed <= self.capacity:
+            return pending
+        extra = needed - len(pending)
+        pending = self._reduce(pending, record, frame)
+        if cache_length(self.cache) + len(pending) + extra > self.capacity:
+            raise ContextOverflowError(
+                f"frame {frame.index}: {len(pending) + extra} more tokens do not fit in the cache "
+                f"({cache_length(self.cache)} tokens after strategy {self.strategy.name}, capacity {self.capacity})"
+            )
+        return pending
+
+    def _reply(self, speak: bool | None, record: dict, frame: StreamFrame) -> list[int] | None:
+        """Prompt an assistant turn and decode it; None when the assistant stays silent.
+
+        speak=None asks the threshold policy (ProAssist's not-talk probability on the first token).
+        """
+        settings = self.settings
+        if speak is False:
+            return None
+        budget = len(self.prompt_ids) + settings.max_new_tokens + len(self.closing_ids)
+        pending = self._make_room(budget, [], record, frame)
+        if pending:  # a reduction (summary) just queued a new context: feed it before the prompt
+            self._forward(pending)
+        t0 = time.perf_counter()
+        logits = self._forward(self.prompt_ids)
+        if speak is None:
+            probability = not_talk_probability(logits, self.model.stop_ids)
+            record["not_talk_probability"] = probability
+            if probability > settings.talk_threshold:
+                crop_end(self.cache, len(self.prompt_ids))
+                self._timing["prefill_ms"] += self._elapsed_ms(t0)
+                return None
+        tokens = self._decode(logits, settings.max_new_tokens)
+        self._timing["decode_ms"] += self._elapsed_ms(t0)
+        return tokens
+
+    def _decode(self, logits: torch.Tensor, max_new_tokens: int) -> list[int]:
+        """Decode after an assistant prompt until end of turn or max_new_tokens; the reply and its closing
+        tokens stay in the cache. The end-of-turn token is excluded at the first step (a reply is asked for)."""
+        settings, model = self.settings, self.model
+        tokens: list[int] = []
+        stopped = False
+        for step in range(max_new_tokens):
+            suppressed = model.suppressed_ids + (model.stop_ids if step == 0 else [])
+            token = pick_token(logits, suppressed, settings.temperature, settings.top_p, self._generator)
+            if token in model.stop_ids:
+                stopped = True
+                break
+            tokens.append(token)
+            if step == max_new_tokens - 1:
+                break
+            logits = self._forward([token])
+        tail = [] if stopped or not tokens else [tokens[-1]]
+        self._forward(tail + self.closing_ids)
+        return tokens
+
+    def _summarize(self, prompt: str, max_new_tokens: int) -> str:
+        """Ask `prompt` as a system turn on top of the current cache and decode the answer (bounded by room)."""
+        chat = self.model.chat
+        ids = self.model.encode(chat.text_turn("system", prompt) + chat.assistant_prompt)
+        room = self.capacity - cache_length(self.cache) - len(ids) - len(self.closing_ids)
+        if room < 1:
+            log.warning("no room left for a summary (cache %d tokens, capacity %d)", cache_length(self.cache), self.capacity)
+            return ""
+        logits = self._forward(ids)
+        tokens = self._decode(logits, min(max_new_tokens, room))
+        summary = self.model.decode(tokens)
+        return summary
