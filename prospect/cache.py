@@ -143,10 +143,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate post-RoPE keys [b, h, n, d] by `delta` positions ([n]) with Llama's RoPE (rotate_half)."""
-    freqs = delta.to(inv_freq.device, torch.float32)[:, None] * inv_freq.float()[None, :]
+    compute = torch.float64 if keys.dtype == torch.float64 else torch.float32  # bf16 keys rotate in fp32
+    freqs = delta.to(keys.device, compute)[:, None] * inv_freq.to(keys.device, compute)[None, :]
     angles = torch.cat((freqs, freqs), dim=-1)
     cos, sin = angles.cos(), angles.sin()
-    k = keys.float()
+    k = keys.to(compute)
     return (k * cos + rotate_half(k) * sin).to(keys.dtype)
 
 

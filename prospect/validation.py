@@ -257,12 +257,12 @@ def _check_strategy(strategy: DictConfig, stream: DictConfig) -> None:
 def _uses_last_keep_len(strategy: DictConfig) -> bool:
     from prospect.context_strategies import strategy_parameters
 
+    target = str(strategy._target_)
+    module_name, _, class_name = target.rpartition(".")
     try:
-        from hydra.utils import get_class
-
-        cls = get_class(str(strategy._target_))
-    except Exception as error:  # ImportError, AttributeError, ValueError: the class cannot be found
-        raise ConfigError(f"strategy._target_={strategy._target_}: cannot import ({error})") from None
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConfigError(f"strategy._target_={target}: cannot import ({_first_line(error)})") from None
     accepted = strategy_parameters(cls)
     return accepted is None or "last_keep_len" in accepted
 

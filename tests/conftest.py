@@ -36,3 +36,34 @@ def compose(*overrides: str, tmp_path: Path | None = None) -> DictConfig:
         with open_dict(cfg):
             cfg.paths.cache_dir = str(tmp_path / "cache")
     return cfg
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir() -> Path:
+    """Where converted models live between test runs (as for the app): $PROSPECT_CACHE_DIR or ~/.cache/prospect."""
+    return Path(os.environ.get("PROSPECT_CACHE_DIR", Path.home() / ".cache" / "prospect"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache_dir):
+    """The tiny random SmolVLM2 (real tokenizer, 16 image tokens per frame), fp32 on CPU."""
+    from prospect.models.vlm import load_model
+
+    cfg = compose("model=tiny_random", "model.device=cpu")
+    return load_model(cfg.model, model_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def offline_model(model_cache_dir):
+    """The embedded offline default (SmolLM2-135M weights in the SmolVLM2-256M architecture)."""
+    from prospect.models.vlm import load_model
+
+    cfg = compose("model.device=cpu")
+    return load_model(cfg.model, model_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def synthetic_conversations(synthetic_root):
+    from prospect.data.proassist import load_conversations
+
+    return load_conversations(synthetic_root, "synthetic", "dialog-klg_test_L0_I1").conversations

@@ -85,6 +85,8 @@ BAD_COMMAND_LINES = [
     (["logger.mode=loud"], "logger.mode=loud: choose one of: null, online, offline, disabled, shared"),
     (["experiment=nothing"], "experiment=nothing: unknown experiment"),
     (["strategy=[a"], "strategy=[a: cannot parse this override"),
+    (["strategy._target_=nowhere.Strategy"], "strategy._target_=nowhere.Strategy: cannot import (No module named 'nowhere')"),
+    (["dataset.user_types=[]"], "dataset.user_types=[]: must be null or a non-empty list of user types"),
 ]
 
 

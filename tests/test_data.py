@@ -159,7 +159,7 @@ def test_frames_change_at_step_transitions():
 
 
 def test_dataset_synthetic_generates_on_first_use(tmp_path):
-    cfg = compose("dataset.generate.seconds=20", "dataset.generate.videos=1", tmp_path=tmp_path)
+    cfg = compose("dataset.generate.seconds=20", "dataset.generate.videos=1", "dataset.user_types=null", tmp_path=tmp_path)
     root = Path(cfg.dataset.root)
     assert not root.exists()
     loaded = load_dataset(cfg.dataset)

@@ -74,7 +74,7 @@ class BaseContextStrategy(ABC):
         """Reduce the cache. Returns (cache, last_msg): last_msg are token ids fed before the next chunk.
 
         context (from the runner): model, system_prompt, knowledge, encode_system_turn(text) -> ids,
-        summarize(prompt, max_new_tokens) -> text, frame_index, time.
+        summarize(prompt, max_new_tokens) -> text, frame_index, time, capacity (tokens the cache may hold).
         """
 
     def start_stream(self, prompt_len: int) -> None:

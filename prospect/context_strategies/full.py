@@ -23,7 +23,9 @@ class FullContext(BaseContextStrategy):
         return False
 
     def handle_overflow(self, past_key_values: Any, last_msg, **context: Any):
+        limit = context.get("capacity", "?")
         raise ContextOverflowError(
-            f"strategy full keeps everything: the cache ({cache_length(past_key_values)} tokens) cannot grow past "
-            f"the model's max positions; use a shorter video or a reducing strategy"
+            f"frame {context.get('frame_index', '?')}: strategy full keeps everything and the cache "
+            f"({cache_length(past_key_values)} tokens) cannot grow past the model's max positions ({limit}); "
+            f"use a shorter video or a reducing strategy"
         )

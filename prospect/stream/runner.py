@@ -247,6 +247,7 @@ class StreamRunner:
             "summarize": self._summarize,
             "frame_index": frame.index,
             "time": frame.time,
+            "capacity": self.capacity,
         }
 
     def _reduce(self, pending: list[int], record: dict, frame: StreamFrame) -> list[int]:

@@ -1,0 +1,138 @@
+"""The seed's Python API, the Hydra app's run loop and its output files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from omegaconf import open_dict
+
+from conftest import REPO, compose
+from prospect.context_strategies import BaseContextStrategy, ContextStrategyFactory
+from prospect.experiment import run
+from seed_custom_strategy import KeepRecentHalf
+
+
+def test_seed_strategy_factory():
+    strategy = ContextStrategyFactory.create_strategy(strategy_type="drop_middle", max_seq_len=4096, reserved_seq_len=128, last_keep_len=512)
+    assert isinstance(strategy, BaseContextStrategy)
+    assert (strategy.name, strategy.ctxlen_to_reduce, strategy.last_keep_len, strategy.init_kv_cache) == ("drop_middle", 3968, 512, None)
+    assert strategy.should_reduce_cache(3968) and not strategy.should_reduce_cache(3967)
+    # parameters a strategy does not use are accepted, so one sweep can vary them across strategies
+    assert ContextStrategyFactory.create_strategy(strategy_type="drop_all", max_seq_len=1024, last_keep_len=64).name == "drop_all"
+    with pytest.raises(ValueError, match="strategy_type=drop_midle: choose one of: none, full, drop_all, drop_middle, summarize_and_drop"):
+        ContextStrategyFactory.create_strategy(strategy_type="drop_midle", max_seq_len=4096)
+
+
+def _video(conversation, count=50):
+    images = [conversation.frame_source.image(i) for i in range(count)]
+    turns = [{"role": "system", "content": conversation.system_prompt}]
+    for frame in conversation.frames:
+        if frame.original_index >= count - 1:
+            break
+        turns += [{"role": t.role, "content": t.content, "time": frame.original_index / 2} for t in frame.turns_before]
+        if frame.reference:
+            turns.append({"role": "assistant", "content": frame.reference, "time": frame.original_index / 2 + 0.3})
+    return {"video_id": conversation.video_uid, "frames": images, "conversation": turns, "fps": 2.0}
+
+
+def test_seed_runner_example_end_to_end(tiny_model, synthetic_conversations):
+    from prospect.runners import VLMStreamRunner
+
+    runner = VLMStreamRunner(
+        model_name="tiny_random", device="cpu", torch_dtype="float32", max_new_tokens=5, temperature=0.0, use_kv_cache=True,
+        context_strategy_type="drop_middle", context_strategy_config={"last_keep_len": 64, "max_seq_len": 512}, model=tiny_model,
+    )
+    results = runner.run_inference_on_video(_video(synthetic_conversations[0]))
+    assert results["frames_processed"] > 30 and results["cache_compressions"] >= 1
+    assert results["dialogues_generated"] == sum(1 for row in results["predictions"] if row["ref"]) >= 3
+    assert 0 < runner.cache_manager.get_cache_length() <= 512
+    assert runner.context_strategy.init_kv_cache is not None
+
+
+def test_seed_custom_strategy_runs(tiny_model, synthetic_conversations):
+    from prospect.runners import VLMStreamRunner
+
+    custom = KeepRecentHalf(max_seq_len=400, reserved_seq_len=32)
+    runner = VLMStreamRunner(model_name="tiny_random", device="cpu", torch_dtype="float32", max_new_tokens=5, strategy=custom, model=tiny_model)
+    results = runner.run_inference_on_video(_video(synthetic_conversations[1]))
+    assert results["cache_compressions"] >= 2 and results["max_cache_size"] <= 400
+    # a plain cache from a seed-style strategy: positions then follow the cache length
+    cache = runner.cache_manager.get_cache()
+    assert cache.positions.tolist()[0] == 0
+
+
+@pytest.fixture
+def tiny_cfg(synthetic_root, tmp_path, model_cache_dir):
+    cfg = compose(
+        "model=tiny_random", "model.device=cpu", "dataset=proassist", f"dataset.root={synthetic_root}", "dataset.subset=synthetic",
+        "dataset.annotation=dialog-klg_test_L0_I1", "dataset.max_videos=1", "strategy.max_seq_len=512", "strategy.last_keep_len=64",
+        "stream.max_new_tokens=5", "logger=none",
+    )
+    with open_dict(cfg):
+        cfg.paths.cache_dir = str(model_cache_dir)
+    return cfg
+
+
+def test_run_writes_predictions_and_trace(tiny_cfg, tmp_path):
+    results = run(tiny_cfg, tmp_path)
+    assert len(results) == 2 and all(r.error is None for r in results)
+    document = json.loads((tmp_path / "predictions.json").read_text())
+    assert document["schema"] == "prospect.predictions/1"
+    first = document["conversations"][0]
+    assert set(first) == {"id", "video_uid", "subset", "user_type", "fps", "num_frames", "frames"}
+    assert first["num_frames"] == results[0].conversation.num_frames
+    assert all(row["gen"] or row["ref"] for row in first["frames"])
+    assert all(set(row) == {"index", "time", "gen", "ref"} for row in first["frames"])
+    trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert len(trace) == sum(r.conversation.num_frames for r in results)
+    keys = {"conversation", "index", "time", "cache_before", "cache_after", "next_position", "events", "wall_ms"}
+    assert all(keys <= set(record) for record in trace)
+    assert any("compress" in record["events"] for record in trace)
+
+
+def test_custom_strategy_from_config(tiny_cfg, tmp_path):
+    with open_dict(tiny_cfg):
+        tiny_cfg.strategy._target_ = "seed_custom_strategy.KeepRecentHalf"
+    results = run(tiny_cfg, tmp_path)
+    assert all(r.error is None for r in results)
+    assert any("compress" in record["events"] for r in results for record in r.trace)
+
+
+def test_a_failing_conversation_keeps_the_others(tiny_cfg, tmp_path, synthetic_root):
+    import shutil
+
+    from test_data import write_frames
+
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root, root)
+    write_frames(root / "processed_data/synthetic/frames/synthetic_000.arrow", 60, corrupt={30})
+    with open_dict(tiny_cfg):
+        tiny_cfg.dataset.root = str(root)
+        tiny_cfg.dataset.max_videos = None
+    out = tmp_path / "out"
+    results = run(tiny_cfg, out)
+    assert [r.error is not None for r in results] == [True, True, False, False]
+    assert "frame 30 of video synthetic_000: not a base64 JPEG" in results[0].error
+    document = json.loads((out / "predictions.json").read_text())
+    assert "error" in document["conversations"][0] and "error" not in document["conversations"][2]
+    assert document["conversations"][0]["frames"]  # what was computed before the failure is kept
+
+
+def test_default_embedded_run(tmp_path, model_cache_dir):
+    """`python -m prospect.run` as the README runs it: offline model, synthetic data, drop_middle."""
+    env = {**__import__("os").environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)}
+    result = subprocess.run(
+        [sys.executable, "-m", "prospect.run", "logger=none", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "BLIND TO PIXELS" in result.stdout + result.stderr
+    trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert sum("compress" in r["events"] for r in trace) >= 1
+    replies = [r["reply"] for r in trace if "reply" in r]
+    assert replies and all(any(ch.isalpha() for ch in reply) for reply in replies)
+    words = {w.lower().strip(".,!") for reply in replies for w in reply.split()}
+    assert len(words & {"the", "to", "and", "a", "attach", "put", "screw", "add", "place"}) >= 2  # English, on task
