@@ -56,10 +56,10 @@ def check_command_line(argv: list[str]) -> None:
         return
     conf_dir = Path(args.config_dir).resolve() if args.config_dir else CONF_DIR
     overrides = [o for o in args.overrides if not o.lstrip("~+").startswith("hydra")]
-    for group, values in _group_overrides(overrides):
+    for group, values in _group_overrides(overrides):  # (sweeper params of presets are checked per job below)
         for value in values:
             check_group_choice(group, value, conf_dir)
-    for job_overrides in _job_override_lists(overrides, args.multirun):
+    for job_overrides in _job_override_lists(overrides, args.multirun, args.config_name or "config", conf_dir):
         validate(compose_config(job_overrides, args.config_name or "config", conf_dir))
 
 
@@ -132,15 +132,37 @@ def _group_overrides(overrides: list[str]) -> Iterable[tuple[str, list[str]]]:
                 yield group, [value]
 
 
-def _job_override_lists(overrides: list[str], multirun: bool) -> list[list[str]]:
+def _job_override_lists(overrides: list[str], multirun: bool, config_name: str = "config", conf_dir: Path = CONF_DIR) -> list[list[str]]:
+    """The override list of every job the command launches (sweeper params of presets included)."""
     if not multirun:
         return [overrides]
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    parser = OverridesParser.create()
+    plain = [o for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    params = _sweeper_params([o.input_line for o in plain], config_name, conf_dir)
+    given = {o.key_or_group for o in parser.parse_overrides(overrides)}
+    combined = [f"{k}={v}" for k, v in params.items() if k not in given] + overrides
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(combined), max_batch_size=None)
     return [list(job) for batch in batches for job in batch]
+
+
+def _sweeper_params(overrides: list[str], config_name: str, conf_dir: Path) -> dict[str, str]:
+    """hydra.sweeper.params set by the config (e.g. an experiment preset)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+        return {str(k): str(v) for k, v in params.items()}
+    except Exception:  # composition errors are reported when the jobs are composed
+        return {}
+    finally:
+        GlobalHydra.instance().clear()
 
 
 # ---- checks of one composed config -------------------------------------------------------------
@@ -155,7 +177,7 @@ def validate(cfg: DictConfig) -> None:
     _check_strategy(cfg.strategy, cfg.stream)
     _check_stream(cfg.stream)
     _check_dataset(cfg.dataset)
-    _check_eval(cfg.eval)
+    check_eval(cfg.eval)
     _check_logger(cfg.logger)
 
 
@@ -203,6 +225,8 @@ def _choice(node: DictConfig, key: str, path: str, allowed: Iterable[Any]) -> An
 def _check_model(model: DictConfig) -> None:
     from prospect.models.architectures import ARCHITECTURES
 
+    if model.get("oracle"):
+        return
     _choice(model, "dtype", "model", DTYPES)
     device = str(_get(model, "device", "model"))
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
@@ -319,7 +343,10 @@ def _check_dataset(dataset: DictConfig) -> None:
         )
 
 
-def _check_eval(eval_cfg: DictConfig) -> None:
+def check_eval(eval_cfg: DictConfig) -> None:
+    """Checks of the `eval` group (nothing to check for eval=none)."""
+    if eval_cfg.get("name") == "none":
+        return
     _number(eval_cfg, "match_threshold", "eval", 0.0, 1.0)
     _number(eval_cfg, "temporal_cost_factor", "eval", 0.0, 1e6)
     _number(eval_cfg, "temporal_cost_power", "eval", 0.0, 100.0, low_open=True)

@@ -77,17 +77,21 @@ def tiny_cfg(synthetic_root, tmp_path, model_cache_dir):
 
 
 def test_run_writes_predictions_and_trace(tiny_cfg, tmp_path):
-    results = run(tiny_cfg, tmp_path)
-    assert len(results) == 2 and all(r.error is None for r in results)
+    document = run(tiny_cfg, tmp_path)
+    assert document["status"] == "ok"
+    from prospect.data import load_dataset
+
+    conversations = load_dataset(tiny_cfg.dataset).conversations
+    assert len(conversations) == 2
     document = json.loads((tmp_path / "predictions.json").read_text())
     assert document["schema"] == "prospect.predictions/1"
     first = document["conversations"][0]
     assert set(first) == {"id", "video_uid", "subset", "user_type", "fps", "num_frames", "frames"}
-    assert first["num_frames"] == results[0].conversation.num_frames
+    assert first["num_frames"] == conversations[0].num_frames
     assert all(row["gen"] or row["ref"] for row in first["frames"])
     assert all(set(row) == {"index", "time", "gen", "ref"} for row in first["frames"])
     trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
-    assert len(trace) == sum(r.conversation.num_frames for r in results)
+    assert len(trace) == sum(c.num_frames for c in conversations)
     keys = {"conversation", "index", "time", "cache_before", "cache_after", "next_position", "events", "wall_ms"}
     assert all(keys <= set(record) for record in trace)
     assert any("compress" in record["events"] for record in trace)
@@ -96,9 +100,10 @@ def test_run_writes_predictions_and_trace(tiny_cfg, tmp_path):
 def test_custom_strategy_from_config(tiny_cfg, tmp_path):
     with open_dict(tiny_cfg):
         tiny_cfg.strategy._target_ = "seed_custom_strategy.KeepRecentHalf"
-    results = run(tiny_cfg, tmp_path)
-    assert all(r.error is None for r in results)
-    assert any("compress" in record["events"] for r in results for record in r.trace)
+    document = run(tiny_cfg, tmp_path)
+    assert document["status"] == "ok" and document["metrics"]["cache_compressions"] >= 2
+    trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert max(r["cache_max"] for r in trace) <= 512
 
 
 def test_a_failing_conversation_keeps_the_others(tiny_cfg, tmp_path, synthetic_root):
@@ -113,9 +118,10 @@ def test_a_failing_conversation_keeps_the_others(tiny_cfg, tmp_path, synthetic_r
         tiny_cfg.dataset.root = str(root)
         tiny_cfg.dataset.max_videos = None
     out = tmp_path / "out"
-    results = run(tiny_cfg, out)
-    assert [r.error is not None for r in results] == [True, True, False, False]
-    assert "frame 30 of video synthetic_000: not a base64 JPEG" in results[0].error
+    document = run(tiny_cfg, out)
+    errors = [document["per_conversation"][c].get("error") for c in sorted(document["per_conversation"])]
+    assert [e is not None for e in errors] == [True, True, False, False]
+    assert "frame 30 of video synthetic_000: not a base64 JPEG" in errors[0]
     document = json.loads((out / "predictions.json").read_text())
     assert "error" in document["conversations"][0] and "error" not in document["conversations"][2]
     assert document["conversations"][0]["frames"]  # what was computed before the failure is kept

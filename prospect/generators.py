@@ -1,0 +1,89 @@
+"""The seed's batch API: stream a dataset with a runner, evaluate, write the same files as a Hydra run.
+
+    from prospect.generators import BaselineGenerator
+    metrics = BaselineGenerator(runner=runner, dataset=dataset, output_dir="outputs/my_experiment").run()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from prospect.data.proassist import LoadedDataset, conversation_from_images
+from prospect.data.types import Conversation
+from prospect.experiment import RunReport, finish_run, predictions_document, stream_conversations
+from prospect.tracking.results import environment, job_key
+
+log = logging.getLogger(__name__)
+
+
+def _conversations(dataset: Any) -> list[Conversation]:
+    if isinstance(dataset, LoadedDataset):
+        return dataset.conversations
+    items = list(dataset)
+    return [
+        item if isinstance(item, Conversation) else conversation_from_images(
+            str(item["video_id"]), list(item["frames"]), list(item["conversation"]), float(item["fps"]),
+            user_type=str(item.get("user_type", "unknown")),
+        )
+        for item in items
+    ]
+
+
+class BaselineGenerator:
+    """runner: a prospect.runners.VLMStreamRunner or a prospect.stream.StreamRunner; dataset: a LoadedDataset,
+    a list of Conversations, or the seed's video dicts; eval_cfg: an `eval` config group (default eval=offline)."""
+
+    def __init__(self, runner: Any, dataset: Any, output_dir: str | Path, eval_cfg: DictConfig | dict | None = None):
+        self.runner = getattr(runner, "stream", runner)
+        self.conversations = _conversations(dataset)
+        self.output_dir = Path(output_dir)
+        if eval_cfg is None:
+            from prospect.validation import compose_config
+
+            eval_cfg = compose_config(["eval=offline"]).eval
+        self.eval_cfg = eval_cfg if isinstance(eval_cfg, DictConfig) else OmegaConf.create(eval_cfg)
+
+    def _config(self) -> dict:
+        strategy = getattr(self.runner, "strategy", None)
+        model = getattr(self.runner, "model", None)
+        settings = getattr(self.runner, "settings", None)
+        strategy_params = {"_target_": f"{type(strategy).__module__}.{type(strategy).__name__}"} if strategy else {}
+        if strategy is not None and dataclasses.is_dataclass(strategy):
+            strategy_params.update(dataclasses.asdict(strategy))
+        return {
+            "model": {"name": getattr(model, "name", "oracle")},
+            "strategy": {"name": getattr(strategy, "name", "none"), **strategy_params},
+            "dataset": {"conversations": [c.id for c in self.conversations]},
+            "eval": OmegaConf.to_container(self.eval_cfg, resolve=True),
+            "stream": dataclasses.asdict(settings) if settings is not None else {},
+            "seed": getattr(settings, "seed", 0),
+        }
+
+    def run(self) -> dict:
+        """Stream, evaluate and write results.json, predictions.json, trace.jsonl, timeline.html and the
+        cache plot into output_dir; returns the flat metrics."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        config = self._config()
+        report = RunReport()
+        try:
+            report.results = stream_conversations(self.runner, self.conversations, self.output_dir)
+            if self.eval_cfg.name != "none":
+                from prospect.eval import evaluate_predictions
+
+                report.evaluation = evaluate_predictions(predictions_document(report.results), self.eval_cfg)
+        except Exception as error:
+            report.status, report.error = "failed", f"{type(error).__name__}: {error}"
+            log.exception("run failed: %s", report.error)
+        finally:
+            model = getattr(self.runner, "model", None)
+            strategy = getattr(self.runner, "strategy", None)
+            document = finish_run(
+                report, self.output_dir, config, environment(str(getattr(model, "device", "cpu"))), job_key(config),
+                getattr(strategy, "name", "oracle"), getattr(strategy, "max_seq_len", None),
+            )
+        return document["metrics"]

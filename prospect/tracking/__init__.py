@@ -1,0 +1,36 @@
+"""Tracking: the W&B mirror of a run's local files, a reader for offline `.wandb` logs, and the cache-size
+plot and HTML timeline built from trace.jsonl and predictions.json.
+
+Shared here: how trace records (prospect/stream/runner.py) name and carry cache reductions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+REDUCTION_EVENTS = ("compress", "reset", "summary")  # strategy events in a trace record's "events"
+
+
+def reductions(record: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """(event, tokens before, tokens after) for each cache reduction of one trace record, in order.
+
+    The runner appends one strategy event and one {before, after} entry per reduction; a record without
+    "reductions" falls back to the frame's cache_before/cache_after.
+    """
+    events = [event for event in record.get("events", []) if event in REDUCTION_EVENTS]
+    sizes = record.get("reductions") or []
+    fallback = {"before": record.get("cache_before", 0), "after": record.get("cache_after", 0)}
+    result = []
+    for i, event in enumerate(events):
+        size = sizes[i] if i < len(sizes) else fallback
+        result.append((event, int(size["before"]), int(size["after"])))
+    return result
+
+
+def by_conversation(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Trace records grouped by conversation id, in first-seen order (records keep their order)."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(str(record.get("conversation", "")), []).append(record)
+    return groups

@@ -1,0 +1,133 @@
+"""results.json: the run's status, flat metrics, per-conversation metrics, resolved config, environment
+and job key. Written even when the run fails (status "failed" with the error)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prospect.tracking import REDUCTION_EVENTS
+
+RESULTS_SCHEMA = "prospect.results/1"
+
+# Stream metrics (the seed's names where it had them), computed from the per-frame trace.
+STREAM_METRICS = (
+    "frames_processed", "dialogues_generated", "tokens_generated", "cache_compressions", "avg_cache_size", "max_cache_size",
+    "time_per_frame", "time_per_frame_p95", "decode_ms_per_token", "peak_memory_mb",
+)
+
+
+def stream_metrics(traces: list[list[dict]], peak_memory_mb: float) -> dict[str, float]:
+    """Stream figures over all fed frames: counts, cache tokens, seconds per frame, ms per decoded token."""
+    records = [record for trace in traces for record in trace]
+    seconds = np.array([r["wall_ms"] / 1000 for r in records]) if records else np.zeros(0)
+    tokens = sum(r.get("generated_tokens", 0) for r in records)
+    decode_ms = sum(r.get("decode_ms", 0.0) for r in records)
+    return {
+        "frames_processed": len(records),
+        "dialogues_generated": sum("speak" in r["events"] for r in records),
+        "tokens_generated": tokens,
+        "cache_compressions": sum(e in REDUCTION_EVENTS for r in records for e in r["events"]),
+        "avg_cache_size": float(np.mean([r["cache_after"] for r in records])) if records else 0.0,
+        "max_cache_size": max((r.get("cache_max", r["cache_after"]) for r in records), default=0),
+        "time_per_frame": float(seconds.mean()) if records else 0.0,
+        "time_per_frame_p95": float(np.percentile(seconds, 95)) if records else 0.0,
+        "decode_ms_per_token": decode_ms / tokens if tokens else 0.0,
+        "peak_memory_mb": float(peak_memory_mb),
+    }
+
+
+def _strategy_part(strategy: dict) -> dict:
+    """Only the parameters the strategy class uses (strategies that ignore last_keep_len share a key)."""
+    from prospect.context_strategies import strategy_parameters
+
+    target = strategy.get("_target_")
+    try:
+        module_name, _, class_name = str(target).rpartition(".")
+        import importlib
+
+        accepted = strategy_parameters(getattr(importlib.import_module(module_name), class_name))
+    except (ImportError, AttributeError, ValueError):
+        accepted = None
+    used = {k: v for k, v in strategy.items() if k != "name" and (accepted is None or k in accepted or k == "_target_")}
+    return used
+
+
+def job_key(config: dict) -> str:
+    """A stable hash of what determines a run's results: model, strategy (used parameters), dataset
+    (without its root folder), eval, stream settings and seed; not the logger or paths."""
+    dataset = {k: v for k, v in config["dataset"].items() if k != "root"}
+    relevant = {
+        "model": config["model"],
+        "strategy": _strategy_part(config["strategy"]),
+        "dataset": dataset,
+        "eval": config["eval"],
+        "stream": config["stream"],
+        "seed": config["seed"],
+    }
+    text = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _git(args: list[str]) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment(device: str | None = None) -> dict[str, Any]:
+    """Where the numbers came from: code version, libraries and device."""
+    import torch
+    import transformers
+
+    commit = _git(["rev-parse", "HEAD"])
+    status = _git(["status", "--porcelain", "--untracked-files=no"])
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        device_name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {
+        "git_commit": commit,
+        "git_dirty": bool(status) if status is not None else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+        "device_name": device_name,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "hostname": platform.node(),
+    }
+
+
+def results_document(
+    status: str,
+    error: str | None,
+    metrics: dict,
+    per_conversation: dict,
+    config: dict,
+    env: dict,
+    key: str,
+    extra: dict | None = None,
+) -> dict:
+    return {
+        "schema": RESULTS_SCHEMA,
+        "status": status,
+        "error": error,
+        "job_key": key,
+        "metrics": metrics,
+        "per_conversation": per_conversation,
+        "config": config,
+        "env": env,
+        **(extra or {}),
+    }
