@@ -1,0 +1,33 @@
+"""The Hydra callback that writes the sweep summary when a multirun ends (registered in conf/config.yaml)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from prospect.sweep.summary import write_summary
+
+log = logging.getLogger(__name__)
+
+_failed_jobs: list[int] = []
+
+
+def failed_jobs() -> int:
+    """Failed or missing jobs counted by the last sweep summary of this process."""
+    return _failed_jobs[-1] if _failed_jobs else 0
+
+
+class SweepSummary(Callback):
+    """on_multirun_end: summary.csv, summary.md, pareto.png and cache_timelines.png in the sweep dir."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        summary = write_summary(config.hydra.sweep.dir)
+        _failed_jobs.append(sum(len(row["jobs"].split()) for row in summary["failures"]))
+        log.info("sweep summary: %d jobs, %d distinct, written to %s", summary["jobs"], len(summary["rows"]),
+                 ", ".join(p.name for p in summary["files"]))
+        print((summary["files"][1]).read_text())
+        if summary["failures"]:
+            log.error("%d job(s) failed or are missing; see summary.md", failed_jobs())
