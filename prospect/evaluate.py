@@ -20,7 +20,7 @@ from prospect.eval.metrics import (
     F1, JACCARD_INDEX, MISSING_RATE, NUM_CONVERSATIONS, NUM_MATCHED, NUM_MISMATCHED, NUM_MISSED, NUM_REDUNDANT,
     PRECISION, RECALL, REDUNDANT_RATE, SEMANTIC_SCORE, TIME_DIFF,
 )
-from prospect.validation import CONF_DIR, ConfigError, check_eval, check_group_choice, compose_config
+from prospect.validation import CONF_DIR, ConfigError, check_eval, check_group_choice, compose_config, quote_path_overrides
 
 PROG = "prospect.evaluate"
 CONFIG_NAME = "evaluate"
@@ -122,6 +122,7 @@ def check_command_line(argv: list[str]) -> None:
 
 
 def cli() -> None:
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])
     try:
         check_command_line(sys.argv[1:])
     except (UsageError, ConfigError) as error:

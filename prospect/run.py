@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from prospect.validation import ConfigError, check_command_line, validate
+from prospect.validation import ConfigError, check_command_line, quote_path_overrides, validate
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -54,6 +54,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """Validate the command line in one line (exit 2) before Hydra starts, then run."""
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])
     try:
         check_command_line(sys.argv[1:])
     except ConfigError as error:

@@ -22,6 +22,22 @@ CHAT_FORMATS = ("smolvlm", "chatml")
 WANDB_MODES = ("online", "offline", "disabled", "shared")
 
 
+PATH_KEYS = ("predictions", "dataset.root", "model.path", "paths.cache_dir", "cache_root", "hydra.run.dir", "hydra.sweep.dir")
+
+
+def quote_path_overrides(argv: list[str], keys: tuple[str, ...] = PATH_KEYS) -> list[str]:
+    """Quote a path value holding '=' or spaces (sweep job folders: `key=/m/0_a=1,b=2/x`) so Hydra's override
+    grammar takes it literally; a plain comma list (`dataset.root=/a,/b` in a sweep) is left alone."""
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in keys and value and value[0] not in "'\"" and re.search(r"[=\s]", value):
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            arg = f"{key}={value}"
+        quoted.append(arg)
+    return quoted
+
+
 class ConfigError(ValueError):
     """A bad config value; str() is one line naming the key, the value and what is allowed."""
 

@@ -137,3 +137,13 @@ def test_cli_cfg_job_shows_composed_groups():
     for group in ("model:", "strategy:", "dataset:", "eval:", "logger:"):
         assert f"\n{group}\n" in f"\n{result.stdout}"
     assert "name: drop_all" in result.stdout
+
+
+def test_path_values_with_equals_signs_are_quoted_for_hydra():
+    from prospect.validation import quote_path_overrides
+
+    job = "/m/2026/0_strategy.last_keep_len=256,strategy=drop_all"
+    assert quote_path_overrides([f"predictions={job}/predictions.json", "strategy=drop_all,none", "dataset.root=/a,/b"]) == [
+        f"predictions='{job}/predictions.json'", "strategy=drop_all,none", "dataset.root=/a,/b"
+    ]
+    assert quote_path_overrides(["hydra.run.dir=/tmp/it's=1"]) == ["hydra.run.dir='/tmp/it\\'s=1'"]
