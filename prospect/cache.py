@@ -18,14 +18,32 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 class BufferLayer(DynamicLayer):
     """One layer's keys/values in buffers [batch, kv_heads, capacity, head_dim]; `keys`/`values` are
-    views of the first `length` tokens. Appending past `capacity` raises."""
+    views of the first `length` tokens (made on access). Appending past `capacity` raises."""
 
     def __init__(self, capacity: int):
-        super().__init__()
         self.capacity = capacity
         self.length = 0
         self.key_buffer: torch.Tensor | None = None
         self.value_buffer: torch.Tensor | None = None
+        super().__init__()
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self.key_buffer is None else self.key_buffer[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:
+            raise AttributeError("BufferLayer keys are views of its buffer; write with update() or keep()")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.value_buffer is None else self.value_buffer[:, :, : self.length]
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("BufferLayer values are views of its buffer; write with update() or keep()")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -35,11 +53,6 @@ class BufferLayer(DynamicLayer):
             batch, heads, self.capacity, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device
         )
         self.is_initialized = True
-        self._refresh_views()
-
-    def _refresh_views(self) -> None:
-        self.keys = self.key_buffer[:, :, : self.length]
-        self.values = self.value_buffer[:, :, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -50,7 +63,6 @@ class BufferLayer(DynamicLayer):
         self.key_buffer[:, :, self.length : self.length + count] = key_states
         self.value_buffer[:, :, self.length : self.length + count] = value_states
         self.length += count
-        self._refresh_views()
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -67,19 +79,14 @@ class BufferLayer(DynamicLayer):
             self.key_buffer[:, :, :count] = self.key_buffer[:, :, index]  # the gather copies before writing
             self.value_buffer[:, :, :count] = self.value_buffer[:, :, index]
             self.length = count
-            self._refresh_views()
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative count of tokens to remove from the end")
         self.length = max(0, self.length + tokens_to_remove)
-        if self.is_initialized:
-            self._refresh_views()
 
     def reset(self) -> None:
         self.length = 0
-        if self.is_initialized:
-            self._refresh_views()
 
 
 class PositionedCache(Cache):
@@ -99,6 +106,13 @@ class PositionedCache(Cache):
         self.positions = torch.cat([self.positions, new])
         self.next_position += count
         return new
+
+    def reset(self) -> None:
+        """Empty the cache (buffers stay allocated) and restart positions at 0."""
+        for layer in self.layers:
+            layer.reset()
+        self.positions = torch.empty(0, dtype=torch.long)
+        self.next_position = 0
 
     def layer_tensors(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """(keys, values) of each layer: views [batch, kv_heads, length, head_dim]."""
@@ -170,12 +184,13 @@ def make_contiguous(cache: PositionedCache) -> None:
     cache.next_position = length
 
 
-def clone_cache(cache: PositionedCache) -> PositionedCache:
-    """A copy holding exactly the cached tokens (capacity = their count), with the same positions."""
+def clone_cache(cache: PositionedCache, device: str | torch.device | None = None) -> PositionedCache:
+    """A copy holding exactly the cached tokens (capacity = their count), with the same positions, on
+    `device` (default: where the cache is)."""
     length = cache_length(cache)
     copy = PositionedCache(max(length, 1), cache.inv_freq, cache.attention_scaling)
     for layer_index, (keys, values) in enumerate(cache.layer_tensors()):
-        copy.update(keys.clone(), values.clone(), layer_index)
+        copy.update(keys.to(device, copy=True), values.to(device, copy=True), layer_index)
     copy.positions = cache.positions.clone()
     copy.next_position = cache.next_position
     return copy

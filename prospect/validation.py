@@ -233,7 +233,7 @@ def _choice(node: DictConfig, key: str, path: str, allowed: Iterable[Any]) -> An
     value = _get(node, key, path)
     allowed = tuple(allowed)
     if value not in allowed:
-        shown = ", ".join("null" if a is None else str(a) for a in allowed)
+        shown = ", ".join("null" if a is None else str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
         raise ConfigError(f"{path}.{key}={value}: choose one of: {shown}")
     return value
 
@@ -309,7 +309,13 @@ def _uses_last_keep_len(strategy: DictConfig) -> bool:
 
 def _check_stream(stream: DictConfig) -> None:
     _int(stream, "frame_stride", "stream", minimum=1)
-    _int(stream, "max_new_tokens", "stream", minimum=1)
+    max_new = _int(stream, "max_new_tokens", "stream", minimum=1)
+    min_new = _int(stream, "min_new_tokens", "stream", minimum=0)
+    if min_new > max_new:
+        raise ConfigError(f"stream.min_new_tokens={min_new}: must be <= stream.max_new_tokens={max_new}")
+    _choice(stream, "optimized", "stream", ("auto", True, False))
+    if _get(stream, "vision_batch_size", "stream") != "auto":
+        _int(stream, "vision_batch_size", "stream", minimum=1)
     _choice(stream, "talk_policy", "stream", TALK_POLICIES)
     _number(stream, "talk_threshold", "stream", 0.0, 1.0)
     _number(stream, "temperature", "stream", 0.0, 100.0)

@@ -74,7 +74,7 @@ def test_tiny_model_frame_tokens(tiny_model):
 def test_offline_model_is_real_language_and_blind(offline_model):
     from PIL import Image
 
-    from prospect.stream.decode import pick_token
+    from prospect.stream.decode import pick_token, suppression_bias
 
     assert offline_model.blind and offline_model.image_tokens == 64
     features = offline_model.image_features([Image.new("RGB", (384, 384), (255, 255, 0))])
@@ -86,7 +86,7 @@ def test_offline_model_is_real_language_and_blind(offline_model):
     )
     tokens = []
     for _ in range(12):
-        token = pick_token(logits, offline_model.suppressed_ids)
+        token = pick_token(logits, suppression_bias(logits.shape[0], offline_model.suppressed_ids, logits.device))
         if token in offline_model.stop_ids:
             break
         tokens.append(token)

@@ -82,8 +82,11 @@ class BaseContextStrategy(ABC):
         self.init_kv_cache, self.init_len, self.prompt_len = None, 0, prompt_len
 
     def set_initial_cache(self, cache: PositionedCache) -> None:
-        """ProAssist's initial cache: everything up to the frame of the first user turn (and its reply)."""
-        self.init_kv_cache = clone_cache(cache)
+        """ProAssist's initial cache: everything up to the frame of the first user turn (and its reply).
+
+        Reductions keep it as the cache's prefix (init_len tokens); `init_kv_cache` is a copy kept in host
+        memory for inspection (it costs no accelerator memory)."""
+        self.init_kv_cache = clone_cache(cache, device="cpu")
         self.init_len = cache_length(cache)
 
     def keep(self, cache: PositionedCache, spans: list[tuple[int, int]]) -> None:

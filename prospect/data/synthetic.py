@@ -20,6 +20,7 @@ import math
 import random
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -377,23 +378,34 @@ def ensure_generated(root: str | Path, videos: int, seconds: float, fps: float, 
     subset_folder = Path(root).expanduser() / "processed_data" / SUBSET
     wanted = {"generator_version": GENERATOR_VERSION, "videos": videos, "seconds": seconds, "fps": fps, "seed": seed, "knowledge": knowledge}
     manifest = subset_folder / MANIFEST
-    if manifest.is_file():
+    if _manifest_matches(manifest, wanted):
+        return subset_folder
+    # generate into a private temporary folder, then move it in: an interrupted run leaves no half-written
+    # dataset, and concurrent jobs (a sweep on a GPU pool) each finish with one complete copy in place
+    Path(root).expanduser().mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=Path(root).expanduser()))
+    try:
+        generate(staging, videos, seconds, fps, seed, knowledge)
+        if _manifest_matches(manifest, wanted):
+            return subset_folder  # another process finished first
+        if subset_folder.exists():
+            shutil.rmtree(subset_folder, ignore_errors=True)
+        subset_folder.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if json.loads(manifest.read_text()) == wanted:
-                return subset_folder
-        except json.JSONDecodeError:
-            pass
-    if subset_folder.exists():
-        shutil.rmtree(subset_folder)
-    # generate into a temporary sibling, then move: an interrupted run leaves no half-written dataset
-    staging = Path(root).expanduser() / f".staging-{seed}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    generate(staging, videos, seconds, fps, seed, knowledge)
-    subset_folder.parent.mkdir(parents=True, exist_ok=True)
-    (staging / "processed_data" / SUBSET).rename(subset_folder)
-    shutil.rmtree(staging)
+            (staging / "processed_data" / SUBSET).rename(subset_folder)
+        except OSError:
+            if not _manifest_matches(manifest, wanted):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return subset_folder
+
+
+def _manifest_matches(manifest: Path, wanted: dict) -> bool:
+    try:
+        return manifest.is_file() and json.loads(manifest.read_text()) == wanted
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

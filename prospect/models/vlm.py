@@ -120,11 +120,37 @@ class VisionLanguageModel:
     @torch.no_grad()
     def image_features(self, images: Sequence) -> torch.Tensor:
         """Image features of frames, [n, image_tokens, hidden], in one vision-tower batch."""
-        inputs = self.image_processor(images=[[image] for image in images], return_tensors="pt", do_image_splitting=False)
-        pixels = inputs["pixel_values"].to(self.device, self.dtype)
-        mask = inputs["pixel_attention_mask"].to(self.device)
+        pixels, mask = self.pixel_values(images)
         output = self.model.model.get_image_features(pixels, mask, return_dict=True)
         return torch.stack(list(output.pooler_output))
+
+    def pixel_values(self, images: Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[n, 1, 3, size, size] pixels as SmolVLM's image processor makes them for unsplit frames. Frames that
+        are already size x size RGB (ProAssist's 384 px frames for the 2.2B model) skip the processor: its resize
+        is then the identity and the rest (x / 255 - 0.5) / 0.5 runs on the model's device."""
+        size = self.model.config.vision_config.image_size
+        if all(getattr(image, "mode", None) == "RGB" and image.size == (size, size) for image in images):
+            import numpy as np
+
+            array = torch.from_numpy(np.stack([np.asarray(image) for image in images]))
+            pixels = array.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            pixels = (pixels / 255.0 - 0.5) / 0.5
+            return pixels.to(self.dtype)[:, None], None
+        inputs = self.image_processor(images=[[image] for image in images], return_tensors="pt", do_image_splitting=False)
+        return inputs["pixel_values"].to(self.device, self.dtype), inputs["pixel_attention_mask"].to(self.device)
+
+    @torch.no_grad()
+    def embed(self, input_ids: Sequence[int], image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings [1, n, hidden]; `<image>` tokens take the rows of `image_features` in order."""
+        ids = list(input_ids)
+        embeds = self.model.get_input_embeddings()(torch.tensor([ids], device=self.device))
+        slots = [i for i, token in enumerate(ids) if token == self.image_token_id]  # found here: no device sync
+        rows = image_features.reshape(-1, embeds.shape[-1]) if image_features is not None else None
+        if slots or rows is not None:
+            if rows is None or rows.shape[0] != len(slots):
+                raise ValueError(f"{len(slots)} <image> tokens but {0 if rows is None else rows.shape[0]} image feature rows")
+            embeds[0, torch.tensor(slots, device=self.device)] = rows.to(embeds.dtype)
+        return embeds
 
     @torch.no_grad()
     def forward(
@@ -136,17 +162,9 @@ class VisionLanguageModel:
     ) -> torch.Tensor:
         """Append `input_ids` to the cache at positions cache.next_position.. and return float32 logits
         of the last token ([vocab]) or of every token ([n, vocab]). `<image>` tokens take the rows of
-        `image_features` in order."""
-        ids = torch.tensor([list(input_ids)], device=self.device)
-        embeds = self.model.get_input_embeddings()(ids)
-        image_mask = ids[0] == self.image_token_id
-        if image_features is not None or bool(image_mask.any()):
-            rows = image_features.reshape(-1, embeds.shape[-1]) if image_features is not None else None
-            if rows is None or rows.shape[0] != int(image_mask.sum()):
-                found = 0 if rows is None else rows.shape[0]
-                raise ValueError(f"{int(image_mask.sum())} <image> tokens but {found} image feature rows")
-            embeds[0, image_mask] = rows.to(embeds.dtype)
-        positions = cache.take_positions(ids.shape[1]).to(self.device)
+        `image_features` in order. Attention covers the cached tokens only (the eager step)."""
+        embeds = self.embed(input_ids, image_features)
+        positions = cache.take_positions(embeds.shape[1]).to(self.device)
         hidden = self.model.model.text_model(
             inputs_embeds=embeds, position_ids=positions[None], past_key_values=cache, use_cache=True
         ).last_hidden_state

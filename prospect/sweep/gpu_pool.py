@@ -157,13 +157,21 @@ PLUGIN_MODULE = "hydra_plugins.prospect_gpu_pool"
 
 def register() -> None:
     """Make the launcher known to Hydra as hydra_plugins.prospect_gpu_pool.GpuPoolLauncher."""
+    import importlib
     import types
 
     from hydra.core.plugins import Plugins
 
     if PLUGIN_MODULE not in sys.modules:
+        try:
+            namespace = importlib.import_module("hydra_plugins")
+        except ImportError:  # no other Hydra plugin installed: the namespace does not exist yet
+            namespace = types.ModuleType("hydra_plugins")
+            namespace.__path__ = []
+            sys.modules["hydra_plugins"] = namespace
         module = types.ModuleType(PLUGIN_MODULE, "prospect's GPU-pool launcher (see prospect.sweep.gpu_pool)")
         module.GpuPoolLauncher = GpuPoolLauncher
         sys.modules[PLUGIN_MODULE] = module
+        namespace.prospect_gpu_pool = module
         GpuPoolLauncher.__module__ = PLUGIN_MODULE
     Plugins.instance().register(GpuPoolLauncher)

@@ -1,0 +1,231 @@
+"""`python -m prospect.bench`: the eager reference path against the optimized path, in the same run.
+
+    python -m prospect.bench [--model smolvlm2_2b] [--seconds 230] [--turns 39] [--reply-tokens 30] [--out bench.json]
+    python -m prospect.bench grid [--jobs-per-gpu 4] [--out grid.json]
+
+The first form builds the model with random weights (no download), streams one synthetic video
+(seconds * fps + 1 frames, `turns` evenly spaced reference turns, replies of exactly `reply-tokens`
+tokens) under drop_middle 4096/128/512, once per path after a short warm-up, and prints ms per frame
+(whole run), vision ms per frame, frame prefill ms, decode ms per token, peak memory, the eager/optimized
+ratio and how often the two paths' greedy replies agree. The second form runs the 12-job strategy grid
+twice through `python -m prospect.run -m`: sequential eager, then optimized with the GPU pool
+(`jobs_per_gpu` jobs per GPU), and reports the throughput ratio. Both write JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DrawnFrames:
+    """Frames of a synthetic workbench video, drawn when asked for (see prospect.data.synthetic)."""
+
+    def __init__(self, seconds: float, fps: float, seed: int = 0):
+        from prospect.data.synthetic import plan_video
+
+        self.plan = plan_video(0, seconds, fps, random.Random(seed))
+
+    def image(self, original_index: int):
+        from prospect.data.synthetic import draw_frame
+
+        return draw_frame(self.plan, min(original_index, self.plan.num_frames - 1))
+
+
+def bench_conversation(seconds: float, fps: float, turns: int, frames: int | None = None):
+    """A conversation of seconds * fps + 1 frames with `turns` evenly spaced reference turns."""
+    from prospect.data.types import Conversation, StreamFrame, Turn
+
+    count = frames or int(seconds * fps) + 1
+    source = DrawnFrames(seconds, fps)
+    steps = source.plan.task.steps
+    due = {round((i + 1) * count / (turns + 1)) for i in range(turns)}
+    stream = []
+    for k in range(count):
+        before = (Turn("user", f"I want to do this: {source.plan.task.request}.", k / fps),) if k == 2 else ()
+        reference = f"Now, {steps[len(stream) % len(steps)].lower()}." if k in due else None
+        stream.append(StreamFrame(k, k, (k + 1) / fps, before, reference))
+    return Conversation(
+        id=f"bench/{count}f", video_uid="bench", subset="synthetic", user_type="bench", fps=fps,
+        system_prompt="You are a proactive assistant. Watch the user and guide them step by step.",
+        task_goal=source.plan.task.goal, knowledge="", add_knowledge=False, frames=stream, frame_source=source,
+    )
+
+
+def _peak_mb(device: torch.device) -> float:
+    from prospect.stream.runner import peak_memory_mb
+
+    return peak_memory_mb(device)
+
+
+def measure(model, conversation, warmup, optimized: bool, args) -> tuple[dict, dict[int, str]]:
+    """Stream `conversation` on one path (after `warmup` on the same runner); figures from its trace."""
+    from prospect.context_strategies import DropMiddle
+    from prospect.stream.runner import StreamRunner, StreamSettings
+
+    settings = StreamSettings(
+        max_new_tokens=args.reply_tokens, min_new_tokens=args.reply_tokens, optimized=optimized,
+        vision_batch_size=args.vision_batch if optimized else 1,
+    )
+    strategy = DropMiddle(max_seq_len=args.max_seq_len, reserved_seq_len=args.reserved, last_keep_len=args.last_keep)
+    runner = StreamRunner(model, strategy, settings)
+    runner.run(warmup)
+    device = model.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    result = runner.run(conversation)
+    wall = time.perf_counter() - started
+    trace = result.trace
+    tokens = sum(r["generated_tokens"] for r in trace)
+    figures = {
+        "frames": len(trace),
+        "replies": len(result.replies),
+        "ms_per_frame": 1000 * wall / len(trace),
+        "vision_ms_per_frame": sum(r["vision_ms"] for r in trace) / len(trace),
+        "frame_prefill_ms": statistics.median(r["frame_prefill_ms"] for r in trace),
+        "decode_ms_per_token": sum(r["decode_ms"] for r in trace) / tokens if tokens else 0.0,
+        "peak_memory_mb": _peak_mb(device),
+        "compressions": sum("compress" in r["events"] for r in trace),
+        "max_cache": max(r["cache_max"] for r in trace),
+        "graphs_captured": runner.static.graphs_captured if runner.static is not None else 0,
+    }
+    return figures, result.replies
+
+
+def run_bench(args) -> dict:
+    from prospect.models.vlm import load_model
+    from prospect.tracking.results import environment
+    from prospect.validation import compose_config
+
+    cfg = compose_config([f"model={args.model}", "model.random_init=true", f"model.device={args.device}", f"model.dtype={args.dtype}"])
+    model = load_model(cfg.model, cfg.paths.cache_dir)
+    conversation = bench_conversation(args.seconds, args.fps, args.turns)
+    warmup = bench_conversation(args.seconds, args.fps, 2, frames=24)
+    results = {}
+    replies = {}
+    for path in args.paths.split(","):
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(model.device)
+        results[path], replies[path] = measure(model, conversation, warmup, path == "optimized", args)
+        log.info("%s: %.1f ms/frame", path, results[path]["ms_per_frame"])
+    if set(results) != {"eager", "optimized"}:
+        return {"partial": results}
+    common = sorted(set(replies["eager"]) & set(replies["optimized"]))
+    same = sum(replies["eager"][i] == replies["optimized"][i] for i in common)
+    env = environment(str(model.device))
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": env["device_name"], "torch": env["torch"], "transformers": env["transformers"], "git_commit": env["git_commit"],
+        "model": args.model, "dtype": str(model.dtype).removeprefix("torch."),
+        "video": {"frames": conversation.num_frames, "reference_turns": len(conversation.references), "reply_tokens": args.reply_tokens},
+        "strategy": f"drop_middle {args.max_seq_len}/{args.reserved}/{args.last_keep}",
+        "eager": results["eager"], "optimized": results["optimized"],
+        "ratio_eager_over_optimized": results["eager"]["ms_per_frame"] / results["optimized"]["ms_per_frame"],
+        "reply_agreement": same / len(common) if common else 0.0, "replies_compared": len(common),
+    }
+
+
+def format_bench(report: dict) -> str:
+    rows = [("", "eager", "optimized", "eager/optimized")]
+    for key, label in (("ms_per_frame", "ms per frame (whole run)"), ("vision_ms_per_frame", "vision ms per frame"),
+                       ("frame_prefill_ms", "frame prefill ms (median)"), ("decode_ms_per_token", "decode ms per token"),
+                       ("peak_memory_mb", "peak memory MB")):
+        eager, fast = report["eager"][key], report["optimized"][key]
+        rows.append((label, f"{eager:.2f}", f"{fast:.2f}", f"{eager / fast:.2f}x" if fast else "-"))
+    width = [max(len(r[c]) for r in rows) for c in range(4)]
+    lines = [f"{report['model']} ({report['dtype']}) on {report['device']}, torch {report['torch']}, transformers "
+             f"{report['transformers']}, {report['date']}",
+             f"video: {report['video']['frames']} frames, {report['video']['reference_turns']} reference turns, replies of "
+             f"{report['video']['reply_tokens']} tokens; {report['strategy']}"]
+    lines += ["  ".join(cell.ljust(width[c]) if c == 0 else cell.rjust(width[c]) for c, cell in enumerate(row)) for row in rows]
+    lines.append(f"greedy replies identical on both paths: {report['reply_agreement']:.1%} of {report['replies_compared']}")
+    return "\n".join(lines)
+
+
+def run_grid(args) -> dict:
+    """The 12-job grid twice: sequential eager, then optimized through the GPU pool."""
+    base = [sys.executable, "-m", "prospect.run", "-m", "experiment=strategy_grid", f"model={args.model}", "model.random_init=true",
+            "logger=none", "eval=none", "cache=false", f"dataset.generate.seconds={args.seconds}",
+            f"stream.max_new_tokens={args.reply_tokens}", f"stream.min_new_tokens={args.reply_tokens}"]
+    root = Path(args.grid_dir)
+    runs = {}
+    keep_lens = ("512", "256", "1024")[: max(1, min(3, args.eager_jobs // 4))]
+    eager_grid = ["strategy=none,drop_all,drop_middle,summarize_and_drop", f"strategy.last_keep_len={','.join(keep_lens)}"]
+    parts = (("sequential_eager", ["stream.optimized=false", "stream.vision_batch_size=1", *eager_grid]),
+             ("concurrent_optimized", ["stream.optimized=true", "hydra/launcher=gpu_pool", f"hydra.launcher.jobs_per_gpu={args.jobs_per_gpu}"]))
+    for name, extra in parts:
+        if args.part not in ("both", name):
+            continue
+        started = time.perf_counter()
+        done = subprocess.run(base + extra + [f"hydra.sweep.dir={root / name}"], capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        documents = [json.loads(p.read_text()) for p in (root / name).rglob("results.json")]
+        if done.returncode != 0 or not documents:
+            log.error("%s exited with %d:\n%s", name, done.returncode, (done.stdout + done.stderr)[-3000:])
+        times = [d["metrics"]["time_per_frame"] * 1000 for d in documents if d.get("metrics")]
+        runs[name] = {"wall_s": wall, "jobs": len(documents), "ok": sum(d.get("status") == "ok" for d in documents),
+                      "exit_code": done.returncode, "jobs_per_hour": 3600 * len(documents) / wall,
+                      "ms_per_frame": statistics.mean(times) if times else None}
+        log.info("%s: %d jobs in %.0f s", name, len(documents), wall)
+    if len(runs) < 2:
+        return {"grid": runs}
+    return {"grid": runs, "throughput_ratio": runs["concurrent_optimized"]["jobs_per_hour"] / runs["sequential_eager"]["jobs_per_hour"],
+            "jobs_per_gpu": args.jobs_per_gpu, "model": args.model, "seconds": args.seconds,
+            "note": "sequential eager ran the 4 strategies at last_keep_len " + ",".join(keep_lens) + " (jobs per hour compared)"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m prospect.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", nargs="?", choices=("stream", "grid"), default="stream")
+    parser.add_argument("--model", default="smolvlm2_2b", help="a model config name (built with random weights)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--seconds", type=float, default=230)
+    parser.add_argument("--fps", type=float, default=2)
+    parser.add_argument("--turns", type=int, default=39)
+    parser.add_argument("--reply-tokens", type=int, default=30)
+    parser.add_argument("--max-seq-len", type=int, default=4096)
+    parser.add_argument("--reserved", type=int, default=128)
+    parser.add_argument("--last-keep", type=int, default=512)
+    parser.add_argument("--vision-batch", type=int, default=8)
+    parser.add_argument("--paths", default="eager,optimized", help="which paths to run (both for the comparison)")
+    parser.add_argument("--eager-jobs", type=int, default=12, help="grid: run only the first N jobs of the sequential eager sweep")
+    parser.add_argument("--jobs-per-gpu", type=int, default=4)
+    parser.add_argument("--grid-dir", default="multirun/bench_grid")
+    parser.add_argument("--part", choices=("both", "sequential_eager", "concurrent_optimized"), default="both",
+                        help="grid: run one half only (for machines that limit one command's time)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON report (default: bench.json or grid.json)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.turns < 1 or args.reply_tokens < 1 or args.seconds <= 0:
+        print("prospect.bench: error: --turns, --reply-tokens and --seconds must be positive", file=sys.stderr)
+        return 2
+    if args.mode == "grid":
+        report = run_grid(args)
+        text = json.dumps(report, indent=1)
+    else:
+        report = run_bench(args)
+        text = format_bench(report) if "partial" not in report else json.dumps(report, indent=1)
+    out = args.out or Path("grid.json" if args.mode == "grid" else "bench.json")
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

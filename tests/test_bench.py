@@ -1,0 +1,50 @@
+"""`python -m prospect.bench` on CPU with the tiny model: both paths in one run, same greedy replies."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def test_bench_compares_both_paths_in_one_run(tmp_path, model_cache_dir):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "prospect.bench", "--model", "tiny_random", "--device", "cpu", "--seconds", "20", "--turns", "4",
+         "--reply-tokens", "5", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["video"] == {"frames": 41, "reference_turns": 4, "reply_tokens": 5}
+    for path in ("eager", "optimized"):
+        figures = report[path]
+        assert figures["frames"] == 41 and figures["replies"] == 4
+        assert figures["ms_per_frame"] > 0 and figures["decode_ms_per_token"] > 0 and figures["peak_memory_mb"] > 0
+    assert report["ratio_eager_over_optimized"] == pytest.approx(report["eager"]["ms_per_frame"] / report["optimized"]["ms_per_frame"])
+    assert report["reply_agreement"] == 1.0  # fp32 on CPU: the optimized path reproduces the eager replies
+    assert "eager/optimized" in result.stdout and "greedy replies identical on both paths: 100.0% of 4" in result.stdout
+
+
+def test_bench_rejects_bad_arguments():
+    result = subprocess.run([sys.executable, "-m", "prospect.bench", "--turns", "0"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "--turns, --reply-tokens and --seconds must be positive" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_grid_runs_both_sweeps(tmp_path, model_cache_dir):
+    out = tmp_path / "grid.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "prospect.bench", "grid", "--model", "tiny_random", "--seconds", "12", "--reply-tokens", "4",
+         "--eager-jobs", "4", "--jobs-per-gpu", "2", "--grid-dir", str(tmp_path / "grid"), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=1800, env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["grid"]["sequential_eager"]["ok"] == 4 and report["grid"]["concurrent_optimized"]["ok"] == 12
+    assert report["throughput_ratio"] > 0
