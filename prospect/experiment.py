@@ -7,13 +7,14 @@ fails, without losing the predictions already made.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,11 +61,16 @@ def write_json(path: Path, document: Any) -> None:
 
 
 def stream_conversations(
-    runner: Any, conversations: Iterable[Conversation], output_dir: Path, on_result: Callable[[ConversationResult], None] | None = None
+    runner: Any,
+    conversations: Iterable[Conversation],
+    output_dir: Path,
+    on_result: Callable[[ConversationResult], None] | None = None,
+    results: list[ConversationResult] | None = None,
 ) -> list[ConversationResult]:
-    """Stream each conversation; predictions.json and trace.jsonl are updated after each one. A failing
-    conversation is recorded (error) and the others still run."""
-    results: list[ConversationResult] = []
+    """Stream each conversation into `results` (appended as they start, so an interrupted run keeps them);
+    predictions.json and trace.jsonl are updated after each one. A failing conversation is recorded
+    (error) and the others still run."""
+    results = [] if results is None else results
     trace_path = output_dir / "trace.jsonl"
     trace_path.write_text("")
     for conversation in conversations:
@@ -113,12 +119,35 @@ class RunReport:
     status: str = "ok"
     error: str | None = None
     started_at: float = field(default_factory=time.time)  # unix seconds
+    kv_bytes_per_token: int = 0  # of the model that ran (0 for the oracle)
+
+
+@contextlib.contextmanager
+def recording_failure(report: RunReport) -> Iterator[None]:
+    """Record an exception as the run's failure (status, error, traceback in the log) instead of raising;
+    an interrupt (Ctrl-C, a scheduler's signal) is recorded too, then raised again."""
+    try:
+        yield
+    except Exception as error:
+        report.status, report.error = "failed", f"{type(error).__name__}: {error}"
+        log.exception("run failed: %s", report.error)
+    except BaseException as error:
+        report.status, report.error = "failed", f"interrupted ({type(error).__name__})"
+        raise
+
+
+def score(report: RunReport, eval_cfg: DictConfig) -> None:
+    """Evaluate the predictions made so far (ProAssist protocol) unless eval=none."""
+    if eval_cfg.name != "none":
+        from prospect.eval import evaluate_predictions
+
+        report.evaluation = evaluate_predictions(predictions_document(report.results), eval_cfg)
 
 
 def per_conversation_metrics(report: RunReport) -> dict[str, dict]:
     rows = {}
     for result in report.results:
-        flat = stream_metrics([result.trace], result.peak_memory_mb)
+        flat = stream_metrics([result.trace], result.peak_memory_mb, report.kv_bytes_per_token)
         if report.evaluation:
             flat.update(report.evaluation.get("per_conversation", {}).get(result.conversation.id, {}))
         if result.error:
@@ -129,7 +158,9 @@ def per_conversation_metrics(report: RunReport) -> dict[str, dict]:
 
 def summarize(report: RunReport) -> dict[str, Any]:
     """Flat metrics: stream figures plus the evaluation's (seed names where it had them)."""
-    metrics = stream_metrics([r.trace for r in report.results], max((r.peak_memory_mb for r in report.results), default=0.0))
+    metrics = stream_metrics(
+        [r.trace for r in report.results], max((r.peak_memory_mb for r in report.results), default=0.0), report.kv_bytes_per_token
+    )
     if report.evaluation:
         metrics.update(report.evaluation["metrics"])
         metrics["dialogues_matched"] = report.evaluation["metrics"].get("num_matched", 0)
@@ -163,6 +194,10 @@ def finish_run(
     if failed and report.status == "ok":
         report.status = "failed"
         report.error = f"{len(failed)} of {len(report.results)} conversations failed; first {failed[0].conversation.id}: {failed[0].error}"
+    unscored = [s for s in (report.evaluation or {}).get("skipped", []) if not any(r.conversation.id == s["id"] for r in failed)]
+    if unscored and report.status == "ok":  # metrics without some conversations are not the run's metrics
+        report.status = "failed"
+        report.error = f"evaluation skipped {len(unscored)} conversation(s); first {unscored[0]['id']}: {unscored[0]['error']}"
     metrics: dict = {}
     predictions = predictions_document(report.results)
     document: dict = {}
@@ -221,21 +256,17 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
         mirror = WandbMirror()
         mirror.start(cfg.logger, output_dir, config, name=run_name(cfg))
     try:
-        loaded = load_dataset(cfg.dataset)
-        if not loaded.conversations:
-            raise RuntimeError(f"dataset {cfg.dataset.name}: no conversation to run ({len(loaded.skipped)} skipped)")
-        runner, device = build_runner(cfg)
-        log.info("%d conversations, job key %s", len(loaded.conversations), key)
-        on_result = (lambda result: mirror.log_trace(result.trace)) if mirror is not None else None
-        report.results = stream_conversations(runner, loaded.conversations, output_dir, on_result)
-        if cfg.eval.name != "none":
-            from prospect.eval import evaluate_predictions
-
-            report.evaluation = evaluate_predictions(predictions_document(report.results), cfg.eval)
-    except Exception as error:
-        report.status, report.error = "failed", f"{type(error).__name__}: {error}"
-        log.exception("run failed: %s", report.error)
-    finally:
+        with recording_failure(report):
+            loaded = load_dataset(cfg.dataset)
+            if not loaded.conversations:
+                raise RuntimeError(f"dataset {cfg.dataset.name}: no conversation to run ({len(loaded.skipped)} skipped)")
+            runner, device = build_runner(cfg)
+            report.kv_bytes_per_token = getattr(getattr(runner, "model", None), "kv_bytes_per_token", 0)
+            log.info("%d conversations, job key %s", len(loaded.conversations), key)
+            on_result = (lambda result: mirror.log_trace(result.trace)) if mirror is not None else None
+            stream_conversations(runner, loaded.conversations, output_dir, on_result, report.results)
+            score(report, cfg.eval)
+    finally:  # also on KeyboardInterrupt: what was computed is written
         document = finish_run(
             report, output_dir, config, environment(device), key, str(cfg.strategy.name), int(cfg.strategy.max_seq_len), mirror
         )

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from prospect.data.proassist import LoadedDataset, conversation_from_images
 from prospect.data.types import Conversation
-from prospect.experiment import RunReport, finish_run, predictions_document, stream_conversations
+from prospect.experiment import RunReport, finish_run, recording_failure, score, stream_conversations
 from prospect.tracking.results import environment, job_key
-
-log = logging.getLogger(__name__)
 
 
 def _conversations(dataset: Any) -> list[Conversation]:
@@ -69,16 +66,11 @@ class BaselineGenerator:
         cache plot into output_dir; returns the flat metrics."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         config = self._config()
-        report = RunReport()
+        report = RunReport(kv_bytes_per_token=getattr(getattr(self.runner, "model", None), "kv_bytes_per_token", 0))
         try:
-            report.results = stream_conversations(self.runner, self.conversations, self.output_dir)
-            if self.eval_cfg.name != "none":
-                from prospect.eval import evaluate_predictions
-
-                report.evaluation = evaluate_predictions(predictions_document(report.results), self.eval_cfg)
-        except Exception as error:
-            report.status, report.error = "failed", f"{type(error).__name__}: {error}"
-            log.exception("run failed: %s", report.error)
+            with recording_failure(report):
+                stream_conversations(self.runner, self.conversations, self.output_dir, results=report.results)
+                score(report, self.eval_cfg)
         finally:
             model = getattr(self.runner, "model", None)
             strategy = getattr(self.runner, "strategy", None)

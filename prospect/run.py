@@ -38,12 +38,13 @@ def main(cfg: DictConfig) -> None:
         from prospect.sweep.result_cache import find_result, key_lock, reuse_result
         from prospect.tracking.results import job_key
 
-        key = job_key(OmegaConf.to_container(cfg, resolve=True))
+        config = OmegaConf.to_container(cfg, resolve=True)
+        key = job_key(config)
         with key_lock(cfg.cache_root, key):
-            source = find_result(cfg.cache_root, key, exclude=output_dir)
+            source = find_result(cfg.cache_root, key, prefer=output_dir)
             if source is not None:
                 print(f"prospect: job key {key} already has a result in {source}: reused (cache=false recomputes)")
-                reuse_result(source, Path(output_dir))
+                reuse_result(source, Path(output_dir), config)
                 return
             run(cfg, output_dir)
         return

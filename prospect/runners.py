@@ -122,17 +122,12 @@ class VLMStreamRunner:
 
 
 def summarize_result(result: ConversationResult) -> dict:
-    trace = result.trace
-    sizes = [r["cache_after"] for r in trace]
+    """The seed's result dict: predictions, trace and the stream metrics results.json reports."""
+    from prospect.tracking.results import stream_metrics
+
     return {
         "video_id": result.conversation.video_uid,
         "predictions": result.prediction_frames(),
-        "trace": trace,
-        "frames_processed": len(trace),
-        "dialogues_generated": len(result.replies),
-        "cache_compressions": sum(1 for r in trace for e in r["events"] if e in ("compress", "reset", "summary")),
-        "avg_cache_size": sum(sizes) / len(sizes) if sizes else 0.0,
-        "max_cache_size": max(sizes, default=0),
-        "time_per_frame": result.wall_s / len(trace) if trace else 0.0,
-        "peak_memory_mb": result.peak_memory_mb,
+        "trace": result.trace,
+        **stream_metrics([result.trace], result.peak_memory_mb),
     }

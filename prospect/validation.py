@@ -16,8 +16,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "strategy", "dataset", "eval", "logger", "experiment")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-POSITION_MODES = ("original", "contiguous", "cache_length")
-TALK_POLICIES = ("gt_turns", "threshold")
 CHAT_FORMATS = ("smolvlm", "chatml")
 WANDB_MODES = ("online", "offline", "disabled", "shared")
 
@@ -189,6 +187,8 @@ def validate(cfg: DictConfig) -> None:
     for section in ("model", "strategy", "dataset", "eval", "logger", "stream"):
         if section not in cfg or not isinstance(cfg[section], DictConfig):
             raise ConfigError(f"{section}: missing from the config (did an override delete it?)")
+    _int(cfg, "seed", "config")
+    _bool(cfg, "cache", "config")
     _check_model(cfg.model)
     _check_strategy(cfg.strategy, cfg.stream)
     _check_stream(cfg.stream)
@@ -197,15 +197,20 @@ def validate(cfg: DictConfig) -> None:
     _check_logger(cfg.logger)
 
 
+def _name(path: str, key: str) -> str:
+    """The dotted key as typed on the command line (top-level keys have no prefix)."""
+    return key if path == "config" else f"{path}.{key}"
+
+
 def _get(node: DictConfig, key: str, path: str) -> Any:
     from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
     if key not in node:
-        raise ConfigError(f"{path}.{key}: missing")
+        raise ConfigError(f"{_name(path, key)}: missing")
     try:
         return node[key]
     except (InterpolationResolutionError, MissingMandatoryValue) as error:
-        raise ConfigError(f"{path}.{key}: {_first_line(error)}") from None
+        raise ConfigError(f"{_name(path, key)}: {_first_line(error)}") from None
 
 
 def _int(node: DictConfig, key: str, path: str, minimum: int | None = None, optional: bool = False) -> int | None:
@@ -213,19 +218,26 @@ def _int(node: DictConfig, key: str, path: str, minimum: int | None = None, opti
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{path}.{key}={value}: must be an integer")
+        raise ConfigError(f"{_name(path, key)}={value}: must be an integer")
     if minimum is not None and value < minimum:
-        raise ConfigError(f"{path}.{key}={value}: must be >= {minimum}")
+        raise ConfigError(f"{_name(path, key)}={value}: must be >= {minimum}")
+    return value
+
+
+def _bool(node: DictConfig, key: str, path: str) -> bool:
+    value = _get(node, key, path)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{_name(path, key)}={value}: must be true or false")
     return value
 
 
 def _number(node: DictConfig, key: str, path: str, low: float, high: float, low_open: bool = False) -> float:
     value = _get(node, key, path)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{path}.{key}={value}: must be a number")
+        raise ConfigError(f"{_name(path, key)}={value}: must be a number")
     if value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
-        raise ConfigError(f"{path}.{key}={value}: must be in {bracket}{low}, {high}]")
+        raise ConfigError(f"{_name(path, key)}={value}: must be in {bracket}{low}, {high}]")
     return float(value)
 
 
@@ -234,7 +246,7 @@ def _choice(node: DictConfig, key: str, path: str, allowed: Iterable[Any]) -> An
     allowed = tuple(allowed)
     if value not in allowed:
         shown = ", ".join("null" if a is None else str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
-        raise ConfigError(f"{path}.{key}={value}: choose one of: {shown}")
+        raise ConfigError(f"{_name(path, key)}={value}: choose one of: {shown}")
     return value
 
 
@@ -273,6 +285,8 @@ def _check_strategy(strategy: DictConfig, stream: DictConfig) -> None:
     max_len = _int(strategy, "max_seq_len", "strategy", minimum=1)
     reserved = _int(strategy, "reserved_seq_len", "strategy", minimum=0)
     last_keep = _int(strategy, "last_keep_len", "strategy", minimum=0)
+    from prospect.context_strategies.base import POSITION_MODES
+
     _choice(strategy, "position_mode", "strategy", POSITION_MODES)
     if reserved >= max_len:
         raise ConfigError(f"strategy.reserved_seq_len={reserved}: must be < strategy.max_seq_len={max_len}")
@@ -316,6 +330,8 @@ def _check_stream(stream: DictConfig) -> None:
     _choice(stream, "optimized", "stream", ("auto", True, False))
     if _get(stream, "vision_batch_size", "stream") != "auto":
         _int(stream, "vision_batch_size", "stream", minimum=1)
+    from prospect.stream.talk import TALK_POLICIES
+
     _choice(stream, "talk_policy", "stream", TALK_POLICIES)
     _number(stream, "talk_threshold", "stream", 0.0, 1.0)
     _number(stream, "temperature", "stream", 0.0, 100.0)
@@ -346,6 +362,7 @@ def _check_dataset(dataset: DictConfig) -> None:
         _number(generate, "seconds", "dataset.generate", 8.0, 36000.0)
         _number(generate, "fps", "dataset.generate", 0.0, 60.0, low_open=True)
         _int(generate, "seed", "dataset.generate")
+        _bool(generate, "knowledge", "dataset.generate")
         producible = [synthetic.annotation_name(False)] + ([synthetic.annotation_name(True)] if generate.knowledge else [])
         if annotation not in producible:
             raise ConfigError(f"dataset.annotation={annotation}: the synthetic generator writes {', '.join(producible)}")

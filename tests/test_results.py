@@ -30,6 +30,8 @@ def key(*overrides: str) -> str:
 
 def test_job_key_covers_what_changes_results_only():
     base = key()
+    assert key("model.device=cpu") == base  # "auto" is hashed as what it resolves to (no GPU here)
+    assert key("model.device=cuda") != base and key("model.dtype=bfloat16") != base
     assert base == key() and len(base) == 16
     assert key("strategy.last_keep_len=256") != base
     assert key("strategy=drop_all", "strategy.last_keep_len=256") == key("strategy=drop_all")  # drop_all ignores it
@@ -79,6 +81,8 @@ def test_rescoring_predictions_gives_identical_metrics(small_cfg, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    metrics = document["metrics"]
+    assert metrics["kv_cache_peak_mb"] == metrics["max_cache_size"] * 512 / 2**20  # tiny: 2 layers x 2 kv heads x 16 x fp32 x K,V
     rescored = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     for name, value in rescored.items():
         assert document["metrics"][name] == value, name
@@ -127,3 +131,24 @@ def test_baseline_generator(tiny_model, synthetic_conversations, tmp_path):
     document = json.loads((tmp_path / "results.json").read_text())
     assert document["status"] == "ok" and document["metrics"] == metrics
     assert (tmp_path / "timeline.html").is_file() and (tmp_path / "predictions.json").is_file()
+
+
+def test_an_interrupted_run_is_recorded_as_failed_with_what_it_computed(small_cfg, tmp_path, monkeypatch):
+    import prospect.experiment as experiment
+    from prospect.stream.oracle import OracleRunner
+
+    class Interrupted(OracleRunner):
+        calls = 0
+
+        def run(self, conversation, result=None, progress=False):
+            Interrupted.calls += 1
+            if Interrupted.calls == 2:
+                raise KeyboardInterrupt
+            return super().run(conversation, result, progress)
+
+    monkeypatch.setattr(experiment, "build_runner", lambda cfg: (Interrupted(), "cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        run(small_cfg("model=oracle"), tmp_path)
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["status"] == "failed" and document["error"] == "interrupted (KeyboardInterrupt)"
+    assert document["metrics"]["frames_processed"] > 0  # the first conversation is kept

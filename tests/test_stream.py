@@ -100,6 +100,8 @@ def test_none_returns_to_the_initial_context_after_every_step(tiny_model, synthe
         assert record["cache_after"] == expected
     assert strategy.init_len > strategy.prompt_len > 0
     assert max(r["cache_before"] + r["chunk_tokens"] for r in result.trace) < 384
+    # positions restart right after the initial context: a long video never runs them up
+    assert all(r["next_position"] == r["cache_after"] for r in result.trace)
 
 
 def test_summarize_and_drop_restarts_from_prompt_summary_and_knowledge(tiny_model, synthetic_conversations):

@@ -58,6 +58,15 @@ def test_grid_summary_cache_and_resume(tmp_path, model_cache_dir):
     assert second.returncode == 0, second.stderr[-3000:]
     assert all(r.get("cached") for r in results(tmp_path / "rerun").values())
 
+    reused = next(r for r in runs.values() if r.get("cached"))
+    assert reused["config"]["strategy"]["name"] == "drop_all"
+    assert {r["config"]["strategy"]["last_keep_len"] for r in runs.values() if r["config"]["strategy"]["name"] == "drop_all"} == {256, 512}
+
+    stamps = {p: p.stat().st_mtime_ns for p in grid.glob("*/results.json")}
+    in_place = sweep(tmp_path, *args, env=env)  # resumed in the same folder: every job keeps its own result
+    assert in_place.returncode == 0, in_place.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in grid.glob("*/results.json")} == stamps
+
     victim = next(p for p in grid.glob("*last_keep_len=512*strategy=drop_middle*"))
     (victim / "results.json").unlink()
     shutil.rmtree(tmp_path / "rerun")
@@ -100,6 +109,8 @@ def test_gpu_pool_pins_each_job_and_honours_concurrency(tmp_path):
     for gpu in ("7", "9"):  # one job at a time per GPU
         mine = sorted((s, e) for g, s, e in spans if g == gpu)
         assert all(a[1] <= b[0] for a, b in zip(mine, mine[1:]))
+    # ... and both GPUs busy at the same time
+    assert any(s0 < e1 and s1 < e0 for g0, s0, e0 in spans for g1, s1, e1 in spans if g0 == "7" and g1 == "9")
     assert (tmp_path / "grid" / "summary.md").is_file()
 
 

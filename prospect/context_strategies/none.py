@@ -11,7 +11,8 @@ class NoContext(BaseContextStrategy):
     """`none`: stateless. After every frame step (and reply) the cache returns to the initial context:
     the system prompt, and once ProAssist's initial cache exists (up to the frame of the first user turn
     and the knowledge, with its reply) that cache. Nothing from later frames or turns persists; memory
-    is constant (the seed's "each turn starts fresh")."""
+    is constant (the seed's "each turn starts fresh"). Positions restart right after the initial context in
+    every position mode, so a long video never runs positions up."""
 
     event = "reset"
 
@@ -28,4 +29,5 @@ class NoContext(BaseContextStrategy):
 
     def handle_overflow(self, past_key_values: Any, last_msg, **context: Any):
         self.keep(past_key_values, [(0, self.base_len)])
+        past_key_values.next_position = self.base_len  # every step starts right after the initial context
         return past_key_values, None

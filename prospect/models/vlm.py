@@ -103,6 +103,12 @@ class VisionLanguageModel:
         return int(self.model.config.text_config.max_position_embeddings)
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token takes (keys and values of every layer) in the model's dtype."""
+        text = self.model.config.text_config
+        return 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * self.dtype.itemsize
+
+    @property
     def inv_freq(self) -> torch.Tensor:
         return self.model.model.text_model.rotary_emb.inv_freq
 

@@ -201,7 +201,7 @@ class StreamRunner:
             image = next(features)
             _synchronize(device)
             t0 = time.perf_counter()
-            logits = self._forward(pending + text_ids, image)
+            self._forward(pending + text_ids, image)
             _synchronize(device)
             timing["frame_prefill_ms"] = self._elapsed_ms(t0)
             timing["prefill_ms"] += timing["frame_prefill_ms"]
@@ -356,12 +356,12 @@ class StreamRunner:
                 return None
         return self._decode(logits, settings.max_new_tokens)
 
-    def _decode(self, logits: torch.Tensor, max_new_tokens: int) -> list[int]:
+    def _decode(self, logits: torch.Tensor, max_new_tokens: int, timing_key: str = "decode_ms") -> list[int]:
         """Decode after an assistant prompt until end of turn or max_new_tokens; the reply and its closing
         tokens stay in the cache. The end-of-turn token is excluded for the first min_new_tokens steps.
 
-        Timing: decode_ms covers choosing every token and feeding all but the last; the last token is fed
-        with the closing tokens (counted in prefill_ms)."""
+        Timing: `timing_key` (decode_ms for replies, summary_ms for summaries) covers choosing every token and
+        feeding all but the last; the last token is fed with the closing tokens (counted in prefill_ms)."""
         settings, model = self.settings, self.model
         tokens: list[int] = []
         stopped = False
@@ -376,7 +376,7 @@ class StreamRunner:
             if step == max_new_tokens - 1:
                 break
             logits = self._forward([token])
-        self._timing["decode_ms"] += self._elapsed_ms(t0)
+        self._timing[timing_key] = self._timing.get(timing_key, 0.0) + self._elapsed_ms(t0)
         t0 = time.perf_counter()
         tail = [] if stopped or not tokens else [tokens[-1]]
         self._forward(tail + self.closing_ids)
@@ -392,6 +392,6 @@ class StreamRunner:
             log.warning("no room left for a summary (cache %d tokens, capacity %d)", cache_length(self.cache), self.capacity)
             return ""
         logits = self._forward(ids)
-        tokens = self._decode(logits, min(max_new_tokens, room))
-        summary = self.model.decode(tokens)
-        return summary
+        tokens = self._decode(logits, min(max_new_tokens, room), timing_key="summary_ms")
+        self._timing["summary_tokens"] = self._timing.get("summary_tokens", 0) + len(tokens)
+        return self.model.decode(tokens)

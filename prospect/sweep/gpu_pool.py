@@ -55,6 +55,7 @@ class PoolJob:
     cache: bool
     cache_root: str
     group: str | None
+    config: dict | None = None
     process: subprocess.Popen | None = None
     gpu: str | None = None
     result: JobReturn | None = None
@@ -87,7 +88,7 @@ class GpuPoolLauncher(Launcher):
         wandb = resolved["logger"].get("name") == "wandb" and not resolved["logger"].get("group")
         group = sweep_group(str(sweep_config.hydra.sweep.dir)) if wandb else None
         return PoolJob(index, overrides, folder, job_key(resolved), bool(resolved.get("cache", True)),
-                       str(resolved.get("cache_root", "multirun")), group)
+                       str(resolved.get("cache_root", "multirun")), group, resolved)
 
     def _start(self, job: PoolJob, gpu: str | None) -> None:
         job.folder.mkdir(parents=True, exist_ok=True)
@@ -134,11 +135,11 @@ class GpuPoolLauncher(Launcher):
             for job in list(waiting):
                 if job.cache and job.key in busy_keys:
                     continue  # the same key is being computed: reuse it once done
-                source = find_result(job.cache_root, job.key, exclude=job.folder) if job.cache else None
+                source = find_result(job.cache_root, job.key, prefer=job.folder) if job.cache else None
                 if source is not None:
                     waiting.remove(job)
                     log.info("\t#%d reuses %s (job key %s)", job.index, source, job.key)
-                    self._finish(job, reuse_result(source, job.folder))
+                    self._finish(job, reuse_result(source, job.folder, job.config))
                     continue
                 load = {gpu: sum(1 for j in running if j.gpu == gpu) for gpu in gpus}
                 gpu = min(gpus, key=lambda g: load[g])

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -24,34 +25,48 @@ log = logging.getLogger(__name__)
 RUN_FILES = ("predictions.json", "trace.jsonl", "timeline.html", "cache_sizes.png")
 
 
-def find_result(root: str | Path, key: str, exclude: str | Path | None = None) -> Path | None:
-    """The directory of an ok run with this job key under `root` (its predictions.json present), or None."""
+def usable_result(folder: Path, key: str) -> bool:
+    """Whether `folder` holds a finished ok run with this job key (results.json, predictions.json, frames)."""
+    try:
+        document = json.loads((folder / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (
+        document.get("job_key") == key
+        and document.get("status") == "ok"
+        and document.get("metrics", {}).get("frames_processed", 0) > 0
+        and (folder / "predictions.json").is_file()
+    )
+
+
+def find_result(root: str | Path, key: str, prefer: str | Path | None = None) -> Path | None:
+    """The directory of a finished ok run with this job key under `root` (`prefer` first: a job's own
+    folder when a sweep is resumed in place), or None."""
+    if prefer is not None and usable_result(Path(prefer), key):
+        return Path(prefer)
     root = Path(root)
-    exclude = Path(exclude).resolve() if exclude else None
     if not root.is_dir():
         return None
     for path in sorted(root.rglob("results.json")):
-        folder = path.parent
-        if exclude is not None and folder.resolve() == exclude:
-            continue
-        try:
-            document = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if document.get("job_key") == key and document.get("status") == "ok" and (folder / "predictions.json").is_file():
-            return folder
+        if usable_result(path.parent, key):
+            return path.parent
     return None
 
 
-def reuse_result(source: Path, target: Path) -> dict:
-    """Copy a finished run into `target`; its results.json records where it came from."""
+def reuse_result(source: Path, target: Path, config: dict | None = None) -> dict:
+    """Copy a finished run into `target`; its results.json records where it came from, and carries the
+    target job's own `config` (same job key; e.g. a last_keep_len the strategy ignores)."""
     target.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:
-        if (source / name).is_file() and source.resolve() != target.resolve():
-            shutil.copy2(source / name, target / name)
     document = json.loads((source / "results.json").read_text())
+    if source.resolve() == target.resolve():
+        return document  # resumed in place: the job's own result stands
+    for name in RUN_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
     document["cached"] = True
     document["cached_from"] = str(document.get("cached_from") or source)
+    if config is not None:
+        document["config"] = config
     staging = target / "results.json.tmp"
     staging.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
     os.replace(staging, target / "results.json")
@@ -69,9 +84,10 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def key_lock(root: str | Path, key: str, poll_s: float = 1.0, stale_after_s: float = 24 * 3600) -> Iterator[None]:
-    """Hold the lock of one job key (a file under ROOT/.locks holding "host pid"); waits while another live
-    process holds it. A lock of a dead process on this host, or older than stale_after_s, is taken over."""
+def key_lock(root: str | Path, key: str, poll_s: float = 1.0, stale_after_s: float = 180.0) -> Iterator[None]:
+    """Hold the lock of one job key: a file under ROOT/.locks holding "host pid", touched every
+    stale_after_s / 6 while held. Waits while another live holder has it; takes over a lock whose process
+    died on this host, or that nobody touched for stale_after_s (a job killed on another node)."""
     folder = Path(root) / ".locks"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.lock"
@@ -98,7 +114,17 @@ def key_lock(root: str | Path, key: str, poll_s: float = 1.0, stale_after_s: flo
         os.write(handle, me.encode())
         os.close(handle)
         break
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(stale_after_s / 6):
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
     try:
         yield
     finally:
+        stop.set()
         path.unlink(missing_ok=True)

@@ -16,16 +16,24 @@ import numpy as np
 from prospect.tracking import REDUCTION_EVENTS
 
 RESULTS_SCHEMA = "prospect.results/1"
+# Part of every job key: bump it when a change alters what a run computes (stream, strategies, metrics),
+# so the result cache never reuses numbers made by the older code.
+PROTOCOL_VERSION = 1
 
 # Stream metrics (the seed's names where it had them), computed from the per-frame trace.
 STREAM_METRICS = (
     "frames_processed", "dialogues_generated", "tokens_generated", "cache_compressions", "avg_cache_size", "max_cache_size",
-    "time_per_frame", "time_per_frame_p95", "decode_ms_per_token", "peak_memory_mb",
+    "kv_cache_peak_mb", "time_per_frame", "time_per_frame_p95", "decode_ms_per_token", "peak_memory_mb",
 )
 
 
-def stream_metrics(traces: list[list[dict]], peak_memory_mb: float) -> dict[str, float]:
-    """Stream figures over all fed frames: counts, cache tokens, seconds per frame, ms per decoded token."""
+def stream_metrics(traces: list[list[dict]], peak_memory_mb: float, kv_bytes_per_token: int = 0) -> dict[str, float]:
+    """Stream figures over all fed frames: counts, cache tokens, seconds per frame, ms per decoded token.
+
+    peak_memory_mb is the allocator's peak (CUDA max allocated; on CPU the process's peak RSS, model
+    loading included); the KV buffer is preallocated to the strategy's capacity, so it barely differs
+    between strategies. kv_cache_peak_mb = max_cache_size x the model's KV bytes per token is the cache
+    memory the strategy actually needs, the figure to compare strategies by."""
     records = [record for trace in traces for record in trace]
     seconds = np.array([r["wall_ms"] / 1000 for r in records]) if records else np.zeros(0)
     tokens = sum(r.get("generated_tokens", 0) for r in records)
@@ -37,6 +45,7 @@ def stream_metrics(traces: list[list[dict]], peak_memory_mb: float) -> dict[str,
         "cache_compressions": sum(e in REDUCTION_EVENTS for r in records for e in r["events"]),
         "avg_cache_size": float(np.mean([r["cache_after"] for r in records])) if records else 0.0,
         "max_cache_size": max((r.get("cache_max", r["cache_after"]) for r in records), default=0),
+        "kv_cache_peak_mb": max((r.get("cache_max", r["cache_after"]) for r in records), default=0) * kv_bytes_per_token / 2**20,
         "time_per_frame": float(seconds.mean()) if records else 0.0,
         "time_per_frame_p95": float(np.percentile(seconds, 95)) if records else 0.0,
         "decode_ms_per_token": decode_ms / tokens if tokens else 0.0,
@@ -60,16 +69,36 @@ def _strategy_part(strategy: dict) -> dict:
     return used
 
 
+def resolved_execution(model: dict, stream: dict) -> dict:
+    """What "auto" settles to on this machine: device type, dtype, optimized path."""
+    import torch
+
+    device = str(model.get("device", "auto"))
+    kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device.split(":")[0]
+    dtype = str(model.get("dtype", "auto"))
+    optimized = stream.get("optimized", "auto")
+    return {
+        "device": kind,
+        "dtype": ("bfloat16" if kind == "cuda" else "float32") if dtype == "auto" else dtype,
+        "optimized": (kind == "cuda") if optimized == "auto" else bool(optimized),
+    }
+
+
 def job_key(config: dict) -> str:
     """A stable hash of what determines a run's results: model, strategy (used parameters), dataset
-    (without its root folder), eval, stream settings and seed; not the logger or paths."""
+    (without its root folder), eval, stream settings, seed, what "auto" resolves to here (device type,
+    dtype, optimized path) and PROTOCOL_VERSION; not the logger or paths."""
     dataset = {k: v for k, v in config["dataset"].items() if k != "root"}
+    model = {k: v for k, v in config["model"].items() if k not in ("device", "dtype")}  # hashed as resolved
+    stream = {k: v for k, v in config["stream"].items() if k not in ("optimized", "vision_batch_size")}
     relevant = {
-        "model": config["model"],
+        "protocol": PROTOCOL_VERSION,
+        "execution": resolved_execution(config["model"], config["stream"]),
+        "model": model,
         "strategy": _strategy_part(config["strategy"]),
         "dataset": dataset,
         "eval": config["eval"],
-        "stream": config["stream"],
+        "stream": stream,
         "seed": config["seed"],
     }
     text = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
