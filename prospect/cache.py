@@ -6,25 +6,65 @@ were encoded. `PositionedCache` is a transformers `Cache` whose layers are preal
 position of every cached token (`positions`, absolute token positions) and the position the next
 token gets (`next_position`). Eviction moves kept tokens to the front of the buffers; slices and
 copies are exact (bitwise), `rerotate` applies a RoPE rotation by (new - old) positions.
+
+Token provenance: the cache also records, for every cached token, its kind (`TOKEN_KINDS`: system, user,
+knowledge, frame_text, image, assistant, summary; -1 when the writer did not say), the stream index of the
+frame it belongs to (frame_text and image tokens; -1 for dialogue tokens) and, for image tokens, their
+patch index within the frame (-1 otherwise). These host-side arrays move with the tokens through every
+operation here, so strategies can ask what each slot holds.
+
+Optionally (`record_queries`), each layer also keeps the pre-RoPE query vector of every cached token in a
+buffer parallel to the keys (written by the model's forward, moved by the same operations): SnapKV-style
+scores read the queries of the last tokens without another forward pass.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+
+TOKEN_KINDS = ("system", "user", "knowledge", "frame_text", "image", "assistant", "summary")
+KIND = {name: code for code, name in enumerate(TOKEN_KINDS)}
+UNKNOWN_KIND = -1  # a token written without provenance (counted as dialogue)
+FRAME_KINDS = (KIND["frame_text"], KIND["image"])
+
+
+class Provenance(NamedTuple):
+    """Per-token labels of a chunk: kind codes (KIND), frame stream index (-1: none), patch index (-1: none)."""
+
+    kinds: torch.Tensor  # int8 [n]
+    frames: torch.Tensor  # long [n]
+    patches: torch.Tensor  # long [n]
+
+    @staticmethod
+    def of(count: int, kind: int = UNKNOWN_KIND, frame: int = -1) -> "Provenance":
+        """`count` tokens of one kind (and one frame)."""
+        return Provenance(
+            torch.full((count,), kind, dtype=torch.int8), torch.full((count,), frame, dtype=torch.long),
+            torch.full((count,), -1, dtype=torch.long),
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["Provenance"]) -> "Provenance":
+        if not parts:
+            return Provenance.of(0)
+        return Provenance(*(torch.cat([getattr(p, name) for p in parts]) for name in Provenance._fields))
 
 
 class BufferLayer(DynamicLayer):
     """One layer's keys/values in buffers [batch, kv_heads, capacity, head_dim]; `keys`/`values` are
     views of the first `length` tokens (made on access). Appending past `capacity` raises."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, query_width: int | None = None):
         self.capacity = capacity
         self.length = 0
         self.key_buffer: torch.Tensor | None = None
         self.value_buffer: torch.Tensor | None = None
+        self.query_width = query_width  # set: keep a [capacity, query_width] buffer of pre-RoPE queries
+        self.query_buffer: torch.Tensor | None = None
         super().__init__()
 
     @property
@@ -52,6 +92,8 @@ class BufferLayer(DynamicLayer):
         self.value_buffer = torch.zeros(
             batch, heads, self.capacity, value_states.shape[-1], dtype=value_states.dtype, device=value_states.device
         )
+        if self.query_width:
+            self.query_buffer = torch.zeros(self.capacity, self.query_width, dtype=key_states.dtype, device=key_states.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -78,6 +120,8 @@ class BufferLayer(DynamicLayer):
             index = index.to(self.key_buffer.device)
             self.key_buffer[:, :, :count] = self.key_buffer[:, :, index]  # the gather copies before writing
             self.value_buffer[:, :, :count] = self.value_buffer[:, :, index]
+            if self.query_buffer is not None:
+                self.query_buffer[:count] = self.query_buffer[index]
             self.length = count
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -92,27 +136,52 @@ class BufferLayer(DynamicLayer):
 class PositionedCache(Cache):
     """A KV cache of preallocated per-layer buffers plus the RoPE position of each cached token."""
 
-    def __init__(self, capacity: int, inv_freq: torch.Tensor | None = None, attention_scaling: float = 1.0):
-        super().__init__(layer_class_to_replicate=lambda: BufferLayer(capacity))
+    def __init__(
+        self, capacity: int, inv_freq: torch.Tensor | None = None, attention_scaling: float = 1.0, query_width: int | None = None
+    ):
+        super().__init__(layer_class_to_replicate=lambda: BufferLayer(capacity, query_width))
         self.capacity = capacity
         self.positions = torch.empty(0, dtype=torch.long)  # on CPU; one entry per cached token
+        self.kinds, self.frames, self.patches = Provenance.of(0)  # on CPU; one entry per cached token
         self.next_position = 0
         self.inv_freq = inv_freq
         self.attention_scaling = attention_scaling
+        self.query_width = query_width
+        self.write_slots: torch.Tensor | None = None  # buffer slots of the chunk being written (query recording)
 
-    def take_positions(self, count: int) -> torch.Tensor:
-        """Positions for `count` new tokens (recorded as cached): next_position, next_position + 1, ..."""
+    def take_positions(self, count: int, provenance: Provenance | None = None) -> torch.Tensor:
+        """Positions for `count` new tokens (recorded as cached, with their provenance; unknown if None):
+        next_position, next_position + 1, ..."""
+        provenance = provenance or Provenance.of(count)
+        if len(provenance.kinds) != count:
+            raise ValueError(f"provenance for {len(provenance.kinds)} tokens given for a chunk of {count}")
         new = torch.arange(self.next_position, self.next_position + count, dtype=torch.long)
         self.positions = torch.cat([self.positions, new])
+        self.kinds = torch.cat([self.kinds, provenance.kinds.to(torch.int8)])
+        self.frames = torch.cat([self.frames, provenance.frames.to(torch.long)])
+        self.patches = torch.cat([self.patches, provenance.patches.to(torch.long)])
         self.next_position += count
         return new
+
+    @property
+    def provenance(self) -> Provenance:
+        return Provenance(self.kinds, self.frames, self.patches)
+
+    def select_tokens(self, index: torch.Tensor) -> None:
+        """Keep the host-side records (positions, provenance) of the tokens at `index`."""
+        self.positions = self.positions[index]
+        self.kinds, self.frames, self.patches = self.kinds[index], self.frames[index], self.patches[index]
 
     def reset(self) -> None:
         """Empty the cache (buffers stay allocated) and restart positions at 0."""
         for layer in self.layers:
             layer.reset()
-        self.positions = torch.empty(0, dtype=torch.long)
+        self.select_tokens(torch.empty(0, dtype=torch.long))
         self.next_position = 0
+
+    def frame_tokens(self) -> int:
+        """Cached tokens of frames (image + frame_text)."""
+        return int(((self.kinds == FRAME_KINDS[0]) | (self.kinds == FRAME_KINDS[1])).sum())
 
     def layer_tensors(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """(keys, values) of each layer: views [batch, kv_heads, length, head_dim]."""
@@ -122,8 +191,9 @@ class PositionedCache(Cache):
 
     def check(self) -> None:
         """Raise if the recorded positions do not match the cached tokens."""
-        if len(self.positions) != self.get_seq_length():
-            raise RuntimeError(f"cache holds {self.get_seq_length()} tokens but records {len(self.positions)} positions")
+        for name in ("positions", "kinds", "frames", "patches"):
+            if len(getattr(self, name)) != self.get_seq_length():
+                raise RuntimeError(f"cache holds {self.get_seq_length()} tokens but records {len(getattr(self, name))} {name}")
 
 
 def cache_length(cache: Cache) -> int:
@@ -135,11 +205,22 @@ def keep_spans(cache: PositionedCache, spans: list[tuple[int, int]]) -> None:
     length = cache_length(cache)
     spans = [(max(0, a), min(length, b)) for a, b in spans if min(length, b) > max(0, a)]
     index = torch.cat([torch.arange(a, b) for a, b in spans]) if spans else torch.empty(0, dtype=torch.long)
-    if bool((index == torch.arange(index.numel())).all()) and index.numel() == length:
+    keep_tokens(cache, index)
+
+
+def keep_tokens(cache: PositionedCache, index: torch.Tensor) -> None:
+    """Keep the tokens at `index` (ascending cache slots), in order, in every layer (in place)."""
+    length = cache_length(cache)
+    index = index.to(torch.long).cpu()
+    if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+        raise ValueError("keep_tokens: the index must be strictly ascending")
+    if index.numel() and (int(index[0]) < 0 or int(index[-1]) >= length):
+        raise ValueError(f"keep_tokens: index out of range for a cache of {length} tokens")
+    if index.numel() == length:
         return  # keeps everything
     for layer in cache.layers:
         layer.keep(index)
-    cache.positions = cache.positions[index]
+    cache.select_tokens(index)
 
 
 def crop_end(cache: PositionedCache, count: int) -> None:
@@ -192,5 +273,29 @@ def clone_cache(cache: PositionedCache, device: str | torch.device | None = None
     for layer_index, (keys, values) in enumerate(cache.layer_tensors()):
         copy.update(keys.to(device, copy=True), values.to(device, copy=True), layer_index)
     copy.positions = cache.positions.clone()
+    copy.kinds, copy.frames, copy.patches = (t.clone() for t in cache.provenance)
     copy.next_position = cache.next_position
     return copy
+
+
+def recover_provenance(keys: torch.Tensor | None, keys_before: torch.Tensor | None, before: Provenance | None) -> Provenance:
+    """Provenance of a cache built elsewhere from an earlier cache's tokens: each token (layer-0 key row,
+    [1, heads, n, dim]) is matched bitwise, in order, to a token of the earlier cache (`keys_before`,
+    `before`); tokens that match none (new or re-rotated keys) are unknown."""
+    count = 0 if keys is None else keys.shape[2]
+    result = Provenance.of(count)
+    if count == 0 or keys_before is None or before is None:
+        return result
+    flat_before = keys_before[0].transpose(0, 1).reshape(keys_before.shape[2], -1).cpu().float()  # exact for bf16/fp16
+    flat = keys[0].transpose(0, 1).reshape(count, -1).cpu().float()
+    where: dict[bytes, list[int]] = {}
+    for index in range(flat_before.shape[0]):
+        where.setdefault(flat_before[index].numpy().tobytes(), []).append(index)
+    last = -1
+    for index in range(count):
+        candidates = [i for i in where.get(flat[index].numpy().tobytes(), []) if i > last]
+        if candidates:
+            last = candidates[0]
+            for name, target in zip(Provenance._fields, result):
+                target[index] = getattr(before, name)[last]
+    return result

@@ -190,8 +190,8 @@ def validate(cfg: DictConfig) -> None:
     _int(cfg, "seed", "config")
     _bool(cfg, "cache", "config")
     _check_model(cfg.model)
-    _check_strategy(cfg.strategy, cfg.stream)
-    _check_stream(cfg.stream)
+    _stream_settings(cfg.stream, cfg.seed)
+    _check_strategy(cfg.strategy, cfg.stream, cfg.seed)
     _check_dataset(cfg.dataset)
     check_eval(cfg.eval)
     _check_logger(cfg.logger)
@@ -281,61 +281,40 @@ def _check_model(model: DictConfig) -> None:
             )
 
 
-def _check_strategy(strategy: DictConfig, stream: DictConfig) -> None:
-    max_len = _int(strategy, "max_seq_len", "strategy", minimum=1)
-    reserved = _int(strategy, "reserved_seq_len", "strategy", minimum=0)
-    last_keep = _int(strategy, "last_keep_len", "strategy", minimum=0)
-    from prospect.context_strategies.base import POSITION_MODES
+def _check_strategy(strategy: DictConfig, stream: DictConfig, seed: int) -> None:
+    """Build the strategy and the stream settings from the config (nothing heavy loads): the rules live in
+    their dataclasses (prospect.context_strategies, prospect.stream.runner.StreamSettings)."""
+    from prospect.context_strategies import strategy_from_config
+    from prospect.stream.runner import check_reply_fits
 
-    _choice(strategy, "position_mode", "strategy", POSITION_MODES)
-    if reserved >= max_len:
-        raise ConfigError(f"strategy.reserved_seq_len={reserved}: must be < strategy.max_seq_len={max_len}")
     if "_target_" not in strategy:
         raise ConfigError("strategy._target_: missing (the class implementing the strategy)")
-    if "last_keep_len" in strategy and _uses_last_keep_len(strategy) and last_keep + reserved >= max_len:
-        raise ConfigError(
-            f"strategy.last_keep_len={last_keep}: last_keep_len + reserved_seq_len ({last_keep + reserved}) "
-            f"must be < max_seq_len ({max_len})"
-        )
-    if "summary_max_new_tokens" in strategy:
-        summary = _int(strategy, "summary_max_new_tokens", "strategy", minimum=1)
-        if summary + reserved >= max_len:
-            raise ConfigError(
-                f"strategy.summary_max_new_tokens={summary}: summary + reserved_seq_len must be < max_seq_len ({max_len})"
-            )
-    max_new = _get(stream, "max_new_tokens", "stream")
-    if isinstance(max_new, int) and max_new >= max_len - reserved:
-        raise ConfigError(f"stream.max_new_tokens={max_new}: must be < max_seq_len - reserved_seq_len ({max_len - reserved})")
-
-
-def _uses_last_keep_len(strategy: DictConfig) -> bool:
-    from prospect.context_strategies import strategy_parameters
-
     target = str(strategy._target_)
     module_name, _, class_name = target.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+        getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as error:
         raise ConfigError(f"strategy._target_={target}: cannot import ({_first_line(error)})") from None
-    accepted = strategy_parameters(cls)
-    return accepted is None or "last_keep_len" in accepted
+    try:
+        built = strategy_from_config(strategy)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"strategy.{_first_line(error)}") from None
+    settings = _stream_settings(stream, seed)
+    try:
+        check_reply_fits(built, settings)
+    except ValueError as error:
+        raise ConfigError(f"stream.{_first_line(error)}") from None
 
 
-def _check_stream(stream: DictConfig) -> None:
-    _int(stream, "frame_stride", "stream", minimum=1)
-    max_new = _int(stream, "max_new_tokens", "stream", minimum=1)
-    min_new = _int(stream, "min_new_tokens", "stream", minimum=0)
-    if min_new > max_new:
-        raise ConfigError(f"stream.min_new_tokens={min_new}: must be <= stream.max_new_tokens={max_new}")
-    _choice(stream, "optimized", "stream", ("auto", True, False))
-    if _get(stream, "vision_batch_size", "stream") != "auto":
-        _int(stream, "vision_batch_size", "stream", minimum=1)
-    from prospect.stream.talk import TALK_POLICIES
+def _stream_settings(stream: DictConfig, seed: int):
+    from prospect.stream.runner import StreamSettings
 
-    _choice(stream, "talk_policy", "stream", TALK_POLICIES)
-    _number(stream, "talk_threshold", "stream", 0.0, 1.0)
-    _number(stream, "temperature", "stream", 0.0, 100.0)
-    _number(stream, "top_p", "stream", 0.0, 1.0, low_open=True)
+    try:
+        return StreamSettings(**OmegaConf.to_container(stream, resolve=True), seed=seed)
+    except TypeError as error:  # an unknown key given with +stream.KEY
+        raise ConfigError(f"stream: {_first_line(error)}") from None
+    except ValueError as error:
+        raise ConfigError(f"stream.{_first_line(error)}") from None
 
 
 def _check_dataset(dataset: DictConfig) -> None:

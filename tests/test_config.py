@@ -61,12 +61,12 @@ def test_model_options_carry_hub_id_dtype_device_random_init():
 
 
 BAD_COMMAND_LINES = [
-    (["strategy=drop_midle"], "strategy=drop_midle: unknown strategy; choose one of: drop_all, drop_middle, full, none, summarize_and_drop"),
+    (["strategy=drop_midle"], "strategy=drop_midle: unknown strategy; choose one of: drop_all, drop_frames, drop_middle, frame_coverage, full, key_norm, none, snapkv, streaming_llm, summarize_and_drop, tar_van"),
     (["model=smolvlm3"], "model=smolvlm3: unknown model"),
     (["-m", "strategy=none,drop_al"], "strategy=drop_al: unknown strategy"),
     (["strategy.last_keep_len=-5"], "strategy.last_keep_len=-5: must be >= 0"),
     (["strategy.last_keep_len=4000"], "last_keep_len + reserved_seq_len (4128) must be < max_seq_len (4096)"),
-    (["strategy.reserved_seq_len=4096"], "strategy.reserved_seq_len=4096: must be < strategy.max_seq_len=4096"),
+    (["strategy.reserved_seq_len=4096"], "strategy.reserved_seq_len=4096: must be in [0, max_seq_len=4096)"),
     (["strategy.max_seq_len=0"], "strategy.max_seq_len=0: must be >= 1"),
     (["strategy.position_mode=shifted"], "strategy.position_mode=shifted: choose one of: original, contiguous"),
     (["strategy.foo=1"], "strategy.foo=1: unknown key; strategy has: max_seq_len"),
@@ -127,7 +127,8 @@ def test_cli_unknown_strategy_exits_2_with_one_line():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [
-        "prospect: error: strategy=drop_midle: unknown strategy; choose one of: drop_all, drop_middle, full, none, summarize_and_drop"
+        "prospect: error: strategy=drop_midle: unknown strategy; choose one of: drop_all, drop_frames, drop_middle, "
+        "frame_coverage, full, key_norm, none, snapkv, streaming_llm, summarize_and_drop, tar_van"
     ]
 
 

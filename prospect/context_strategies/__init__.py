@@ -4,8 +4,9 @@
     strategy = ContextStrategyFactory.create_strategy(strategy_type="drop_middle", max_seq_len=4096,
                                                       reserved_seq_len=128, last_keep_len=512)
 
-A new strategy subclasses BaseContextStrategy (should_reduce_cache, handle_overflow, name) and is
-selected from the command line with strategy._target_=package.module.Class.
+A new strategy subclasses BaseContextStrategy (should_reduce_cache, handle_overflow, name), or, to keep
+at most last_keep_len tokens after the initial cache, ScoredKeep (define `score`) or TextFirstKeep (define
+`choose_frame_tokens`); it is selected from the command line with strategy._target_=package.module.Class.
 """
 
 from __future__ import annotations
@@ -15,11 +16,18 @@ import inspect
 from typing import Any
 
 from prospect.context_strategies.base import POSITION_MODES, BaseContextStrategy, ContextOverflowError
+from prospect.context_strategies.budget import BudgetKeep, ScoredKeep, TextFirstKeep
 from prospect.context_strategies.drop_all import DropAll
+from prospect.context_strategies.drop_frames import DropFrames
 from prospect.context_strategies.drop_middle import DropMiddle
+from prospect.context_strategies.frame_coverage import FrameCoverage
 from prospect.context_strategies.full import FullContext
+from prospect.context_strategies.key_norm import KeyNorm
 from prospect.context_strategies.none import NoContext
+from prospect.context_strategies.snapkv import SnapKV
+from prospect.context_strategies.streaming_llm import StreamingLLM
 from prospect.context_strategies.summarize_and_drop import SummarizeAndDrop
+from prospect.context_strategies.tar_van import TarVan
 
 STRATEGIES: dict[str, type[BaseContextStrategy]] = {
     "none": NoContext,
@@ -27,11 +35,18 @@ STRATEGIES: dict[str, type[BaseContextStrategy]] = {
     "drop_all": DropAll,
     "drop_middle": DropMiddle,
     "summarize_and_drop": SummarizeAndDrop,
+    "streaming_llm": StreamingLLM,
+    "drop_frames": DropFrames,
+    "frame_coverage": FrameCoverage,
+    "tar_van": TarVan,
+    "key_norm": KeyNorm,
+    "snapkv": SnapKV,
 }
 
 __all__ = [
-    "BaseContextStrategy", "ContextOverflowError", "ContextStrategyFactory", "DropAll", "DropMiddle", "FullContext",
-    "NoContext", "POSITION_MODES", "STRATEGIES", "SummarizeAndDrop", "create_strategy", "strategy_from_config",
+    "BaseContextStrategy", "BudgetKeep", "ContextOverflowError", "ContextStrategyFactory", "DropAll", "DropFrames",
+    "DropMiddle", "FrameCoverage", "FullContext", "KeyNorm", "NoContext", "POSITION_MODES", "STRATEGIES", "ScoredKeep",
+    "SnapKV", "StreamingLLM", "SummarizeAndDrop", "TarVan", "TextFirstKeep", "create_strategy", "strategy_from_config",
     "strategy_parameters",
 ]
 

@@ -15,11 +15,14 @@ An emptied cache restarts at position 0 in every mode.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from prospect.cache import PositionedCache, cache_length, clone_cache, keep_spans, make_contiguous
+import torch
+
+from prospect.cache import PositionedCache, cache_length, clone_cache, keep_spans, keep_tokens, make_contiguous
 
 POSITION_MODES = ("original", "contiguous", "cache_length")
 
@@ -43,6 +46,7 @@ class BaseContextStrategy(ABC):
     event: ClassVar[str] = "compress"  # what a reduction is called in the trace
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.max_seq_len < 1:
             raise ValueError(f"max_seq_len={self.max_seq_len}: must be >= 1")
         if not 0 <= self.reserved_seq_len < self.max_seq_len:
@@ -92,6 +96,14 @@ class BaseContextStrategy(ABC):
     def keep(self, cache: PositionedCache, spans: list[tuple[int, int]]) -> None:
         """Keep [start, end) spans of the cache and apply position_mode."""
         keep_spans(cache, spans)
+        self._apply_position_mode(cache)
+
+    def keep_index(self, cache: PositionedCache, index: torch.Tensor) -> None:
+        """Keep the tokens at `index` (ascending cache slots) and apply position_mode."""
+        keep_tokens(cache, index)
+        self._apply_position_mode(cache)
+
+    def _apply_position_mode(self, cache: PositionedCache) -> None:
         length = cache_length(cache)
         if length == 0:
             cache.next_position = 0
@@ -99,3 +111,30 @@ class BaseContextStrategy(ABC):
             make_contiguous(cache)
         elif self.position_mode == "cache_length":
             cache.next_position = length
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def check_field_types(strategy: Any) -> None:
+    """Raise ValueError `name=value: must be ...` for a dataclass field whose value is not of its declared
+    plain type (int, float, str, bool; a bool is not an int)."""
+    for field in dataclasses.fields(strategy):
+        declared = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+        if declared not in _TYPES:
+            continue
+        value = getattr(strategy, field.name)
+        if (isinstance(value, bool) and declared != "bool") or not isinstance(value, _TYPES[declared]):
+            raise ValueError(f"{field.name}={value}: must be {_TYPE_WORDS[declared]}")
+
+
+def check_last_keep_len(strategy: Any, extra: int = 0, extra_name: str = "") -> None:
+    """The rule of every strategy that keeps `last_keep_len` recent tokens (plus `extra`, e.g. sinks)."""
+    value = strategy.last_keep_len
+    if value < 0:
+        raise ValueError(f"last_keep_len={value}: must be >= 0")
+    total = value + extra + strategy.reserved_seq_len
+    if total >= strategy.max_seq_len:
+        what = f"last_keep_len + {extra_name} + reserved_seq_len" if extra_name else "last_keep_len + reserved_seq_len"
+        raise ValueError(f"last_keep_len={value}: {what} ({total}) must be < max_seq_len ({strategy.max_seq_len})")

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prospect.cache import cache_length
-from prospect.context_strategies.base import BaseContextStrategy
+from prospect.context_strategies.base import BaseContextStrategy, check_last_keep_len
 
 
 @dataclass
@@ -20,10 +20,7 @@ class DropMiddle(BaseContextStrategy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.last_keep_len < 0 or self.last_keep_len + self.reserved_seq_len >= self.max_seq_len:
-            raise ValueError(
-                f"last_keep_len={self.last_keep_len}: must be >= 0 with last_keep_len + reserved_seq_len < max_seq_len"
-            )
+        check_last_keep_len(self)
 
     @property
     def name(self) -> str:

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache
 
-from prospect.cache import PositionedCache
+from prospect.cache import PositionedCache, Provenance
 from prospect.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,13 @@ class StaticForward:
     """Drop-in for VisionLanguageModel.forward: same arguments, same results (up to float rounding).
     On CUDA the returned logits are the graph's output buffer: valid until the next call."""
 
-    def __init__(self, model: VisionLanguageModel, capacity: int, use_graphs: bool | None = None, max_graphs: int = 48):
+    def __init__(
+        self, model: VisionLanguageModel, capacity: int, use_graphs: bool | None = None, max_graphs: int = 48,
+        record_queries: bool = False,
+    ):
         self.model = model
         self.capacity = capacity
+        self.record_queries = record_queries
         self.device = model.device
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
         self.max_graphs = max_graphs
@@ -78,27 +82,25 @@ class StaticForward:
     def cache(self) -> PositionedCache:
         """The one cache the graphs are bound to, emptied (call once per conversation)."""
         if self._cache is None:
-            self._cache = self.model.new_cache(self.capacity)
-            self._allocate(self._cache)
+            self._cache = self.model.new_cache(self.capacity, record_queries=self.record_queries)
+            self.model.allocate(self._cache)
         self._cache.reset()
         return self._cache
-
-    def _allocate(self, cache: PositionedCache) -> None:
-        config = self.model.model.config.text_config
-        heads, dim = config.num_key_value_heads, config.head_dim
-        empty = torch.zeros(1, heads, 0, dim, device=self.device, dtype=self.model.dtype)
-        for layer_index in range(config.num_hidden_layers):
-            cache.update(empty, empty, layer_index)
 
     def _body(self, step: _Step, cache: PositionedCache, all_logits: bool) -> torch.Tensor:
         embeds = step.embeds if step.with_image else self.model.model.get_input_embeddings()(step.ids)
         slots = step.offsets + step.start
         positions = (step.offsets + step.first)[None]
         mask = (self.slot_index[None, :] <= slots[:, None])[None, None]  # slot j visible to token i: j <= length + i
-        hidden = self.model.model.model.text_model(
-            inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-            past_key_values=_SlotWriter(cache, slots), use_cache=True,
-        ).last_hidden_state
+        cache.write_slots = slots  # query recording (if on) writes here, inside the graph
+        self.model.writing_cache = cache
+        try:
+            hidden = self.model.model.model.text_model(
+                inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                past_key_values=_SlotWriter(cache, slots), use_cache=True,
+            ).last_hidden_state
+        finally:
+            self.model.writing_cache = None
         hidden = hidden[0] if all_logits else hidden[0, -1]
         return self.model.model.lm_head(hidden).float()
 
@@ -109,6 +111,7 @@ class StaticForward:
         cache: PositionedCache,
         image_features: torch.Tensor | None = None,
         all_logits: bool = False,
+        provenance: Provenance | None = None,
     ) -> torch.Tensor:
         if cache is not self._cache:
             raise ValueError("StaticForward runs on the cache from its cache() method only")
@@ -130,7 +133,7 @@ class StaticForward:
         else:
             step.ids.copy_(torch.tensor([ids]), non_blocking=True)
         step.start.fill_(length)
-        step.first.fill_(int(cache.take_positions(n)[0]))
+        step.first.fill_(int(cache.take_positions(n, provenance)[0]))
         if not self.use_graphs:
             logits = self._body(step, cache, all_logits)
         elif step.graph is not None:

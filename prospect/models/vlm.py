@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig
 
-from prospect.cache import PositionedCache
+from prospect.cache import KIND, PositionedCache, Provenance
 from prospect.models.architectures import ARCHITECTURES, OFFLINE_VISION, Architecture, smolvlm_config
 from prospect.models.chat_format import (
     CHAT_FORMATS,
@@ -69,6 +69,7 @@ class VisionLanguageModel:
 
     def __post_init__(self) -> None:
         self.model.eval()
+        self.writing_cache: PositionedCache | None = None  # the cache a forward is filling (query recording)
         vocab = self.tokenizer.get_vocab()
         self.image_token_id = vocab[IMAGE_TOKEN]
         self.stop_ids = [vocab[self.chat.end_of_turn]]
@@ -112,13 +113,80 @@ class VisionLanguageModel:
     def inv_freq(self) -> torch.Tensor:
         return self.model.model.text_model.rotary_emb.inv_freq
 
-    def new_cache(self, capacity: int) -> PositionedCache:
-        """An empty KV cache of preallocated buffers for `capacity` tokens."""
+    def new_cache(self, capacity: int, record_queries: bool = False) -> PositionedCache:
+        """An empty KV cache of preallocated buffers for `capacity` tokens; with `record_queries` every layer
+        also keeps the pre-RoPE queries of its tokens, written by the forward passes that fill this cache."""
         rope = self.model.model.text_model.rotary_emb
-        return PositionedCache(capacity, inv_freq=rope.inv_freq, attention_scaling=float(rope.attention_scaling))
+        text = self.model.config.text_config
+        width = text.num_attention_heads * text.head_dim if record_queries else None
+        cache = PositionedCache(capacity, inv_freq=rope.inv_freq, attention_scaling=float(rope.attention_scaling), query_width=width)
+        if record_queries:
+            self._install_query_hooks()
+            self.allocate(cache)  # the query hooks run before a layer's first write
+        return cache
+
+    def allocate(self, cache: PositionedCache) -> None:
+        """Create every layer's buffers now (they are otherwise made at the layer's first write)."""
+        text = self.model.config.text_config
+        empty = torch.zeros(1, text.num_key_value_heads, 0, text.head_dim, device=self.device, dtype=self.dtype)
+        for layer_index in range(text.num_hidden_layers):
+            if layer_index >= len(cache.layers) or not cache.layers[layer_index].is_initialized:
+                cache.update(empty, empty, layer_index)
+
+    def _install_query_hooks(self) -> None:
+        """Hooks on each layer's query projection: they write its output (pre-RoPE queries) into the query
+        buffer of the cache being filled (`writing_cache`) at its `write_slots`, if that cache keeps queries.
+        They also run inside CUDA-graph capture, so replays record too."""
+        if getattr(self, "_query_hooks", None) is not None:
+            return
+
+        def hook(layer_index: int):
+            def write(module, inputs, output):
+                cache = self.writing_cache
+                if cache is None or not cache.query_width:
+                    return
+                buffer = cache.layers[layer_index].query_buffer
+                if buffer is not None:
+                    buffer.index_copy_(0, cache.write_slots, output[0].to(buffer.dtype))
+
+            return write
+
+        layers = self.model.model.text_model.layers
+        self._query_hooks = [layer.self_attn.q_proj.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_labeled(self, pieces: Sequence[tuple[str, int, int]]) -> tuple[list[int], Provenance]:
+        """Token ids of the concatenated texts (tokenized as one string, so ids equal `encode` of the whole)
+        and each token's provenance: the kind and frame of the piece its first character falls in, with
+        `<image>` tokens of a frame piece labelled `image` and numbered (patch index) in order.
+
+        pieces: (text, kind code, frame stream index or -1)."""
+        text = "".join(piece for piece, _, _ in pieces)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        ends, total = [], 0
+        for piece, _, _ in pieces:
+            total += len(piece)
+            ends.append(total)
+        kinds, frames, patches = [], [], []
+        piece_index, patch = 0, {}
+        for token, (start, _) in zip(ids, encoded["offset_mapping"]):
+            while piece_index < len(pieces) - 1 and start >= ends[piece_index]:
+                piece_index += 1
+            _, kind, frame = pieces[piece_index]
+            if token == self.image_token_id and frame >= 0:
+                kinds.append(KIND["image"])
+                patches.append(patch.get(frame, 0))
+                patch[frame] = patches[-1] + 1
+            else:
+                kinds.append(kind)
+                patches.append(-1)
+            frames.append(frame)
+        return ids, Provenance(
+            torch.tensor(kinds, dtype=torch.int8), torch.tensor(frames, dtype=torch.long), torch.tensor(patches, dtype=torch.long)
+        )
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
@@ -165,15 +233,23 @@ class VisionLanguageModel:
         cache: PositionedCache,
         image_features: torch.Tensor | None = None,
         all_logits: bool = False,
+        provenance: Provenance | None = None,
     ) -> torch.Tensor:
         """Append `input_ids` to the cache at positions cache.next_position.. and return float32 logits
         of the last token ([vocab]) or of every token ([n, vocab]). `<image>` tokens take the rows of
-        `image_features` in order. Attention covers the cached tokens only (the eager step)."""
+        `image_features` in order; `provenance` labels the new tokens (unknown if None). Attention covers
+        the cached tokens only (the eager step)."""
         embeds = self.embed(input_ids, image_features)
-        positions = cache.take_positions(embeds.shape[1]).to(self.device)
-        hidden = self.model.model.text_model(
-            inputs_embeds=embeds, position_ids=positions[None], past_key_values=cache, use_cache=True
-        ).last_hidden_state
+        length = cache.get_seq_length()
+        positions = cache.take_positions(embeds.shape[1], provenance).to(self.device)
+        cache.write_slots = torch.arange(length, length + embeds.shape[1], device=self.device)
+        self.writing_cache = cache
+        try:
+            hidden = self.model.model.text_model(
+                inputs_embeds=embeds, position_ids=positions[None], past_key_values=cache, use_cache=True
+            ).last_hidden_state
+        finally:
+            self.writing_cache = None
         hidden = hidden[0] if all_logits else hidden[0, -1]
         return self.model.lm_head(hidden).float()
 

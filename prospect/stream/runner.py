@@ -18,8 +18,9 @@ from typing import Any, Callable
 
 import torch
 
-from prospect.cache import PositionedCache, cache_length, crop_end, keep_spans
+from prospect.cache import KIND, PositionedCache, Provenance, cache_length, crop_end, keep_spans, recover_provenance
 from prospect.context_strategies import BaseContextStrategy, ContextOverflowError
+from prospect.context_strategies.base import check_field_types
 from prospect.data.types import Conversation, StreamFrame, Turn
 from prospect.models.vlm import VisionLanguageModel
 from prospect.stream.decode import pick_token, suppression_bias
@@ -49,16 +50,32 @@ class StreamSettings:
     optimized: bool | str = "auto"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.talk_policy not in TALK_POLICIES:
             raise ValueError(f"talk_policy={self.talk_policy}: choose one of: {', '.join(TALK_POLICIES)}")
-        if self.frame_stride < 1 or self.max_new_tokens < 1:
-            raise ValueError("frame_stride and max_new_tokens must be >= 1")
+        for name in ("frame_stride", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens={self.min_new_tokens}: must be in [0, max_new_tokens]")
+            raise ValueError(f"min_new_tokens={self.min_new_tokens}: must be in [0, max_new_tokens={self.max_new_tokens}]")
+        for name, low, high in (("talk_threshold", 0.0, 1.0), ("temperature", 0.0, 100.0)):
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name}={getattr(self, name)}: must be in [{low}, {high}]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p}: must be in (0.0, 1.0]")
         if self.optimized not in ("auto", True, False):
-            raise ValueError(f"optimized={self.optimized}: choose auto, true or false")
-        if self.vision_batch_size != "auto" and (not isinstance(self.vision_batch_size, int) or self.vision_batch_size < 1):
+            raise ValueError(f"optimized={self.optimized}: choose one of: auto, true, false")
+        if self.vision_batch_size != "auto" and (
+            isinstance(self.vision_batch_size, bool) or not isinstance(self.vision_batch_size, int) or self.vision_batch_size < 1
+        ):
             raise ValueError(f"vision_batch_size={self.vision_batch_size}: must be auto or an integer >= 1")
+
+
+def check_reply_fits(strategy: BaseContextStrategy, settings: StreamSettings) -> None:
+    """A reply of max_new_tokens must fit under the strategy's reduction threshold."""
+    room = strategy.max_seq_len - strategy.reserved_seq_len
+    if settings.max_new_tokens >= room:
+        raise ValueError(f"max_new_tokens={settings.max_new_tokens}: must be < max_seq_len - reserved_seq_len ({room})")
 
 
 @dataclass
@@ -93,6 +110,13 @@ def peak_memory_mb(device: torch.device) -> float:
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def turn_kind(turn: Turn) -> int:
+    """The provenance kind of a fed text turn (ProAssist's knowledge is a system turn)."""
+    if turn.role == "system":
+        return KIND["knowledge"] if turn.content.startswith(KNOWLEDGE_PREFIX) else KIND["system"]
+    return KIND["user"] if turn.role == "user" else KIND["assistant"]
 
 
 def frames_to_feed(conversation: Conversation, stride: int) -> list[tuple[StreamFrame, tuple[Turn, ...], bool]]:
@@ -133,6 +157,7 @@ class StreamRunner:
         self.prompt_ids = model.encode(chat.assistant_prompt)
         self.closing_ids = model.encode(chat.turn_closing)
         self.capacity = strategy.capacity(model.max_positions)
+        check_reply_fits(strategy, self.settings)
         on_cuda = model.device.type == "cuda"
         self.optimized = on_cuda if self.settings.optimized == "auto" else bool(self.settings.optimized)
         batch = self.settings.vision_batch_size
@@ -140,11 +165,12 @@ class StreamRunner:
         vocab = model.model.lm_head.out_features
         self._bias_early = suppression_bias(vocab, model.suppressed_ids + model.stop_ids, model.device)  # before min_new_tokens
         self._bias_late = suppression_bias(vocab, model.suppressed_ids, model.device)
+        self.record_queries = bool(getattr(strategy, "records_queries", False))  # SnapKV-style scores read them
         self.static = None
         if self.optimized:
             from prospect.models.static_forward import StaticForward
 
-            self.static = StaticForward(model, self.capacity)
+            self.static = StaticForward(model, self.capacity, record_queries=self.record_queries)
 
     # ---- one conversation ----------------------------------------------------------------------
 
@@ -156,7 +182,7 @@ class StreamRunner:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         generator = torch.Generator().manual_seed(settings.seed)
-        self.cache = self.static.cache() if self.static is not None else model.new_cache(self.capacity)
+        self.cache = self.static.cache() if self.static is not None else model.new_cache(self.capacity, self.record_queries)
         self._generator = generator
         self._knowledge = ""
         self._conversation = conversation
@@ -167,9 +193,10 @@ class StreamRunner:
         if conversation.system_prompt:
             system += model.chat.text_turn("system", conversation.system_prompt)
         if system:
-            self._forward(model.encode(system))
+            self._forward(model.encode(system), kind=KIND["system"])
         strategy.start_stream(prompt_len=cache_length(self.cache))
         pending: list[int] = []
+        self._pending_kind = KIND["system"]
         initial_captured = False
 
         schedule = frames_to_feed(conversation, settings.frame_stride)
@@ -195,13 +222,15 @@ class StreamRunner:
             for turn in turns:
                 if turn.role == "system" and turn.content.startswith(KNOWLEDGE_PREFIX):
                     self._knowledge = turn.content
-            text = "".join(model.chat.text_turn(t.role, t.content) for t in turns)
-            text_ids = model.encode(text + model.chat.frame(model.image_tokens, frame.time))
+            pieces = [(model.chat.text_turn(t.role, t.content), turn_kind(t), -1) for t in turns]
+            pieces.append((model.chat.frame(model.image_tokens, frame.time), KIND["frame_text"], frame.index))
+            text_ids, text_provenance = model.encode_labeled(pieces)
             pending = self._make_room(len(pending) + len(text_ids), pending, record, frame)
             image = next(features)
             _synchronize(device)
             t0 = time.perf_counter()
-            self._forward(pending + text_ids, image)
+            provenance = Provenance.concat([Provenance.of(len(pending), self._pending_kind), text_provenance])
+            self._forward(pending + text_ids, image, provenance=provenance)
             _synchronize(device)
             timing["frame_prefill_ms"] = self._elapsed_ms(t0)
             timing["prefill_ms"] += timing["frame_prefill_ms"]
@@ -225,6 +254,8 @@ class StreamRunner:
             _synchronize(device)
             record.update(timing)
             record["cache_after"] = cache_length(self.cache)
+            record["cache_frame_tokens"] = self.cache.frame_tokens()
+            record["cache_dialogue_tokens"] = record["cache_after"] - record["cache_frame_tokens"]
             record["cache_max"] = self._cache_max  # the most tokens held during this frame step
             record["next_position"] = self.cache.next_position
             record["pending_tokens"] = len(pending)
@@ -242,11 +273,16 @@ class StreamRunner:
     def _elapsed_ms(start: float) -> float:
         return (time.perf_counter() - start) * 1000
 
-    def _forward(self, ids: list[int], image: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward(
+        self, ids: list[int], image: torch.Tensor | None = None, kind: int | None = None, provenance: Provenance | None = None
+    ) -> torch.Tensor:
+        """Feed `ids` (labelled by `provenance`, or all of one `kind`) into the cache; returns the last logits."""
         cache = self.cache
         first = cache.next_position
         step = self.static if self.static is not None else self.model.forward
-        logits = step(ids, cache, image)
+        if provenance is None:
+            provenance = Provenance.of(len(ids), KIND["assistant"] if kind is None else kind)
+        logits = step(ids, cache, image, provenance=provenance)
         self._cache_max = max(self._cache_max, cache_length(cache))
         if self.on_forward is not None:
             self.on_forward(ids, image, torch.arange(first, first + len(ids)), logits)
@@ -285,9 +321,15 @@ class StreamRunner:
         """Let the strategy reduce the cache; returns the tokens to feed before the next chunk."""
         t0 = time.perf_counter()
         before = cache_length(self.cache)
+        own = self.cache
+        keys = next(iter(own.layer_tensors()), (None, None))[0]  # to find kept tokens again if a new cache comes back
+        previous = (own.provenance, None if keys is None else keys.clone())
         cache, last_msg = self.strategy.handle_overflow(self.cache, pending, **self._context(frame))
         if cache is not self.cache:
-            self._adopt(cache)
+            self._adopt(cache, *previous)
+        self.cache.check()
+        if last_msg and list(last_msg) != list(pending):  # a restart message (summary) replaces what was queued
+            self._pending_kind = KIND["summary"] if self.strategy.event == "summary" else KIND["system"]
         record["events"].append(self.strategy.event)
         record.setdefault("reductions", []).append({"before": before, "after": cache_length(self.cache)})
         summary = getattr(self.strategy, "last_summary", None)
@@ -296,9 +338,11 @@ class StreamRunner:
         self._timing["reduce_ms"] += self._elapsed_ms(t0)
         return list(last_msg or [])
 
-    def _adopt(self, cache: Any) -> PositionedCache:
+    def _adopt(self, cache: Any, provenance: Provenance | None = None, keys_before: torch.Tensor | None = None) -> PositionedCache:
         """A strategy returned a cache other than the one it got (a custom, seed-style strategy): its
-        contents move into the runner's cache, whose buffers (and CUDA graphs) stay in place."""
+        contents move into the runner's cache, whose buffers (and CUDA graphs) stay in place. Provenance
+        comes with a PositionedCache; for a plain transformers cache each kept token is found again among
+        the tokens before the reduction by its layer-0 key (bitwise), tokens not found are unknown."""
         own = self.cache
         if cache is None:  # the seed's "drop everything"
             keep_spans(own, [])
@@ -311,13 +355,16 @@ class StreamRunner:
         if isinstance(cache, PositionedCache):
             cache.check()
             positions, next_position = cache.positions.clone(), cache.next_position
+            labels = Provenance(*(t.clone() for t in cache.provenance))
         else:  # a plain transformers cache: positions are unknown, so they follow the cache length (seed behaviour)
             positions, next_position = torch.arange(length, dtype=torch.long), length
+            labels = recover_provenance(tensors[0][0] if tensors else None, keys_before, provenance)
         for layer in own.layers:
             layer.reset()
         for layer_index, (keys, values) in enumerate(tensors):
             own.update(keys, values, layer_index)
         own.positions, own.next_position = positions, next_position
+        own.kinds, own.frames, own.patches = labels
         return own
 
     def _make_room(self, needed: int, pending: list[int], record: dict, frame: StreamFrame) -> list[int]:
@@ -344,9 +391,9 @@ class StreamRunner:
         budget = len(self.prompt_ids) + settings.max_new_tokens + len(self.closing_ids)
         pending = self._make_room(budget, [], record, frame)
         if pending:  # a reduction (summary) just queued a new context: feed it before the prompt
-            self._forward(pending)
+            self._forward(pending, kind=self._pending_kind)
         t0 = time.perf_counter()
-        logits = self._forward(self.prompt_ids)
+        logits = self._forward(self.prompt_ids, kind=KIND["assistant"])
         self._timing["prefill_ms"] += self._elapsed_ms(t0)
         if speak is None:
             probability = not_talk_probability(logits, self.model.stop_ids)
@@ -356,7 +403,7 @@ class StreamRunner:
                 return None
         return self._decode(logits, settings.max_new_tokens)
 
-    def _decode(self, logits: torch.Tensor, max_new_tokens: int, timing_key: str = "decode_ms") -> list[int]:
+    def _decode(self, logits: torch.Tensor, max_new_tokens: int, timing_key: str = "decode_ms", kind: int = KIND["assistant"]) -> list[int]:
         """Decode after an assistant prompt until end of turn or max_new_tokens; the reply and its closing
         tokens stay in the cache. The end-of-turn token is excluded for the first min_new_tokens steps.
 
@@ -375,11 +422,11 @@ class StreamRunner:
             tokens.append(token)
             if step == max_new_tokens - 1:
                 break
-            logits = self._forward([token])
+            logits = self._forward([token], kind=kind)
         self._timing[timing_key] = self._timing.get(timing_key, 0.0) + self._elapsed_ms(t0)
         t0 = time.perf_counter()
         tail = [] if stopped or not tokens else [tokens[-1]]
-        self._forward(tail + self.closing_ids)
+        self._forward(tail + self.closing_ids, kind=kind)
         self._timing["prefill_ms"] += self._elapsed_ms(t0)
         return tokens
 
@@ -391,7 +438,7 @@ class StreamRunner:
         if room < 1:
             log.warning("no room left for a summary (cache %d tokens, capacity %d)", cache_length(self.cache), self.capacity)
             return ""
-        logits = self._forward(ids)
-        tokens = self._decode(logits, min(max_new_tokens, room), timing_key="summary_ms")
+        logits = self._forward(ids, kind=KIND["summary"])
+        tokens = self._decode(logits, min(max_new_tokens, room), timing_key="summary_ms", kind=KIND["summary"])
         self._timing["summary_tokens"] = self._timing.get("summary_tokens", 0) + len(tokens)
         return self.model.decode(tokens)

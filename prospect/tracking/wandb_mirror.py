@@ -56,6 +56,8 @@ def history_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "cache_length": record["cache_after"],
         "cache_before": record["cache_before"],
         "cache_max": record.get("cache_max"),
+        "cache_frame_tokens": record.get("cache_frame_tokens"),
+        "cache_dialogue_tokens": record.get("cache_dialogue_tokens"),
         "next_position": record.get("next_position"),
         "chunk_tokens": record.get("chunk_tokens"),
         "generated_tokens": record.get("generated_tokens", 0),

@@ -1,0 +1,402 @@
+"""The strategy zoo on real tensors: token provenance through every cache operation and stream step, each
+strategy's kept set against an expectation computed here from the raw tensors, the equal budget, the
+max_seq_len bound over several reductions, text first, eager = optimized, the seed API and the zoo grid."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from prospect.cache import KIND, PositionedCache, Provenance, cache_length, crop_end, keep_spans, make_contiguous
+from prospect.context_strategies import STRATEGIES, create_strategy
+from prospect.context_strategies.frame_coverage import evenly_spaced
+from prospect.stream.runner import StreamRunner, StreamSettings
+
+ZOO = ("streaming_llm", "drop_frames", "frame_coverage", "tar_van", "key_norm", "snapkv")
+TEXT_FIRST = ("drop_frames", "frame_coverage", "tar_van")
+SMALL = dict(max_seq_len=384, reserved_seq_len=32, last_keep_len=64)
+FRAME_TEXT_HEAD, IMAGE, FRAME_TEXT_TAIL = 3, 4, 1  # tokens of one constructed frame
+
+
+# ---- a constructed cache -------------------------------------------------------------------------
+
+
+def constructed_cache(frames: int = 8, prefix: int = 6, layers: int = 3, heads: int = 2, q_heads: int = 4, dim: int = 8,
+                      seed: int = 0) -> PositionedCache:
+    """Prefix of system tokens, then per frame: a user or assistant turn of 2 tokens (every other frame),
+    frame text, image tokens (patches 0..IMAGE-1), frame text. Random keys/values/queries; positions with a
+    gap (as after an earlier drop_middle)."""
+    generator = torch.Generator().manual_seed(seed)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    kinds, frame_of, patches = [KIND["system"]] * prefix, [-1] * prefix, [-1] * prefix
+    for f in range(frames):
+        if f % 2 == 0:
+            kinds += [KIND["user"] if f % 4 == 0 else KIND["assistant"]] * 2
+            frame_of += [-1, -1]
+            patches += [-1, -1]
+        kinds += [KIND["frame_text"]] * FRAME_TEXT_HEAD + [KIND["image"]] * IMAGE + [KIND["frame_text"]] * FRAME_TEXT_TAIL
+        frame_of += [10 + f] * (FRAME_TEXT_HEAD + IMAGE + FRAME_TEXT_TAIL)
+        patches += [-1] * FRAME_TEXT_HEAD + list(range(IMAGE)) + [-1] * FRAME_TEXT_TAIL
+    length = len(kinds)
+    cache = PositionedCache(length + 4, inv_freq=inv_freq, query_width=q_heads * dim)
+    cache.take_positions(prefix, Provenance(torch.tensor(kinds[:prefix], dtype=torch.int8), torch.tensor(frame_of[:prefix]), torch.tensor(patches[:prefix])))
+    cache.next_position += 37  # a gap
+    cache.take_positions(length - prefix, Provenance(torch.tensor(kinds[prefix:], dtype=torch.int8), torch.tensor(frame_of[prefix:]), torch.tensor(patches[prefix:])))
+    for layer in range(layers):
+        cache.update(torch.randn(1, heads, length, dim, generator=generator), torch.randn(1, heads, length, dim, generator=generator), layer)
+        cache.layers[layer].query_buffer[:length] = torch.randn(length, q_heads * dim, generator=generator)
+    return cache
+
+
+def strategy_on(name: str, cache: PositionedCache, prefix: int = 6, **params):
+    strategy = create_strategy(name, **{"max_seq_len": 256, "reserved_seq_len": 8, **params})
+    strategy.start_stream(prompt_len=prefix)
+    if name != "streaming_llm":
+        keep_spans_copy = PositionedCache(prefix)
+        strategy.init_len, strategy.init_kv_cache = prefix, keep_spans_copy  # the prefix is the initial cache
+    return strategy
+
+
+def kept_slots(strategy, cache: PositionedCache) -> list[int]:
+    """Run the reduction; return the kept slots of the cache before it (matched by the unique positions)."""
+    before = cache.positions.tolist()
+    strategy.handle_overflow(cache, None)
+    slot_of = {p: i for i, p in enumerate(before)}
+    return [slot_of[p] for p in cache.positions.tolist()] if strategy.position_mode != "contiguous" else None
+
+
+def drop_orphans_by_hand(cache, ranked: list[int], count: int, fixed: list[int]) -> list[int]:
+    """The orphan rule, written out: take the best `count`; drop frame_text whose frame keeps no image
+    token; refill; repeat."""
+    kinds, frames = cache.kinds.tolist(), cache.frames.tolist()
+    excluded: set[int] = set()
+    while True:
+        chosen = [s for s in ranked if s not in excluded][:count]
+        kept = chosen + fixed
+        with_image = {frames[s] for s in kept if kinds[s] == KIND["image"]}
+        orphans = [s for s in chosen if kinds[s] == KIND["frame_text"] and frames[s] not in with_image]
+        if not orphans:
+            return sorted(kept)
+        excluded.update(orphans)
+
+
+def rope(x: np.ndarray, position: float, inv_freq: np.ndarray) -> np.ndarray:
+    """Llama's RoPE of one vector (rotate_half convention), written out."""
+    half = len(x) // 2
+    out = np.empty_like(x)
+    for i in range(half):
+        angle = position * inv_freq[i]
+        out[i] = x[i] * math.cos(angle) - x[i + half] * math.sin(angle)
+        out[i + half] = x[i + half] * math.cos(angle) + x[i] * math.sin(angle)
+    return out
+
+
+# ---- provenance through cache operations ----------------------------------------------------------
+
+
+def test_provenance_stays_aligned_through_every_cache_operation():
+    cache = constructed_cache()
+    labels = list(zip(cache.positions.tolist(), cache.kinds.tolist(), cache.frames.tolist(), cache.patches.tolist()))
+    by_position = {p: rest for p, *rest in labels}
+    keep_spans(cache, [(0, 6), (20, 40), (50, 70)])
+    assert [tuple(by_position[p]) for p in cache.positions.tolist()] == list(zip(cache.kinds.tolist(), cache.frames.tolist(), cache.patches.tolist()))
+    crop_end(cache, 5)
+    cache.check()
+    assert [tuple(by_position[p]) for p in cache.positions.tolist()] == list(zip(cache.kinds.tolist(), cache.frames.tolist(), cache.patches.tolist()))
+    kinds = cache.kinds.clone()
+    make_contiguous(cache)
+    assert torch.equal(cache.kinds, kinds) and cache.positions.tolist() == list(range(cache_length(cache)))
+    cache.reset()
+    cache.check()
+    assert cache_length(cache) == 0 and len(cache.kinds) == len(cache.frames) == len(cache.patches) == 0
+
+
+def test_query_buffer_moves_with_its_tokens():
+    cache = constructed_cache()
+    queries = cache.layers[1].query_buffer[: cache_length(cache)].clone()
+    keep_spans(cache, [(0, 6), (30, 50)])
+    assert torch.equal(cache.layers[1].query_buffer[:26], torch.cat([queries[:6], queries[30:50]]))
+
+
+# ---- each strategy's kept set against an independent expectation --------------------------------
+
+
+def test_streaming_llm_keeps_sinks_and_the_last_tokens():
+    cache = constructed_cache()
+    length = cache_length(cache)
+    strategy = strategy_on("streaming_llm", cache, sink_len=4, last_keep_len=30, position_mode="original")
+    assert kept_slots(strategy, cache) == list(range(4)) + list(range(length - 30, length))
+
+
+def test_drop_frames_keeps_all_dialogue_then_the_newest_whole_frames():
+    cache = constructed_cache()
+    kinds, frames = cache.kinds.tolist(), cache.frames.tolist()
+    length, budget = len(kinds), 40
+    dialogue = [s for s in range(6, length) if kinds[s] not in (KIND["frame_text"], KIND["image"])]
+    frame_ids = sorted({f for f in frames[6:] if f >= 0})
+    size = FRAME_TEXT_HEAD + IMAGE + FRAME_TEXT_TAIL
+    newest = frame_ids[len(frame_ids) - (budget - len(dialogue)) // size :]
+    expected = sorted(list(range(6)) + dialogue + [s for s in range(6, length) if frames[s] in newest])
+    assert kept_slots(strategy_on("drop_frames", cache, last_keep_len=budget), cache) == expected
+
+
+def test_frame_coverage_spreads_whole_frames_evenly_newest_included():
+    assert evenly_spaced(3, 8) == [0, 4, 7] and evenly_spaced(1, 8) == [7] and evenly_spaced(8, 8) == list(range(8))
+    cache = constructed_cache(frames=10)
+    kinds, frames = cache.kinds.tolist(), cache.frames.tolist()
+    dialogue = [s for s in range(6, len(kinds)) if kinds[s] not in (KIND["frame_text"], KIND["image"])]
+    budget = len(dialogue) + 3 * 8 + 5  # room for 3 frames of 8 tokens
+    picked = {10 + 0, 10 + 5, 10 + 9}  # 3 of 10, evenly: 0, 4.5 -> 5, 9
+    expected = sorted(list(range(6)) + dialogue + [s for s in range(6, len(kinds)) if frames[s] in picked])
+    assert kept_slots(strategy_on("frame_coverage", cache, last_keep_len=budget), cache) == expected
+
+
+def test_key_norm_keeps_the_window_and_the_lowest_key_norms():
+    cache = constructed_cache()
+    length, budget, window = cache_length(cache), 30, 5
+    norms = np.zeros(length)
+    layers = list(cache.layer_tensors())
+    for keys, _ in layers:
+        for slot in range(length):
+            norms[slot] += np.mean([np.sqrt(np.sum(keys[0, h, slot].numpy().astype(np.float64) ** 2)) for h in range(keys.shape[1])])
+    norms /= len(layers)
+    pool = list(range(6, length - window))
+    ranked = sorted(pool, key=lambda s: (norms[s], s))
+    expected = list(range(6)) + drop_orphans_by_hand(cache, ranked, budget - window, list(range(length - window, length)))
+    assert kept_slots(strategy_on("key_norm", cache, last_keep_len=budget, window=window), cache) == sorted(expected)
+
+
+@pytest.mark.parametrize("window,kernel", [(4, 3), (1, 1)])  # window=1, kernel=1 is TOVA's criterion
+def test_snapkv_keeps_the_tokens_most_attended_by_the_window(window, kernel):
+    cache = constructed_cache()
+    length, budget = cache_length(cache), 30
+    inv_freq = cache.inv_freq.numpy().astype(np.float64)
+    positions = cache.positions.tolist()
+    received = np.zeros(length)
+    for layer in cache.layers:
+        keys = layer.keys[0].numpy().astype(np.float64)  # [kv_heads, length, dim]
+        queries = layer.query_buffer[:length].numpy().astype(np.float64).reshape(length, -1, keys.shape[-1])
+        q_heads = queries.shape[1]
+        for h in range(q_heads):
+            k = keys[h // (q_heads // keys.shape[0])]
+            for slot in range(length - window, length):
+                q = rope(queries[slot, h], positions[slot], inv_freq)
+                logits = np.array([q @ k[j] / math.sqrt(len(q)) for j in range(slot + 1)])
+                weights = np.exp(logits - logits.max())
+                received[: slot + 1] += weights / weights.sum() / q_heads
+    received /= len(cache.layers)
+    pooled = np.array([received[max(0, i - kernel // 2) : i + kernel // 2 + 1].max() for i in range(length)])
+    pool = list(range(6, length - window))
+    ranked = sorted(pool, key=lambda s: (-pooled[s], s))
+    expected = list(range(6)) + drop_orphans_by_hand(cache, ranked, budget - window, list(range(length - window, length)))
+    strategy = strategy_on("snapkv", cache, last_keep_len=budget, window=window, kernel=kernel)
+    assert np.allclose(strategy.score(cache).numpy(), pooled, atol=1e-6)
+    assert kept_slots(strategy, cache) == sorted(expected)
+
+
+def test_tar_van_protects_the_newest_frame_and_splits_images_by_redundancy_and_value_norm():
+    cache = constructed_cache(frames=6)
+    kinds, frames, patches = cache.kinds.tolist(), cache.frames.tolist(), cache.patches.tolist()
+    length = len(kinds)
+    inv_freq = cache.inv_freq.numpy().astype(np.float64)
+    positions = cache.positions.tolist()
+    layers = list(cache.layer_tensors())
+    dialogue = [s for s in range(6, length) if kinds[s] not in (KIND["frame_text"], KIND["image"])]
+    newest = max(frames)
+    protected = [s for s in range(length) if frames[s] == newest]
+    budget = len(dialogue) + len(protected) + 14
+    image = [s for s in range(6, length) if kinds[s] == KIND["image"] and frames[s] != newest]
+
+    def derotated(keys, slot, head):
+        return rope(keys[0, head, slot].numpy().astype(np.float64), -positions[slot], inv_freq)
+
+    tar, van = {}, {}
+    for s in image:
+        earlier = [t for t in range(s) if kinds[t] == KIND["image"] and patches[t] == patches[s]]
+        van[s] = np.mean([np.mean([np.linalg.norm(v[0, h, s].numpy()) for h in range(v.shape[1])]) for _, v in layers])
+        if earlier:
+            t = earlier[-1]
+            tar[s] = np.mean([np.mean([
+                derotated(k, s, h) @ derotated(k, t, h) / np.linalg.norm(derotated(k, s, h)) / np.linalg.norm(derotated(k, t, h))
+                for h in range(k.shape[1])]) for k, _ in layers])
+    # choose image tokens by the rule, shrinking until their frames' text fits in the room left
+    room = budget - len(dialogue) - len(protected)
+    count = min(room, len(image))
+    while count > 0:
+        by_tar = sorted(tar, key=lambda s: (tar[s], image.index(s)))[: int(0.5 * count + 0.5)]
+        rest = [s for s in image if s not in by_tar]
+        by_van = sorted(rest, key=lambda s: (-van[s], image.index(s)))[: count - len(by_tar)]
+        chosen = by_tar + by_van
+        hit = {frames[s] for s in chosen}
+        text = [s for s in range(6, length) if kinds[s] == KIND["frame_text"] and frames[s] in hit and frames[s] != newest]
+        excess = count + len(text) - room
+        if excess <= 0:
+            break
+        count -= max(1, excess // 2)
+    expected = sorted(list(range(6)) + dialogue + protected + chosen + text)
+    kept = kept_slots(strategy_on("tar_van", cache, last_keep_len=budget), cache)
+    assert kept == expected
+    assert len(kept) - 6 <= budget and len(chosen) >= 2  # single image tokens were kept, not whole frames
+
+
+# ---- in a real stream (tiny SmolVLM2, fp32, CPU) ----------------------------------------------------
+
+
+def stream_with_checks(model, name, conversation, optimized=False, **params):
+    strategy = create_strategy(name, **{**SMALL, **params})
+    calls = []
+    original = strategy.handle_overflow
+
+    def handle_overflow(cache, last_msg, **context):
+        before = {"positions": cache.positions.clone(), "kinds": cache.kinds.clone(), "frames": cache.frames.clone(),
+                  "patches": cache.patches.clone(), "length": cache_length(cache)}
+        cache, last_msg = original(cache, last_msg, **context)
+        calls.append((before, {"kinds": cache.kinds.clone(), "frames": cache.frames.clone(), "patches": cache.patches.clone(),
+                               "positions": cache.positions.clone(), "length": cache_length(cache)}))
+        return cache, last_msg
+
+    strategy.handle_overflow = handle_overflow
+    runner = StreamRunner(model, strategy, StreamSettings(max_new_tokens=6, optimized=optimized))
+    result = runner.run(conversation)
+    return strategy, runner, result, calls
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_stream_budget_bound_alignment_text_first_and_optimized_path(tiny_model, synthetic_conversations, name):
+    strategy, runner, result, calls = stream_with_checks(tiny_model, name, synthetic_conversations[0])
+    _, _, fast, fast_calls = stream_with_checks(tiny_model, name, synthetic_conversations[0], optimized=True)
+    assert len(calls) == len(fast_calls) >= 3
+    for (_, a), (_, b) in zip(calls, fast_calls):  # the optimized path keeps the same tokens
+        for key in ("positions", "kinds", "frames", "patches"):
+            assert torch.equal(a[key], b[key])
+    assert result.replies == fast.replies
+    assert max(r["cache_max"] for r in result.trace) <= SMALL["max_seq_len"]
+    prefix = strategy.sink_len if name == "streaming_llm" else strategy.init_len
+    for before, after in calls:
+        assert after["length"] <= prefix + SMALL["last_keep_len"]  # the equal budget
+        if name != "streaming_llm":  # original positions are unique: map every kept token back
+            slot = {int(p): i for i, p in enumerate(before["positions"])}
+            index = torch.tensor([slot[int(p)] for p in after["positions"]])
+            for key in ("kinds", "frames", "patches"):
+                assert torch.equal(after[key], before[key][index])
+            assert index[:prefix].tolist() == list(range(prefix))  # the initial cache is kept whole
+            image_frames = set(after["frames"][after["kinds"] == KIND["image"]].tolist())
+            orphans = (after["kinds"][prefix:] == KIND["frame_text"]) & ~torch.isin(after["frames"][prefix:], torch.tensor(sorted(image_frames) or [-2]))
+            if name != "key_norm" and name != "snapkv":
+                assert not bool(orphans.any())  # frame text never outlives its frame's image tokens
+        if name in TEXT_FIRST:
+            dialogue_before = ((before["kinds"][prefix:] != KIND["image"]) & (before["kinds"][prefix:] != KIND["frame_text"])).sum()
+            dialogue_after = ((after["kinds"][prefix:] != KIND["image"]) & (after["kinds"][prefix:] != KIND["frame_text"])).sum()
+            frames_after = ((after["kinds"][prefix:] == KIND["image"]) | (after["kinds"][prefix:] == KIND["frame_text"])).sum()
+            if dialogue_after < dialogue_before:
+                assert frames_after == 0  # a dialogue token goes only once no evictable frame token is left
+    last = result.trace[-1]
+    cache = runner.cache
+    assert last["cache_frame_tokens"] == int(((cache.kinds == KIND["image"]) | (cache.kinds == KIND["frame_text"])).sum())
+    assert last["cache_frame_tokens"] + last["cache_dialogue_tokens"] == last["cache_after"]
+
+
+def test_stream_provenance_matches_what_was_fed(tiny_model, synthetic_conversations):
+    fed = []
+    runner = StreamRunner(tiny_model, create_strategy("full"), StreamSettings(max_new_tokens=6), on_forward=lambda *call: fed.append(call))
+    conversation = synthetic_conversations[0]
+    runner.run(conversation)
+    ids = torch.tensor([token for call in fed for token in call[0]])
+    cache = runner.cache
+    assert len(ids) == cache_length(cache)
+    assert torch.equal(cache.kinds == KIND["image"], ids == tiny_model.image_token_id)
+    image_frames = cache.frames[cache.kinds == KIND["image"]]
+    assert torch.equal(torch.bincount(image_frames)[torch.unique(image_frames)], torch.full((len(torch.unique(image_frames)),), tiny_model.image_tokens))
+    assert (cache.patches[cache.kinds == KIND["image"]].reshape(-1, tiny_model.image_tokens) == torch.arange(tiny_model.image_tokens)).all()
+    assert set(torch.unique(cache.frames[cache.kinds == KIND["frame_text"]]).tolist()) == set(torch.unique(image_frames).tolist())
+    assert (cache.frames[(cache.kinds != KIND["image"]) & (cache.kinds != KIND["frame_text"])] == -1).all()
+    text = tiny_model.decode(ids[cache.kinds == KIND["knowledge"]].tolist())
+    assert "Task knowledge:" in text and (cache.kinds == KIND["user"]).any() and (cache.kinds == KIND["assistant"]).any()
+    assert int(cache.kinds[0]) == KIND["system"] and (cache.kinds >= 0).all()
+
+
+@pytest.mark.parametrize("mode", ["original", "contiguous", "cache_length"])
+def test_position_modes(tiny_model, synthetic_conversations, mode):
+    strategy, runner, result, calls = stream_with_checks(tiny_model, "snapkv", synthetic_conversations[0], position_mode=mode)
+    _, after = calls[-1]
+    if mode == "contiguous":
+        assert after["positions"].tolist() == list(range(after["length"]))
+    elif mode == "cache_length":
+        assert result.trace[-1]["next_position"] >= cache_length(runner.cache)
+    else:
+        assert bool((after["positions"][1:] > after["positions"][:-1]).all()) and after["positions"][-1] >= after["length"]
+
+
+def test_custom_strategy_returning_a_plain_cache_keeps_provenance(tiny_model, synthetic_conversations):
+    from seed_custom_strategy import KeepRecentHalf
+
+    strategy = KeepRecentHalf(max_seq_len=400, reserved_seq_len=32)
+    runner = StreamRunner(tiny_model, strategy, StreamSettings(max_new_tokens=5))
+    result = runner.run(synthetic_conversations[0])
+    assert sum("compress" in r["events"] for r in result.trace) >= 2
+    cache = runner.cache
+    cache.check()
+    assert (cache.kinds >= 0).all()  # every kept token was found again by its key
+    assert result.trace[-1]["cache_frame_tokens"] == int(((cache.kinds == KIND["image"]) | (cache.kinds == KIND["frame_text"])).sum())
+
+
+def test_seed_api_runs_a_zoo_strategy(tiny_model, synthetic_conversations):
+    from prospect.runners import VLMStreamRunner
+
+    runner = VLMStreamRunner(
+        model_name="tiny_random", device="cpu", torch_dtype="float32", max_new_tokens=5, context_strategy_type="snapkv",
+        context_strategy_config={"last_keep_len": 64, "window": 8}, max_seq_len=384, reserved_seq_len=32, model=tiny_model,
+    )
+    assert runner.context_strategy.window == 8
+    conversation = synthetic_conversations[0]
+    frames = [conversation.image(f.index) for f in conversation.frames]
+    turns = [{"role": t.role, "content": t.content, "time": f.time} for f in conversation.frames for t in f.turns_before]
+    out = runner.run_inference_on_video({"video_id": "v", "frames": frames, "conversation": turns, "fps": conversation.fps})
+    assert out["cache_compressions"] >= 1 and runner.cache_manager.get_cache_length() <= 384
+
+
+# ---- configs, job keys, the zoo grid -------------------------------------------------------------------
+
+
+def test_every_strategy_has_a_config_and_builds_from_it():
+    from prospect.context_strategies import strategy_from_config
+    from tests.conftest import compose
+
+    for name in STRATEGIES:
+        cfg = compose(f"strategy={name}")
+        assert strategy_from_config(cfg.strategy).name == name
+    assert compose("strategy=streaming_llm").strategy.position_mode == "contiguous"
+
+
+def test_zoo_grid_composes_thirty_jobs_and_deduplicates_by_job_key():
+    from omegaconf import OmegaConf
+
+    from prospect.tracking.results import job_key
+    from prospect.validation import _job_override_lists, compose_config
+
+    jobs = _job_override_lists(["experiment=strategy_zoo"], multirun=True)
+    assert len(jobs) == 30
+    keys = {}
+    for overrides in jobs:
+        cfg = compose_config(overrides)
+        keys.setdefault(job_key(OmegaConf.to_container(cfg, resolve=True)), []).append(cfg.strategy.name)
+    names = sorted(name for group in keys.values() for name in set(group))
+    assert len(keys) == 24  # none, drop_all and summarize_and_drop ignore last_keep_len: one job each
+    assert names.count("snapkv") == 3 and names.count("none") == 1 and "full" not in names
+
+
+def test_job_key_holds_only_used_parameters():
+    from omegaconf import OmegaConf
+
+    from prospect.tracking.results import job_key
+    from tests.conftest import compose
+
+    def key(*overrides):
+        return job_key(OmegaConf.to_container(compose(*overrides), resolve=True))
+
+    assert key("strategy=snapkv") != key("strategy=snapkv", "strategy.window=16")
+    assert key("strategy=drop_frames") != key("strategy=drop_frames", "strategy.last_keep_len=256")
+    assert key("strategy=drop_all") == key("strategy=drop_all", "strategy.last_keep_len=256")
