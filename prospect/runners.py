@@ -9,7 +9,9 @@
 
 `model_name` is a model config name (conf/model/*.yaml, e.g. offline_smollm2, tiny_random), a hub id
 or a local directory. `conversation` is ProAssist prepared turns (with `frames` turns) or timestamped
-turns ({role, content, time}); frame i of `frames` is frame i of the video.
+turns ({role, content, time}); frame i of `frames` is frame i of the video. With timestamped turns
+every frame given is streamed (the frames after the last turn too); with prepared turns the `frames`
+turns say which frames are streamed.
 """
 
 from __future__ import annotations
@@ -118,16 +120,19 @@ class VLMStreamRunner:
             user_type=str(video.get("user_type", "unknown")),
         )
         result = self.stream.run(conversation, ConversationResult(conversation))
-        return summarize_result(result)
+        return summarize_result(result, getattr(self.model, "kv_bytes_per_token", 0))
 
 
-def summarize_result(result: ConversationResult) -> dict:
-    """The seed's result dict: predictions, trace and the stream metrics results.json reports."""
+def summarize_result(result: ConversationResult, kv_bytes_per_token: int = 0) -> dict:
+    """The seed's result dict: predictions, trace and the stream metrics results.json reports.
+
+    kv_bytes_per_token: the model's (VisionLanguageModel.kv_bytes_per_token); kv_cache_peak_mb is
+    max_cache_size x kv_bytes_per_token, as in results.json (0 without it)."""
     from prospect.tracking.results import stream_metrics
 
     return {
         "video_id": result.conversation.video_uid,
         "predictions": result.prediction_frames(),
         "trace": result.trace,
-        **stream_metrics([result.trace], result.peak_memory_mb),
+        **stream_metrics([result.trace], result.peak_memory_mb, kv_bytes_per_token),
     }

@@ -64,6 +64,35 @@ def test_seed_custom_strategy_runs(tiny_model, synthetic_conversations):
     assert cache.positions.tolist()[0] == 0
 
 
+def test_seed_runner_streams_every_frame_given_and_reports_kv_memory(tiny_model, synthetic_conversations):
+    """Timestamped turns ending at 46 s over 120 frames (60 s at 2 fps): all 120 frames are streamed, and
+    kv_cache_peak_mb is the command line's figure (max_cache_size x the model's KV bytes per token)."""
+    from prospect.runners import VLMStreamRunner
+
+    source = synthetic_conversations[0].frame_source
+    images = [source.image(i % 60) for i in range(120)]
+    turns = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Help me assemble the toy car.", "time": 1.0},
+        {"role": "assistant", "content": "Start with the base.", "time": 5.0},
+        {"role": "assistant", "content": "Now attach the wheels.", "time": 20.0},
+        {"role": "assistant", "content": "Put the roof on.", "time": 46.0},
+    ]
+    runner = VLMStreamRunner(
+        model_name="tiny_random", device="cpu", torch_dtype="float32", max_new_tokens=3, context_strategy_type="drop_middle",
+        context_strategy_config={"last_keep_len": 64, "max_seq_len": 512}, model=tiny_model,
+    )
+    results = runner.run_inference_on_video({"video_id": "v", "frames": images, "conversation": turns, "fps": 2.0})
+    assert results["frames_processed"] == len(results["trace"]) == 120
+    assert [row["ref"] for row in results["predictions"] if row["ref"]] == ["Start with the base.", "Now attach the wheels.", "Put the roof on."]
+    assert results["predictions"][-1]["time"] == 46.0 and results["trace"][-1]["time"] == 60.0
+    assert tiny_model.kv_bytes_per_token > 0 and results["max_cache_size"] > 0
+    assert results["kv_cache_peak_mb"] == results["max_cache_size"] * tiny_model.kv_bytes_per_token / 2**20 > 0
+    # turns past the frames given have no frame to follow: dropped, the frames still all streamed
+    late = turns + [{"role": "assistant", "content": "Done!", "time": 61.0}]
+    results = runner.run_inference_on_video({"video_id": "v", "frames": images[:100], "conversation": late, "fps": 2.0})
+    assert results["frames_processed"] == 100 and results["dialogues_generated"] == 3
+
 @pytest.fixture
 def tiny_cfg(synthetic_root, tmp_path, model_cache_dir):
     cfg = compose(

@@ -91,6 +91,55 @@ def test_bad_samples_are_skipped_and_named(synthetic_root, tmp_path):
     assert "video synthetic_001: end_frame_idx 10000 past the video" in reasons[2] and "has 60 frames" in reasons[2]
 
 
+
+def test_hostile_lines_are_skipped_once_each(synthetic_root, tmp_path, caplog):
+    """Lines not UTF-8, not an object, missing or mistyped fields: one warning each naming file:line; the rest load."""
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root, root)
+    path = root / "processed_data/synthetic/prepared/dialog_test_L0_I1.jsonl"
+    good = path.read_bytes().splitlines()
+    sample = json.loads(good[2])
+    latin1 = good[1].replace(b"Assembling", b"Assembl\xe9", 1)  # a latin-1 byte inside a sample: its video is known
+    assert latin1 != good[1]
+    offset = latin1.index(b"\xe9")
+    lines = [
+        b"\xef\xbb\xbf" + good[0],  # 1: a byte-order mark in front is not data: loads
+        b"\xff\xfe{\x00\"\x00v\x00",  # 2: UTF-16 bytes
+        latin1,  # 3
+        b"[1, 2, 3]",  # 4: a JSON list
+        b"42",  # 5: a number
+        json.dumps({k: v for k, v in sample.items() if k != "conversation"}).encode(),  # 6
+        json.dumps(sample | {"conversation": "hello"}).encode(),  # 7
+        json.dumps(sample | {"fps": "2", "metadata": "x"}).encode(),  # 8
+        json.dumps(sample | {"video_uid": 7}).encode(),  # 9
+        b"",  # 10: blank lines are not samples
+        good[2],  # 11
+        good[3],  # 12
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with caplog.at_level("WARNING", logger="prospect.data.proassist"):
+        loaded = load_conversations(root, "synthetic", "dialog_test_L0_I1")
+    assert [c.id for c in loaded.conversations] == ["synthetic_000/0/no_talk_0", "synthetic_001/0/no_talk_0", "synthetic_001/0/talk_some_1"]
+    expected = {
+        2: (None, "not UTF-8 text (invalid byte 0xff at byte offset 0)"),
+        3: ("synthetic_000", f"video synthetic_000: not UTF-8 text (invalid byte 0xe9 at byte offset {offset})"),
+        4: (None, "not a JSON object (got a list)"),
+        5: (None, "not a JSON object (got a number)"),
+        6: ("synthetic_001", "video synthetic_001: missing field(s) conversation"),
+        7: ("synthetic_001", "video synthetic_001: 'conversation' must be a non-empty list of turns, got str"),
+        8: ("synthetic_001", "video synthetic_001: fps must be a positive number, got '2'; metadata must be an object, got str"),
+        9: (None, "video_uid must be a non-empty string, got 7"),
+    }
+    assert [(s.line, s.video_uid, s.reason) for s in loaded.skipped] == [
+        (n, uid, f"{path}:{n}: {problem}") for n, (uid, problem) in expected.items()
+    ]
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert messages == [f"skipped sample: {path}:{n}: {problem}" for n, (_, problem) in expected.items()]
+    # filters never crash on a broken line; one of another video is left alone, one of an unknown video reported
+    only = load_conversations(root, "synthetic", "dialog_test_L0_I1", video_ids=["synthetic_001"], user_types=["talk_some"])
+    assert [c.id for c in only.conversations] == ["synthetic_001/0/talk_some_1"]
+    assert [s.line for s in only.skipped] == [2, 4, 5, 6, 7, 8, 9]
+
 def test_bad_base64_fails_when_the_stream_reaches_it(synthetic_root, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(synthetic_root, root)

@@ -77,8 +77,10 @@ def load_conversations(
 ) -> LoadedDataset:
     """Read every sample of one annotation file into conversations (frames stay undecoded).
 
-    A sample that cannot be used (malformed JSON, missing frames file, end_frame_idx past the video,
-    bad turns) is skipped and reported in `skipped`; the others still load. `video_ids` keeps only
+    A line that cannot be used (not UTF-8, malformed JSON, not a JSON object, a required field missing
+    or of the wrong type, missing frames file, end_frame_idx past the video, bad turns) is skipped and
+    reported in `skipped` and by one warning naming file:line (and the video when known); the others
+    still load. Lines are read as bytes and decoded one by one. `video_ids` keeps only
     those videos; `max_videos` keeps the first N distinct videos; `user_types` keeps those user types.
     """
     path = annotation_path(root, subset, annotation)
@@ -89,17 +91,22 @@ def load_conversations(
     sources: dict[Path, FrameSource] = {}
     kept_videos: list[str] = []
     loaded = LoadedDataset(conversations=[])
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as error:
-                loaded.skipped.append(SkippedSample(line_number, None, f"{path}:{line_number}: malformed JSON ({error.msg})"))
-                continue
-            video_uid = sample.get("video_uid") if isinstance(sample, dict) else None
-            if wanted is not None and video_uid not in wanted:
+    with path.open("rb") as lines:  # bytes: one line that is not UTF-8 must not stop the others
+        for line_number, raw in enumerate(lines, start=1):
+            where = f"{path}:{line_number}"
+            sample, problem = _parse_line(raw)
+            if sample is None and problem is None:
+                continue  # blank line
+            video_uid = _known_video_uid(sample)
+            if wanted is not None and video_uid is not None and video_uid not in wanted:
+                continue  # another video's line, broken or not; a line whose video is unknown is reported
+            if problem is None:
+                try:
+                    check_sample_fields(sample)
+                except SampleError as error:
+                    problem = str(error)
+            if problem is not None:
+                loaded.skipped.append(SkippedSample(line_number, video_uid, f"{where}: {_naming(video_uid, problem)}"))
                 continue
             if user_types is not None and ((sample.get("metadata") or {}).get("user_type") not in set(user_types)):
                 continue
@@ -109,7 +116,7 @@ def load_conversations(
             try:
                 conversation = conversation_from_sample(sample, subset_dir(root, subset), sources)
             except (SampleError, FrameError) as error:
-                loaded.skipped.append(SkippedSample(line_number, video_uid, f"{path}:{line_number}: {error}"))
+                loaded.skipped.append(SkippedSample(line_number, video_uid, f"{where}: {error}"))
                 continue
             if video_uid not in kept_videos:
                 kept_videos.append(video_uid)
@@ -119,22 +126,89 @@ def load_conversations(
     return loaded
 
 
+def _parse_line(raw: bytes) -> tuple[Any, str | None]:
+    """(sample, None), (None, None) for a blank line, or (None or a best-effort sample, problem)."""
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark an editor put in front is not data
+    except UnicodeDecodeError as error:
+        # skipped, but parsed with replacement characters where possible so the message can name the video
+        try:
+            guess = json.loads(raw.decode("utf-8", errors="replace"))
+        except ValueError:
+            guess = None
+        return guess, f"not UTF-8 text (invalid byte 0x{raw[error.start]:02x} at byte offset {error.start})"
+    if not text.strip():
+        return None, None
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as error:
+        return None, f"malformed JSON ({error.msg})"
+    except ValueError as error:  # e.g. an integer past Python's digit limit
+        return None, f"malformed JSON ({error})"
+    except RecursionError:
+        return None, "malformed JSON (nested too deeply)"
+
+
+def _known_video_uid(sample: Any) -> str | None:
+    video_uid = sample.get("video_uid") if isinstance(sample, dict) else None
+    return video_uid if isinstance(video_uid, str) and video_uid else None
+
+
+def _naming(video_uid: str | None, problem: str) -> str:
+    """The problem, with the video in front when it is known and not already named."""
+    if video_uid is None or problem.startswith(f"video {video_uid}:"):
+        return problem
+    return f"video {video_uid}: {problem}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_sample_fields(sample: Any) -> None:
+    """Raise SampleError unless `sample` is a JSON object with every required field of the right type."""
+    if not isinstance(sample, dict):
+        kind = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(type(sample), "null")
+        raise SampleError(f"not a JSON object (got {kind})")
+    video_uid = _known_video_uid(sample)
+    missing = [key for key in REQUIRED_FIELDS if key not in sample]
+    if missing:
+        raise SampleError(_naming(video_uid, f"missing field(s) {', '.join(missing)}"))
+    wrong = []
+    if video_uid is None:
+        wrong.append(f"video_uid must be a non-empty string, got {sample['video_uid']!r}")
+    if not isinstance(sample["frames_file"], str) or not sample["frames_file"]:
+        wrong.append(f"frames_file must be a non-empty string, got {sample['frames_file']!r}")
+    start, end = sample["start_frame_idx"], sample["end_frame_idx"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)) or not 0 <= start < end:
+        wrong.append(f"bad frame range start_frame_idx={start!r} end_frame_idx={end!r}")
+    fps = sample["fps"]
+    if not _is_number(fps) or not 0 < fps < float("inf"):
+        wrong.append(f"fps must be a positive number, got {fps!r}")
+    turns = sample["conversation"]
+    if not isinstance(turns, list) or not turns:
+        wrong.append(f"'conversation' must be a non-empty list of turns, got {type(turns).__name__}")
+    metadata = sample.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        wrong.append(f"metadata must be an object, got {type(metadata).__name__}")
+    elif metadata:
+        for key in ("user_type", "user_id", "task_goal", "knowledge"):
+            if metadata.get(key) is not None and not isinstance(metadata[key], str):
+                wrong.append(f"metadata.{key} must be a string, got {type(metadata[key]).__name__}")
+    if sample.get("dataset") is not None and not isinstance(sample["dataset"], str):
+        wrong.append(f"dataset must be a string, got {type(sample['dataset']).__name__}")
+    if wrong:
+        raise SampleError(_naming(video_uid, "; ".join(wrong)))
+
+
 def conversation_from_sample(
     sample: Any, subset_folder: Path, sources: dict[Path, FrameSource] | None = None
 ) -> Conversation:
     """Build the stream of one prepared sample. `sources` shares frame files between user types."""
-    if not isinstance(sample, dict):
-        raise SampleError(f"a sample must be a JSON object, got {type(sample).__name__}")
-    missing = [key for key in REQUIRED_FIELDS if key not in sample]
-    video_uid = sample.get("video_uid")
-    if missing:
-        raise SampleError(f"video {video_uid}: missing field(s) {', '.join(missing)}")
+    check_sample_fields(sample)
+    video_uid = sample["video_uid"]
     metadata = sample.get("metadata") or {}
     start, end, fps = sample["start_frame_idx"], sample["end_frame_idx"], float(sample["fps"])
-    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
-        raise SampleError(f"video {video_uid}: bad frame range start_frame_idx={start} end_frame_idx={end}")
-    if fps <= 0:
-        raise SampleError(f"video {video_uid}: fps must be positive, got {fps}")
 
     frames_path = subset_folder / sample["frames_file"]
     if sources is None:
@@ -217,31 +291,46 @@ def timed_turns_to_prepared(turns: list[dict], fps: float, num_frames: int) -> l
 
     As ProAssist's preparation: a turn at time t follows the frames up to floor(t * fps) (exclusive),
     moved one frame later when that would leave an empty frames turn; system turns without a time
-    go first. Turns past the last frame are dropped.
+    go first. The frames after the last turn end the stream, so every one of the `num_frames` frames
+    is streamed. Turns at or past the end of the frames have no frame to follow and are dropped (with
+    a warning).
     """
     prepared = [t for t in turns if t.get("role") == "system" and t.get("time") is None]
+    timed = [t for t in turns if not (t.get("role") == "system" and t.get("time") is None)]
     cursor = 0
-    for turn in turns:
-        if turn.get("role") == "system" and turn.get("time") is None:
-            continue
+    for position, turn in enumerate(timed):
+        if not _is_number(turn.get("time")):
+            raise SampleError(f"turn {turn.get('role')!r} {str(turn.get('content'))[:40]!r} needs a time in seconds, got {turn.get('time')!r}")
         index = max(int(float(turn["time"]) * fps), cursor + 1)
         if index >= num_frames:
+            log.warning(
+                "%d turn(s) from time %ss on dropped: past the %d frames given (%.1f s at %g fps)",
+                len(timed) - position, turn["time"], num_frames, num_frames / fps, fps,
+            )
             break
         prepared.append({"role": "frames", "start": cursor, "end": index})
         prepared.append(turn)
         cursor = index
+    if cursor < num_frames:
+        prepared.append({"role": "frames", "start": cursor, "end": num_frames})
     return prepared
 
 
 def conversation_from_images(video_uid: str, images: list, turns: list[dict], fps: float, user_type: str = "unknown") -> Conversation:
-    """A conversation over in-memory frames; `turns` are ProAssist prepared turns or timestamped turns."""
+    """A conversation over in-memory frames; `turns` are ProAssist prepared turns or timestamped turns.
+
+    With timestamped turns every image is streamed, the ones after the last turn included; with
+    prepared turns the `frames` turns choose the frames."""
     from prospect.data.frames import ImageListSource
 
     if not any(t.get("role") == "frames" for t in turns):
-        turns = timed_turns_to_prepared(turns, fps, len(images))
+        try:
+            turns = timed_turns_to_prepared(turns, fps, len(images))
+        except SampleError as error:
+            raise SampleError(f"video {video_uid}: {error}") from None
     spans = [(t["start"], t["end"]) for t in turns if t.get("role") == "frames"]
     if not spans:
-        raise SampleError(f"video {video_uid}: no frames before the first turn")
+        raise SampleError(f"video {video_uid}: no frames to stream ({len(images)} images given)")
     start, end = min(s for s, _ in spans), max(e for _, e in spans)
     system_parts, frames = _stream_from_turns(turns, start, end, fps, video_uid)
     return Conversation(
