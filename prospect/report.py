@@ -1,5 +1,6 @@
 """`python -m prospect.report SWEEP_DIR`: (re)write a sweep's summary.csv, summary.md, pareto.png and
-cache_timelines.png from its job folders, and print the table."""
+cache_timelines.png from its job folders, and print the table (shared overrides once, rows labelled by
+the overrides that vary) and any note (e.g. F1 absent without evaluation)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print((args.sweep_dir / "summary.md").read_text(), end="")
     print(f"wrote {', '.join(str(p) for p in summary['files'])}")
+    for note in summary["notes"]:  # e.g. F1 absent (eval=none): pareto.png plots KV memory against time
+        print(f"note: {note}")
     return 0
 
 

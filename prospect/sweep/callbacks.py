@@ -21,7 +21,8 @@ def failed_jobs() -> int:
 
 
 class SweepSummary(Callback):
-    """on_multirun_end: summary.csv, summary.md, pareto.png and cache_timelines.png in the sweep dir."""
+    """on_multirun_end: summary.csv, summary.md, pareto.png and cache_timelines.png in the sweep dir; the
+    table is printed, and each note (e.g. no F1 without evaluation) logged as a warning."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         summary = write_summary(config.hydra.sweep.dir)
@@ -29,5 +30,7 @@ class SweepSummary(Callback):
         log.info("sweep summary: %d jobs, %d distinct, written to %s", summary["jobs"], len(summary["rows"]),
                  ", ".join(p.name for p in summary["files"]))
         print((summary["files"][1]).read_text())
+        for note in summary["notes"]:  # e.g. F1 absent (eval=none): pareto.png plots KV memory against time
+            log.warning("sweep summary: %s", note)
         if summary["failures"]:
             log.error("%d job(s) failed or are missing; see summary.md", failed_jobs())

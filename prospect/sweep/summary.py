@@ -1,8 +1,17 @@
 """End-of-sweep aggregation: summary.csv, summary.md, pareto.png and cache_timelines.png in the sweep dir.
 
-One row per distinct job (job key): the overrides of every job that shares it, status, F1, P, R, peak
-memory, time per frame, cache sizes, compressions. Jobs without results.json (killed) are listed as
-missing; failed jobs keep their error.
+The overrides every job shares are listed once; each job or row is labelled by the overrides that vary.
+
+- summary.md, for people: the shared overrides above a table with one row per distinct job (job key:
+  jobs sharing one were computed once), a column per varying override, status, F1, P, R, memory, time
+  per frame, cache sizes, compressions; failed and missing jobs listed with their error.
+- summary.csv, for pandas: one row per job (`pandas.read_csv` reads it as is, no comment lines): `job`,
+  a column per varying override, status, metrics, `job_key` (equal keys: one computation), `cached`,
+  `error`, `shared_overrides` (the same string in every row) and the job `folder`.
+- pareto.png: F1 against KV-cache memory and against time per frame, the Pareto front marked; without
+  F1 (eval=none), KV-cache memory against time per frame, saying on the figure that F1 is absent.
+- cache_timelines.png: cache length over time of each distinct job's first conversation, one panel per
+  strategy.
 """
 
 from __future__ import annotations
@@ -10,17 +19,23 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 log = logging.getLogger(__name__)
 
-COLUMNS = (
-    "jobs", "overrides", "status", "f1", "precision", "recall", "peak_memory_mb", "kv_cache_peak_mb", "time_per_frame",
-    "avg_cache_size", "max_cache_size", "cache_compressions", "job_key", "cached", "error",
+METRICS = (
+    "f1", "precision", "recall", "peak_memory_mb", "kv_cache_peak_mb", "time_per_frame", "avg_cache_size", "max_cache_size",
+    "cache_compressions",
 )
+F1_METRICS = ("f1", "precision", "recall")
+# the keys of a row (one per distinct job) returned by write_summary, besides "label", "values", "legend"
+COLUMNS = ("jobs", "overrides", "status", *METRICS, "job_key", "cached", "error")
+NO_F1_NOTE = "F1 absent (no job was evaluated: eval=none)"
 
 
 @dataclass
@@ -34,6 +49,11 @@ class Job:
     def status(self) -> str:
         return self.results["status"] if self.results else "missing"
 
+    @property
+    def settings(self) -> dict[str, str]:
+        """The overrides as {key: value} ('~key' without '=': value '')."""
+        return dict(split_override(o) for o in self.overrides)
+
 
 @dataclass
 class Row:
@@ -43,9 +63,14 @@ class Row:
     def first(self) -> Job:
         return self.jobs[0]
 
-    def as_dict(self) -> dict:
+    @property
+    def results(self) -> dict:
+        """The computed result of the row (a job's own rather than a reused copy), else any, else {}."""
         results = next((j.results for j in self.jobs if j.results and not j.results.get("cached")), None)
-        results = results or next((j.results for j in self.jobs if j.results), None) or {}
+        return results or next((j.results for j in self.jobs if j.results), None) or {}
+
+    def as_dict(self) -> dict:
+        results = self.results
         metrics = results.get("metrics", {})
         statuses = {j.status for j in self.jobs}
         status = "ok" if statuses == {"ok"} else ("failed" if "failed" in statuses else "missing" if "missing" in statuses else "/".join(sorted(statuses)))
@@ -53,7 +78,7 @@ class Row:
             "jobs": " ".join(str(j.number) for j in self.jobs),
             "overrides": " | ".join(" ".join(j.overrides) for j in self.jobs),
             "status": status,
-            **{name: metrics.get(name) for name in COLUMNS[3:12]},
+            **{name: metrics.get(name) for name in METRICS},
             "job_key": results.get("job_key"),
             "cached": sum(bool(j.results and j.results.get("cached")) for j in self.jobs),
             "error": next((j.results.get("error") for j in self.jobs if j.results and j.results.get("error")), None),
@@ -91,22 +116,140 @@ def distinct_rows(jobs: list[Job]) -> list[Row]:
     return list(rows.values())
 
 
+# ---------------------------------------------------------------------------------------- overrides
+
+
+def split_override(override: str) -> tuple[str, str]:
+    """'strategy.last_keep_len=256' -> ('strategy.last_keep_len', '256'); '~key' -> ('~key', '')."""
+    key, _, value = override.partition("=")
+    return key, value
+
+
+def _join(key: str, value: str) -> str:
+    return f"{key}={value}" if value or not key.startswith("~") else key
+
+
+@dataclass
+class Overrides:
+    """The overrides every job shares (as written, in command-line order) and the keys that vary."""
+
+    shared: list[str]
+    varying: list[str]
+
+    @classmethod
+    def of(cls, jobs: Sequence[Job]) -> Overrides:
+        known = [job.settings for job in jobs if job.overrides]  # a job without .hydra/overrides.yaml tells nothing
+        keys = list(dict.fromkeys(key for settings in known for key in settings))
+        shared, varying = [], []
+        for key in keys:
+            values = {settings.get(key) for settings in known}
+            if len(values) == 1 and None not in values:
+                shared.append(_join(key, known[0][key]))
+            else:
+                varying.append(key)
+        return cls(shared, varying)
+
+    def values(self, jobs: Iterable[Job]) -> dict[str, list[str]]:
+        """{varying key: its distinct values over these jobs, in job order} (a key no job sets: [])."""
+        settings = [job.settings for job in jobs]
+        return {key: list(dict.fromkeys(s[key] for s in settings if key in s)) for key in self.varying}
+
+    def short_keys(self) -> dict[str, str]:
+        """For plots: each varying key by its last dotted part where that is unambiguous
+        (strategy.last_keep_len -> last_keep_len)."""
+        tails = [key.rsplit(".", 1)[-1] for key in self.varying]
+        return {key: tail if tails.count(tail) == 1 else key for key, tail in zip(self.varying, tails)}
+
+
+def label(values: dict[str, list[str]], names: dict[str, str] | None = None, skip: Iterable[str] = ()) -> str:
+    """'strategy=drop_all strategy.last_keep_len=256,512' from {key: values}: the varying overrides only."""
+    names = names or {}
+    return " ".join(_join(names.get(key, key), ",".join(v)) for key, v in values.items() if v and key not in set(skip))
+
+
+# ---------------------------------------------------------------------------------------- tables
+
+
 def _fmt(value) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value).replace("|", "/") if not isinstance(value, str) else value.replace("\n", " ")
+    return str(value).replace("\n", " ")
 
 
-def write_markdown(path: Path, rows: list[dict], failures: list[dict]) -> None:
-    lines = ["| " + " | ".join(COLUMNS[:-1]) + " |", "|" + "---|" * (len(COLUMNS) - 1)]
+CSV_FIXED = ("status", *METRICS, "job_key", "cached", "error", "shared_overrides", "folder")  # after job, overrides
+
+
+def csv_columns(overrides: Overrides) -> list[str]:
+    """summary.csv's header: job, a column per varying override, then CSV_FIXED."""
+    return ["job", *(override_column(key) for key in overrides.varying), *CSV_FIXED]
+
+
+def override_column(key: str) -> str:
+    """The csv column of a varying override: its key (prefixed where it would shadow a fixed column)."""
+    return f"override.{key}" if key in ("job", *CSV_FIXED) else key
+
+
+def job_records(jobs: list[Job], overrides: Overrides, sweep_dir: Path) -> list[dict]:
+    """summary.csv's rows: one per job."""
+    records = []
+    shared = " ".join(overrides.shared)
+    for job in jobs:
+        results = job.results or {}
+        settings = job.settings
+        records.append({
+            "job": job.number,
+            **{override_column(key): settings.get(key, "") for key in overrides.varying},
+            "status": job.status,
+            **{name: results.get("metrics", {}).get(name) for name in METRICS},
+            "job_key": results.get("job_key"),
+            "cached": bool(results.get("cached")),
+            "error": results.get("error"),
+            "shared_overrides": shared,
+            "folder": str(job.folder.relative_to(sweep_dir)),
+        })
+    return records
+
+
+def write_csv(path: Path, records: list[dict], overrides: Overrides) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=csv_columns(overrides))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def write_markdown(path: Path, rows: list[dict], failures: list[dict], overrides: Overrides, jobs: int = 0,
+                   notes: Sequence[str] = ()) -> None:
+    """The shared overrides once, then one row per distinct job labelled by the varying overrides."""
+    has_f1 = any(row.get("f1") is not None for row in rows)
+    metrics = [m for m in METRICS if has_f1 or m not in F1_METRICS]
+    columns = ["jobs", *overrides.varying, "status", *metrics, "job_key", "cached"]
+    lines = ["# Sweep summary", ""]
+    lines.append(f"{jobs or sum(len(r['jobs'].split()) for r in rows)} jobs, {len(rows)} distinct (jobs sharing a job key "
+                 "were computed once; `cached` counts the jobs that reused that result).")
+    lines.append("")
+    lines.append("Shared by all jobs: " + (" ".join(f"`{o}`" for o in overrides.shared) if overrides.shared else "none"))
+    lines.append("")
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row[c]).replace("|", "/") if c != "overrides" else row[c].replace("|", "<br>") for c in COLUMNS[:-1]) + " |")
+        values = row.get("values", {})
+        cells = [", ".join(values.get(c, [])) if c in overrides.varying else _fmt(row.get(c)) for c in columns]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    if notes:
+        lines += [""] + [f"Note: {note}" for note in notes]
     if failures:
         lines += ["", "Failed or missing jobs:", ""]
-        lines += [f"- jobs {f['jobs']} ({f['overrides']}): {f['status']}: {f['error'] or 'no results.json'}" for f in failures]
+        lines += [f"- jobs {f['jobs']} ({f.get('label') or f['overrides']}): {f['status']}: {f['error'] or 'no results.json'}"
+                  for f in failures]
+    lines += ["", "summary.csv has one row per job: `job`, a column per varying override, status, the metrics, `job_key` "
+              "(jobs with equal keys share one computation), `cached`, `error`, `shared_overrides` (the overrides above, "
+              "the same in every row) and `folder`; `pandas.read_csv(\"summary.csv\")` reads it as is."]
     path.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------- plots
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -120,91 +263,187 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_pareto(path: Path, rows: list[dict]) -> bool:
-    import matplotlib
+def _figure(width: float, height: float):
+    """An Agg figure without pyplot (no display, no change of the global backend: notebooks keep theirs)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
 
-    done = [r for r in rows if r["status"] == "ok" and r["f1"] is not None]
+
+_MARKERS = "osD^vP*Xh<>p"
+
+
+def _styles(count: int) -> list[dict]:
+    """A distinct colour and marker per point (tab10 colours, then tab20's light ones)."""
+    from matplotlib import colormaps
+
+    colours = list(colormaps["tab10"].colors) + list(colormaps["tab20"].colors[1::2])
+    return [{"color": colours[i % len(colours)], "marker": _MARKERS[i % len(_MARKERS)]} for i in range(count)]
+
+
+def pareto_figure(rows: list[dict]):
+    """The pareto.png figure, or None when no job finished. F1 against KV-cache memory and against time per
+    frame; without F1, KV-cache memory against time per frame with a note that F1 is absent."""
+    done = [r for r in rows if r["status"] == "ok"]
+    scored = [r for r in done if r.get("f1") is not None]
     if not done:
-        return False
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    # the KV buffer is preallocated to max_seq_len, so the allocator's peak barely tells strategies apart:
-    # the memory axis is the KV cache each strategy needs (max cache size x KV bytes per token)
-    for axis, cost, label in ((axes[0], "kv_cache_peak_mb", "peak KV-cache memory (MB)"), (axes[1], "time_per_frame", "time per frame (s)")):
-        points = [(float(r[cost] or 0.0), float(r["f1"])) for r in done]
-        front = pareto_front(points)
-        axis.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=2)
-        for point, row in zip(points, done):
-            axis.annotate(row["overrides"].split(" | ")[0] or row["jobs"], point, fontsize=7, xytext=(3, 3), textcoords="offset points")
-        axis.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", marker="o", label="Pareto front", zorder=3)
-        axis.set_xlabel(label)
-        axis.set_ylabel("F1")
+        return None
+    shown = scored or done
+    labels = [r.get("legend") or f"jobs {r['jobs']}" for r in shown]
+    styles = _styles(len(shown))
+    legend_rows = -(-len(shown) // 2)
+    if scored:
+        figure = _figure(12, 4.6 + 0.22 * legend_rows)
+        axes = figure.subplots(1, 2)
+        # the KV buffer is preallocated to max_seq_len, so the allocator's peak barely tells strategies apart:
+        # the memory axis is the KV cache each strategy needs (max cache size x KV bytes per token)
+        panels = [(axes[0], "kv_cache_peak_mb", "f1", "peak KV-cache memory (MB)", "F1", 1),
+                  (axes[1], "time_per_frame", "f1", "time per frame (s)", "F1", 1)]
+        figure.suptitle("F1 against cost (one point per distinct job; up and left is better)")
+    else:
+        figure = _figure(8, 5.2 + 0.22 * legend_rows)
+        axis = figure.subplots()
+        panels = [(axis, "time_per_frame", "kv_cache_peak_mb", "time per frame (s)", "peak KV-cache memory (MB)", -1)]
+        figure.suptitle(f"KV-cache memory against time per frame: {NO_F1_NOTE}\none point per distinct job; down and left is better",
+                        fontsize=11)
+        axis.set_title("F1 absent: these jobs ran without evaluation; run with eval=offline or eval=proassist to plot F1",
+                       fontsize=9, color="tab:red")
+    for axis, x_name, y_name, x_label, y_label, sign in panels:
+        points = [(float(r[x_name] or 0.0), float(r[y_name] or 0.0)) for r in shown]
+        for point, style, text in zip(points, styles, labels):
+            axis.scatter([point[0]], [point[1]], s=46, zorder=3, label=text, edgecolors="black", linewidths=0.4, **style)
+        front = pareto_front([(x, sign * y) for x, y in points])
+        axis.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", linewidth=1.2, alpha=0.7,
+                  marker="o", markersize=13, markerfacecolor="none", zorder=2, label="Pareto front")
+        axis.set_xlabel(x_label)
+        axis.set_ylabel(y_label)
         axis.grid(alpha=0.3)
-        axis.legend()
-    figure.suptitle("F1 against cost (one point per distinct job)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    handles, texts = panels[0][0].get_legend_handles_labels()
+    figure.legend(handles, texts, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return figure
+
+
+def plot_pareto(path: Path, rows: list[dict]) -> bool:
+    figure = pareto_figure(rows)
+    if figure is None:
+        return False
+    figure.savefig(path)
     return True
 
 
-def plot_cache_timelines(path: Path, rows: list[Row]) -> bool:
-    """Cache length over time of one conversation (the first) per job, grouped by strategy."""
-    import matplotlib
+def _first_conversation(job: Job) -> list[dict]:
+    trace = job.folder / "trace.jsonl"
+    if not trace.is_file():
+        return []
+    records = []
+    for line in trace.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a killed job
+    records = [r for r in records if isinstance(r, dict) and "time" in r and "cache_after" in r]
+    if not records:
+        return []
+    return [r for r in records if r.get("conversation") == records[0].get("conversation")]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    curves: dict[str, list[tuple[str, list[float], list[int]]]] = {}
+def _strategy(job: Job) -> str:
+    config = (job.results or {}).get("config") or {}
+    return str((config.get("strategy") or {}).get("name") or job.settings.get("strategy") or "?")
+
+
+def cache_timelines_figure(rows: list[Row], overrides: Overrides | None = None):
+    """The cache_timelines.png figure, or None without traces: cache length over time of the first
+    conversation of each distinct job, one panel per strategy, each line labelled by the varying overrides
+    (but the strategy, the panel's title), the legend beside its panel."""
+    from prospect.tracking.plots import cache_curve
+
+    overrides = overrides or Overrides.of([job for row in rows for job in row.jobs])
+    names = overrides.short_keys()
+    panels: dict[str, list[tuple[str, list[tuple[float, int]], Any]]] = {}
     for row in rows:
         job = next((j for j in row.jobs if j.results and (j.folder / "trace.jsonl").is_file()), None)
-        if job is None:
-            continue
-        records = [json.loads(line) for line in (job.folder / "trace.jsonl").read_text().splitlines() if line.strip()]
+        records = _first_conversation(job) if job is not None else []
         if not records:
             continue
-        first = records[0]["conversation"]
-        mine = [r for r in records if r["conversation"] == first]
-        strategy = job.results.get("config", {}).get("strategy", {}).get("name", "?")
-        label = " ".join(job.overrides) or job.folder.name
-        curves.setdefault(strategy, []).append((label, [r["time"] for r in mine], [r.get("cache_max", r["cache_after"]) for r in mine]))
-    if not curves:
-        return False
-    figure, axes = plt.subplots(len(curves), 1, figsize=(10, 2.6 * len(curves)), squeeze=False)
-    for axis, (strategy, lines) in zip(axes[:, 0], sorted(curves.items())):
-        for label, times, lengths in lines:
-            axis.plot(times, lengths, label=label, linewidth=1.2)
-        axis.set_title(strategy, fontsize=10)
+        text = label(overrides.values(row.jobs), names, skip=("strategy",)) or f"jobs {' '.join(str(j.number) for j in row.jobs)}"
+        max_seq_len = ((job.results.get("config") or {}).get("strategy") or {}).get("max_seq_len")
+        panels.setdefault(_strategy(job), []).append((text, cache_curve(records), max_seq_len))
+    if not panels:
+        return None
+    most = max(len(lines) for lines in panels.values())
+    panel_height = max(2.5, 0.5 + 0.17 * min(most, 14))  # a legend of up to 14 lines fits beside its panel, then 2 columns
+    figure = _figure(11, 0.7 + panel_height * len(panels))
+    axes = figure.subplots(len(panels), 1, sharex=True, sharey=True, squeeze=False)[:, 0]
+    for axis, (strategy, lines) in zip(axes, panels.items()):
+        for i, (text, points, _) in enumerate(lines):
+            times, sizes = zip(*points)
+            axis.plot(times, sizes, label=text, linewidth=1.3, color=f"C{i % 10}", linestyle=("-", "--", ":", "-.")[i // 10 % 4])
+        caps = {cap for _, _, cap in lines}
+        if len(caps) == 1 and None not in caps:
+            axis.axhline(caps.pop(), color="black", linestyle="--", linewidth=0.8, label="max_seq_len")
+        axis.set_title(f"strategy={strategy}", fontsize=10, loc="left")
         axis.set_ylabel("cache tokens")
+        axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="upper left")
-    axes[-1, 0].set_xlabel("time (s), first conversation")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+        axis.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+                    ncols=1 + (len(lines) > 14), title_fontsize=8)
+    axes[-1].set_xlabel("stream time (s), first conversation of each distinct job")
+    figure.suptitle("KV-cache length over time, one panel per strategy", fontsize=11)
+    return figure
+
+
+def plot_cache_timelines(path: Path, rows: list[Row], overrides: Overrides | None = None) -> bool:
+    figure = cache_timelines_figure(rows, overrides)
+    if figure is None:
+        return False
+    figure.savefig(path)
     return True
+
+
+# ---------------------------------------------------------------------------------------- all of it
 
 
 def write_summary(sweep_dir: str | Path) -> dict:
-    """Aggregate a sweep dir; returns {"rows", "failures", "files"}."""
+    """Aggregate a sweep dir. Returns {"rows" (one dict per distinct job: COLUMNS plus "label" = the varying
+    overrides, "values" = {varying key: values}, "legend"), "records" (summary.csv's rows, one per job),
+    "failures", "overrides" (Overrides: shared, varying), "notes" (what a reader should know, e.g. F1
+    absent), "files", "jobs"}."""
     sweep_dir = Path(sweep_dir)
     jobs = collect_jobs(sweep_dir)
+    overrides = Overrides.of(jobs)
+    names = overrides.short_keys()
     grouped = distinct_rows(jobs)
-    rows = [row.as_dict() for row in grouped]
+    rows = []
+    for row in grouped:
+        values = overrides.values(row.jobs)
+        rows.append({**row.as_dict(), "label": label(values), "values": values, "legend": label(values, names)})
     failures = [r for r in rows if r["status"] != "ok"]
-    with (sweep_dir / "summary.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    write_markdown(sweep_dir / "summary.md", rows, failures)
+    notes = []
+    done = [r for r in rows if r["status"] == "ok"]
+    if done and all(r["f1"] is None for r in done):
+        notes.append(f"{NO_F1_NOTE}; pareto.png shows KV-cache memory against time per frame instead of F1.")
+    elif any(r["f1"] is None for r in done):
+        notes.append(f"{sum(r['f1'] is None for r in done)} finished job(s) without F1 are left out of pareto.png.")
+    records = job_records(jobs, overrides, sweep_dir)
+    write_csv(sweep_dir / "summary.csv", records, overrides)
     files = [sweep_dir / "summary.csv", sweep_dir / "summary.md"]
-    try:
-        if plot_pareto(sweep_dir / "pareto.png", rows):
-            files.append(sweep_dir / "pareto.png")
-        if plot_cache_timelines(sweep_dir / "cache_timelines.png", grouped):
-            files.append(sweep_dir / "cache_timelines.png")
-    except Exception as error:  # plots never cost the tables
-        log.warning("could not draw the sweep plots: %s: %s", type(error).__name__, error)
-    return {"rows": rows, "failures": failures, "files": files, "jobs": len(jobs)}
+    plots = {"pareto.png": lambda path: plot_pareto(path, rows),
+             "cache_timelines.png": lambda path: plot_cache_timelines(path, grouped, overrides)}
+    for name, draw in plots.items():
+        try:  # plots never cost the tables
+            if draw(sweep_dir / name):
+                files.append(sweep_dir / name)
+            else:
+                (sweep_dir / name).unlink(missing_ok=True)  # no stale figure from an earlier summary
+                notes.append(f"no {name}: " + ("no job finished" if name == "pareto.png" else "no job left a trace"))
+        except Exception as error:
+            log.warning("could not draw %s: %s: %s", name, type(error).__name__, error)
+    write_markdown(sweep_dir / "summary.md", rows, failures, overrides, len(jobs), notes)
+    for note in notes:
+        log.info("sweep summary: %s", note)
+    return {"rows": rows, "records": records, "failures": failures, "overrides": overrides, "notes": notes, "files": files,
+            "jobs": len(jobs)}
