@@ -2,6 +2,7 @@
 
     python -m prospect.bench [--model smolvlm2_2b] [--seconds 230] [--turns 39] [--reply-tokens 30] [--out bench.json]
     python -m prospect.bench grid [--jobs-per-gpu 4] [--out grid.json]
+    python -m prospect.bench zoo [--model smolvlm2_2b] [--seconds 230] [--last-keep 512] [--out zoo.json]
 
 The first form builds the model with random weights (no download), streams one synthetic video
 (seconds * fps + 1 frames, `turns` evenly spaced reference turns, replies of exactly `reply-tokens`
@@ -9,7 +10,10 @@ tokens) under drop_middle 4096/128/512, once per path after a short warm-up, and
 (whole run), vision ms per frame, frame prefill ms, decode ms per token, peak memory, the eager/optimized
 ratio and how often the two paths' greedy replies agree. The second form runs the 12-job strategy grid
 twice through `python -m prospect.run -m`: sequential eager, then optimized with the GPU pool
-(`jobs_per_gpu` jobs per GPU), and reports the throughput ratio. Both write JSON.
+(`jobs_per_gpu` jobs per GPU), and reports the throughput ratio. The third streams the same video under
+each of the ten bounded strategies on the default path (one model, loaded once) and reports ms per frame
+and ms per reduction (synchronized, at the strategy's threshold of max_seq_len - reserved tokens). All
+write JSON.
 """
 
 from __future__ import annotations
@@ -188,9 +192,75 @@ def run_grid(args) -> dict:
             "note": "sequential eager ran the 4 strategies at last_keep_len " + ",".join(keep_lens) + " (jobs per hour compared)"}
 
 
+ZOO_STRATEGIES = ("none", "drop_all", "drop_middle", "summarize_and_drop", "streaming_llm", "drop_frames", "frame_coverage",
+                  "tar_van", "key_norm", "snapkv")
+
+
+def run_zoo(args) -> dict:
+    """Each bounded strategy streams the bench video once (after a warm-up): ms per frame, per reduction."""
+    from prospect.context_strategies import create_strategy
+    from prospect.models.vlm import load_model
+    from prospect.stream.runner import StreamRunner, StreamSettings
+    from prospect.tracking.results import environment
+    from prospect.validation import compose_config
+
+    cfg = compose_config([f"model={args.model}", "model.random_init=true", f"model.device={args.device}", f"model.dtype={args.dtype}"])
+    model = load_model(cfg.model, cfg.paths.cache_dir)
+    conversation = bench_conversation(args.seconds, args.fps, args.turns)
+    warmup = bench_conversation(args.seconds, args.fps, 2, frames=24)
+    settings = StreamSettings(max_new_tokens=args.reply_tokens, min_new_tokens=args.reply_tokens, vision_batch_size=args.vision_batch)
+    rows = {}
+    for name in args.strategies.split(","):
+        strategy = create_strategy(name, max_seq_len=args.max_seq_len, reserved_seq_len=args.reserved, last_keep_len=args.last_keep)
+        runner = StreamRunner(model, strategy, settings)
+        runner.run(warmup)
+        _synchronize_all(model.device)
+        started = time.perf_counter()
+        trace = runner.run(conversation).trace
+        wall = time.perf_counter() - started
+        reductions = [r for record in trace for r in record.get("reductions", [])]
+        reduce_ms = sum(record["reduce_ms"] for record in trace)
+        rows[name] = {
+            "ms_per_frame": 1000 * wall / len(trace), "reductions": len(reductions),
+            "ms_per_reduction": reduce_ms / len(reductions) if reductions else 0.0,
+            "tokens_before_reduction": statistics.mean(r["before"] for r in reductions) if reductions else 0,
+            "tokens_after_reduction": statistics.mean(r["after"] for r in reductions) if reductions else 0,
+            "max_cache": max(record["cache_max"] for record in trace),
+            "frame_share": statistics.mean(r["cache_frame_tokens"] / max(1, r["cache_after"]) for r in trace),
+        }
+        log.info("%s: %.2f ms/frame, %.2f ms per reduction", name, rows[name]["ms_per_frame"], rows[name]["ms_per_reduction"])
+        del runner
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+    env = environment(str(model.device))
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": env["device_name"],
+        "torch": env["torch"], "transformers": env["transformers"], "git_commit": env["git_commit"], "model": args.model,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "video": {"frames": conversation.num_frames, "reference_turns": len(conversation.references), "reply_tokens": args.reply_tokens},
+        "budget": f"{args.max_seq_len}/{args.reserved}, last_keep_len {args.last_keep}", "strategies": rows,
+    }
+
+
+def _synchronize_all(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def format_zoo(report: dict) -> str:
+    lines = [f"{report['model']} ({report['dtype']}) on {report['device']}, {report['date']}; {report['video']['frames']} frames, "
+             f"{report['video']['reference_turns']} replies of {report['video']['reply_tokens']} tokens; {report['budget']}",
+             f"{'strategy':20} {'ms/frame':>9} {'reductions':>10} {'ms/reduction':>12} {'tokens before->after':>21} {'frame share':>11}"]
+    for name, row in report["strategies"].items():
+        lines.append(f"{name:20} {row['ms_per_frame']:9.2f} {row['reductions']:10d} {row['ms_per_reduction']:12.2f} "
+                     f"{row['tokens_before_reduction']:10.0f}->{row['tokens_after_reduction']:<10.0f} {row['frame_share']:11.1%}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prospect.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", nargs="?", choices=("stream", "grid"), default="stream")
+    parser.add_argument("mode", nargs="?", choices=("stream", "grid", "zoo"), default="stream")
+    parser.add_argument("--strategies", default=",".join(ZOO_STRATEGIES), help="zoo: the strategies to time")
     parser.add_argument("--model", default="smolvlm2_2b", help="a model config name (built with random weights)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -217,10 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "grid":
         report = run_grid(args)
         text = json.dumps(report, indent=1)
+    elif args.mode == "zoo":
+        report = run_zoo(args)
+        text = format_zoo(report)
     else:
         report = run_bench(args)
         text = format_bench(report) if "partial" not in report else json.dumps(report, indent=1)
-    out = args.out or Path("grid.json" if args.mode == "grid" else "bench.json")
+    out = args.out or Path({"grid": "grid.json", "zoo": "zoo.json"}.get(args.mode, "bench.json"))
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(text)
     print(f"wrote {out}")

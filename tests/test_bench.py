@@ -48,3 +48,20 @@ def test_bench_grid_runs_both_sweeps(tmp_path, model_cache_dir):
     report = json.loads(out.read_text())
     assert report["grid"]["sequential_eager"]["ok"] == 4 and report["grid"]["concurrent_optimized"]["ok"] == 12
     assert report["throughput_ratio"] > 0
+
+
+def test_bench_zoo_times_every_bounded_strategy(tmp_path, model_cache_dir):
+    out = tmp_path / "zoo.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "prospect.bench", "zoo", "--model", "tiny_random", "--device", "cpu", "--seconds", "30", "--turns", "4",
+         "--reply-tokens", "4", "--max-seq-len", "512", "--reserved", "32", "--last-keep", "96", "--vision-batch", "4",
+         "--strategies", "drop_middle,tar_van,snapkv", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["strategies"]
+    assert list(rows) == ["drop_middle", "tar_van", "snapkv"]
+    for row in rows.values():
+        assert row["reductions"] >= 1 and row["ms_per_reduction"] > 0 and row["ms_per_frame"] > 0
+        assert row["max_cache"] <= 512
+    assert "ms/reduction" in result.stdout and "snapkv" in result.stdout

@@ -319,6 +319,7 @@ class StreamRunner:
 
     def _reduce(self, pending: list[int], record: dict, frame: StreamFrame) -> list[int]:
         """Let the strategy reduce the cache; returns the tokens to feed before the next chunk."""
+        _synchronize(self.model.device)
         t0 = time.perf_counter()
         before = cache_length(self.cache)
         own = self.cache
@@ -330,6 +331,7 @@ class StreamRunner:
         self.cache.check()
         if last_msg and list(last_msg) != list(pending):  # a restart message (summary) replaces what was queued
             self._pending_kind = KIND["summary"] if self.strategy.event == "summary" else KIND["system"]
+        _synchronize(self.model.device)
         record["events"].append(self.strategy.event)
         record.setdefault("reductions", []).append({"before": before, "after": cache_length(self.cache)})
         summary = getattr(self.strategy, "last_summary", None)
