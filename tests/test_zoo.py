@@ -400,3 +400,11 @@ def test_job_key_holds_only_used_parameters():
     assert key("strategy=snapkv") != key("strategy=snapkv", "strategy.window=16")
     assert key("strategy=drop_frames") != key("strategy=drop_frames", "strategy.last_keep_len=256")
     assert key("strategy=drop_all") == key("strategy=drop_all", "strategy.last_keep_len=256")
+
+
+def test_frame_share_metric_is_the_mean_share_after_each_frame():
+    from prospect.tracking.results import stream_metrics
+
+    trace = [{"wall_ms": 1.0, "events": ["frame"], "cache_after": 100, "cache_frame_tokens": 80, "cache_dialogue_tokens": 20},
+             {"wall_ms": 1.0, "events": ["frame"], "cache_after": 50, "cache_frame_tokens": 10, "cache_dialogue_tokens": 40}]
+    assert stream_metrics([trace], 0.0)["cache_frame_share"] == pytest.approx((0.8 + 0.2) / 2)

@@ -18,12 +18,12 @@ from prospect.tracking import REDUCTION_EVENTS
 RESULTS_SCHEMA = "prospect.results/1"
 # Part of every job key: bump it when a change alters what a run computes (stream, strategies, metrics),
 # so the result cache never reuses numbers made by the older code.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: token provenance (cache_frame_tokens in the trace, cache_frame_share)
 
 # Stream metrics (the seed's names where it had them), computed from the per-frame trace.
 STREAM_METRICS = (
     "frames_processed", "dialogues_generated", "tokens_generated", "cache_compressions", "avg_cache_size", "max_cache_size",
-    "kv_cache_peak_mb", "time_per_frame", "time_per_frame_p95", "decode_ms_per_token", "peak_memory_mb",
+    "kv_cache_peak_mb", "cache_frame_share", "time_per_frame", "time_per_frame_p95", "decode_ms_per_token", "peak_memory_mb",
 )
 
 
@@ -33,11 +33,13 @@ def stream_metrics(traces: list[list[dict]], peak_memory_mb: float, kv_bytes_per
     peak_memory_mb is the allocator's peak (CUDA max allocated; on CPU the process's peak RSS, model
     loading included); the KV buffer is preallocated to the strategy's capacity, so it barely differs
     between strategies. kv_cache_peak_mb = max_cache_size x the model's KV bytes per token is the cache
-    memory the strategy actually needs, the figure to compare strategies by."""
+    memory the strategy actually needs, the figure to compare strategies by. cache_frame_share is the mean,
+    over fed frames, of the fraction of the cache held by frame tokens (image + frame_text) after the step."""
     records = [record for trace in traces for record in trace]
     seconds = np.array([r["wall_ms"] / 1000 for r in records]) if records else np.zeros(0)
     tokens = sum(r.get("generated_tokens", 0) for r in records)
     decode_ms = sum(r.get("decode_ms", 0.0) for r in records)
+    shares = [r["cache_frame_tokens"] / r["cache_after"] for r in records if r.get("cache_after") and "cache_frame_tokens" in r]
     return {
         "frames_processed": len(records),
         "dialogues_generated": sum("speak" in r["events"] for r in records),
@@ -46,6 +48,7 @@ def stream_metrics(traces: list[list[dict]], peak_memory_mb: float, kv_bytes_per
         "avg_cache_size": float(np.mean([r["cache_after"] for r in records])) if records else 0.0,
         "max_cache_size": max((r.get("cache_max", r["cache_after"]) for r in records), default=0),
         "kv_cache_peak_mb": max((r.get("cache_max", r["cache_after"]) for r in records), default=0) * kv_bytes_per_token / 2**20,
+        "cache_frame_share": float(np.mean(shares)) if shares else 0.0,
         "time_per_frame": float(seconds.mean()) if records else 0.0,
         "time_per_frame_p95": float(np.percentile(seconds, 95)) if records else 0.0,
         "decode_ms_per_token": decode_ms / tokens if tokens else 0.0,
