@@ -12,7 +12,7 @@ import torch
 
 from prospect.cache import KIND, PositionedCache, Provenance, cache_length, crop_end, keep_spans, make_contiguous
 from prospect.context_strategies import STRATEGIES, create_strategy
-from prospect.context_strategies.frame_coverage import evenly_spaced
+from prospect.context_strategies.frame_coverage import evenly_in_time
 from prospect.stream.runner import StreamRunner, StreamSettings
 
 ZOO = ("streaming_llm", "drop_frames", "frame_coverage", "tar_van", "key_norm", "snapkv")
@@ -144,12 +144,14 @@ def test_drop_frames_keeps_all_dialogue_then_the_newest_whole_frames():
 
 
 def test_frame_coverage_spreads_whole_frames_evenly_newest_included():
-    assert evenly_spaced(3, 8) == [0, 4, 7] and evenly_spaced(1, 8) == [7] and evenly_spaced(8, 8) == list(range(8))
+    assert evenly_in_time(list(range(8)), 3) == [0, 3, 7]  # targets 0, 3.5, 7: the tie goes to the older frame
+    assert evenly_in_time(list(range(8)), 1) == [7] and evenly_in_time(list(range(8)), 8) == list(range(8))
+    assert evenly_in_time([0, 1, 2, 3, 30, 41, 42, 43], 3) == [0, 4, 7]  # by time (target 21.5 -> 30), not by list position
     cache = constructed_cache(frames=10)
     kinds, frames = cache.kinds.tolist(), cache.frames.tolist()
     dialogue = [s for s in range(6, len(kinds)) if kinds[s] not in (KIND["frame_text"], KIND["image"])]
     budget = len(dialogue) + 3 * 8 + 5  # room for 3 frames of 8 tokens
-    picked = {10 + 0, 10 + 5, 10 + 9}  # 3 of 10, evenly: 0, 4.5 -> 5, 9
+    picked = {10, 14, 19}  # frames 10..19, 3 in time: targets 10, 14.5 (tie: the older, 14), 19
     expected = sorted(list(range(6)) + dialogue + [s for s in range(6, len(kinds)) if frames[s] in picked])
     assert kept_slots(strategy_on("frame_coverage", cache, last_keep_len=budget), cache) == expected
 
@@ -188,7 +190,8 @@ def test_snapkv_keeps_the_tokens_most_attended_by_the_window(window, kernel):
                 weights = np.exp(logits - logits.max())
                 received[: slot + 1] += weights / weights.sum() / q_heads
     received /= len(cache.layers)
-    pooled = np.array([received[max(0, i - kernel // 2) : i + kernel // 2 + 1].max() for i in range(length)])
+    edge = length - window  # pooled over the tokens before the window only
+    pooled = np.array([received[max(0, i - kernel // 2) : min(edge, i + kernel // 2 + 1)].max() for i in range(edge)] + list(received[edge:]))
     pool = list(range(6, length - window))
     ranked = sorted(pool, key=lambda s: (-pooled[s], s))
     expected = list(range(6)) + drop_orphans_by_hand(cache, ranked, budget - window, list(range(length - window, length)))
@@ -252,10 +255,11 @@ def stream_with_checks(model, name, conversation, optimized=False, **params):
 
     def handle_overflow(cache, last_msg, **context):
         before = {"positions": cache.positions.clone(), "kinds": cache.kinds.clone(), "frames": cache.frames.clone(),
-                  "patches": cache.patches.clone(), "length": cache_length(cache)}
+                  "patches": cache.patches.clone(), "length": cache_length(cache),
+                  "prefix": strategy.sink_len if name == "streaming_llm" else strategy.prefix_len()}
         cache, last_msg = original(cache, last_msg, **context)
         calls.append((before, {"kinds": cache.kinds.clone(), "frames": cache.frames.clone(), "patches": cache.patches.clone(),
-                               "positions": cache.positions.clone(), "length": cache_length(cache)}))
+                               "positions": cache.positions.clone(), "length": cache_length(cache), "next": cache.next_position}))
         return cache, last_msg
 
     strategy.handle_overflow = handle_overflow
@@ -274,8 +278,8 @@ def test_stream_budget_bound_alignment_text_first_and_optimized_path(tiny_model,
             assert torch.equal(a[key], b[key])
     assert result.replies == fast.replies
     assert max(r["cache_max"] for r in result.trace) <= SMALL["max_seq_len"]
-    prefix = strategy.sink_len if name == "streaming_llm" else strategy.init_len
     for before, after in calls:
+        prefix = before["prefix"]
         assert after["length"] <= prefix + SMALL["last_keep_len"]  # the equal budget
         if name != "streaming_llm":  # original positions are unique: map every kept token back
             slot = {int(p): i for i, p in enumerate(before["positions"])}
@@ -285,8 +289,7 @@ def test_stream_budget_bound_alignment_text_first_and_optimized_path(tiny_model,
             assert index[:prefix].tolist() == list(range(prefix))  # the initial cache is kept whole
             image_frames = set(after["frames"][after["kinds"] == KIND["image"]].tolist())
             orphans = (after["kinds"][prefix:] == KIND["frame_text"]) & ~torch.isin(after["frames"][prefix:], torch.tensor(sorted(image_frames) or [-2]))
-            if name != "key_norm" and name != "snapkv":
-                assert not bool(orphans.any())  # frame text never outlives its frame's image tokens
+            assert not bool(orphans.any())  # frame text never outlives its frame's image tokens
         if name in TEXT_FIRST:
             dialogue_before = ((before["kinds"][prefix:] != KIND["image"]) & (before["kinds"][prefix:] != KIND["frame_text"])).sum()
             dialogue_after = ((after["kinds"][prefix:] != KIND["image"]) & (after["kinds"][prefix:] != KIND["frame_text"])).sum()
@@ -325,7 +328,7 @@ def test_position_modes(tiny_model, synthetic_conversations, mode):
     if mode == "contiguous":
         assert after["positions"].tolist() == list(range(after["length"]))
     elif mode == "cache_length":
-        assert result.trace[-1]["next_position"] >= cache_length(runner.cache)
+        assert after["next"] == after["length"]  # new tokens continue at the cache length (positions may repeat)
     else:
         assert bool((after["positions"][1:] > after["positions"][:-1]).all()) and after["positions"][-1] >= after["length"]
 
@@ -408,3 +411,46 @@ def test_frame_share_metric_is_the_mean_share_after_each_frame():
     trace = [{"wall_ms": 1.0, "events": ["frame"], "cache_after": 100, "cache_frame_tokens": 80, "cache_dialogue_tokens": 20},
              {"wall_ms": 1.0, "events": ["frame"], "cache_after": 50, "cache_frame_tokens": 10, "cache_dialogue_tokens": 40}]
     assert stream_metrics([trace], 0.0)["cache_frame_share"] == pytest.approx((0.8 + 0.2) / 2)
+
+
+def append_frames(cache: PositionedCache, first_frame: int, count: int, seed: int) -> None:
+    """Append `count` frames (frame text 3, image 4, frame text 1) to a constructed cache."""
+    generator = torch.Generator().manual_seed(seed)
+    size = FRAME_TEXT_HEAD + IMAGE + FRAME_TEXT_TAIL
+    kinds = ([KIND["frame_text"]] * FRAME_TEXT_HEAD + [KIND["image"]] * IMAGE + [KIND["frame_text"]] * FRAME_TEXT_TAIL) * count
+    frames = [first_frame + f for f in range(count) for _ in range(size)]
+    patches = ([-1] * FRAME_TEXT_HEAD + list(range(IMAGE)) + [-1] * FRAME_TEXT_TAIL) * count
+    cache.take_positions(len(kinds), Provenance(torch.tensor(kinds, dtype=torch.int8), torch.tensor(frames), torch.tensor(patches)))
+    for index, (keys, _) in enumerate(list(cache.layer_tensors())):
+        shape = (1, keys.shape[1], len(kinds), keys.shape[3])
+        cache.update(torch.randn(*shape, generator=generator), torch.randn(*shape, generator=generator), index)
+
+
+def test_frame_coverage_keeps_sampling_the_whole_past_over_many_reductions():
+    cache = constructed_cache(frames=8)
+    cache.capacity = 10_000
+    for layer in cache.layers:
+        layer.capacity = 10_000
+        layer.key_buffer = torch.cat([layer.key_buffer, torch.zeros(1, 2, 10_000 - layer.key_buffer.shape[2], 8)], dim=2)
+        layer.value_buffer = torch.cat([layer.value_buffer, torch.zeros(1, 2, 10_000 - layer.value_buffer.shape[2], 8)], dim=2)
+        layer.query_buffer = None
+    strategy = strategy_on("frame_coverage", cache, last_keep_len=6 * 8 + 8)  # 4 dialogue tokens + 6 frames, then 1 more
+    next_frame = 18
+    for reduction in range(12):
+        strategy.handle_overflow(cache, None)
+        append_frames(cache, next_frame, 40, seed=reduction)
+        next_frame += 40
+    strategy.handle_overflow(cache, None)
+    kept = sorted(set(cache.frames[cache.kinds == KIND["image"]].tolist()))
+    assert kept[0] == 10 and kept[-1] == next_frame - 1  # the first and the newest frame
+    gaps = [b - a for a, b in zip(kept, kept[1:])]
+    assert max(gaps) <= 2 * (kept[-1] - kept[0]) / (len(kept) - 1)  # spread in time, not crowded at the end
+
+
+def test_tar_van_protects_at_most_the_frames_there_are():
+    cache = constructed_cache(frames=3)  # frames 10, 11, 12; 4 dialogue tokens
+    kinds, frames = cache.kinds.tolist(), cache.frames.tolist()
+    budget = 4 + 2 * 8  # the dialogue and two whole frames
+    kept = kept_slots(strategy_on("tar_van", cache, last_keep_len=budget, protect_frames=4), cache)
+    expected = [s for s in range(len(kinds)) if s < 6 or kinds[s] not in (KIND["frame_text"], KIND["image"]) or frames[s] in (11, 12)]
+    assert kept == expected

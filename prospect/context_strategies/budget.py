@@ -7,7 +7,8 @@ drop_middle; empty before one exists) plus at most `last_keep_len` of the tokens
 and head (slots and positions are shared across layers). A strategy only says how it chooses:
 - `ScoredKeep.score(cache)`: a score per cached token (higher = kept); the last `window` tokens are always
   kept, then the best-scored candidates fill the budget. A frame's frame_text tokens are kept only while
-  one of its image tokens is: orphans are dropped and the budget refilled with the next best tokens.
+  one of its image tokens is: orphans are dropped (in the window too) and the budget refilled with the
+  next best tokens.
 - `TextFirstKeep.choose_frame_tokens(cache, slots, budget)`: every dialogue token after the prefix is kept
   (the newest ones if they alone exceed the budget); the strategy picks frame tokens for what is left.
 """
@@ -84,16 +85,17 @@ class ScoredKeep(BudgetKeep):
         fixed, pool = candidates[len(candidates) - window :], candidates[: len(candidates) - window]
         scores = self.score(cache).float().cpu()[pool]
         ranked = pool[torch.sort(-scores, stable=True).indices]
-        count = budget - window
         excluded = torch.zeros(len(ranked), dtype=torch.bool)
         while True:
-            chosen = ranked[~excluded][:count]
+            chosen = ranked[~excluded][: budget - len(fixed)]
+            kept = torch.cat([chosen, fixed])
             if not self.drop_orphans:
-                return torch.cat([chosen, fixed])
-            orphans = orphan_frame_text(cache, chosen, torch.cat([chosen, fixed]))
+                return kept
+            orphans = orphan_frame_text(cache, kept, kept)
             if not bool(orphans.any()):
-                return torch.cat([chosen, fixed])
-            excluded |= torch.isin(ranked, chosen[orphans])
+                return kept
+            fixed = fixed[~orphans[len(chosen) :]]  # frame text in the window goes too; its budget is refilled
+            excluded |= torch.isin(ranked, kept[orphans])
 
 
 def frame_groups(cache: PositionedCache, slots: torch.Tensor) -> list[torch.Tensor]:

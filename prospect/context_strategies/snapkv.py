@@ -35,8 +35,9 @@ class SnapKV(ScoredKeep):
     """`snapkv` (SnapKV, Li et al. 2024, arXiv 2404.14469): over the threshold, keep the initial cache, the
     last `window` tokens (the observation window), and the tokens that receive the most attention from the
     window's queries (summed over the queries, averaged over heads and layers, smoothed by a 1-D max pool of
-    `kernel`) until `last_keep_len` is reached. The queries are recorded as the model computes them (no extra
-    forward pass). window=1 scores by the last token's attention alone: TOVA's criterion (Oren et al. 2024).
+    `kernel` over the tokens before the window) until `last_keep_len` is reached. The queries are recorded as
+    the model computes them (no extra forward pass). window=1 with kernel=1 scores by the last token's
+    attention alone: TOVA's criterion (Oren et al. 2024).
 
     window: observation window (<= last_keep_len, >= 1); kernel: odd max-pool width (1 = no smoothing)."""
 
@@ -57,6 +58,8 @@ class SnapKV(ScoredKeep):
         return "snapkv"
 
     def score(self, cache: PositionedCache) -> torch.Tensor:
-        attention = window_attention(cache, min(self.window, cache_length(cache)))
-        pooled = torch.nn.functional.max_pool1d(attention[None, None], self.kernel, stride=1, padding=self.kernel // 2)
-        return pooled[0, 0]
+        window = min(self.window, cache_length(cache))
+        attention = window_attention(cache, window)
+        before = attention[: len(attention) - window]  # SnapKV pools the scores outside the window only
+        pooled = torch.nn.functional.max_pool1d(before[None, None], self.kernel, stride=1, padding=self.kernel // 2)[0, 0]
+        return torch.cat([pooled, attention[len(attention) - window :]])

@@ -44,7 +44,8 @@ def value_norm(cache: PositionedCache, slots: torch.Tensor) -> torch.Tensor:
 class TarVan(TextFirstKeep):
     """`tar_van` (InfiniPot-V, Kim et al. 2025, arXiv 2506.15745): text first; the newest `protect_frames`
     frames are kept whole; of the rest of the budget, `tar_ratio` goes to the image tokens of lowest
-    Temporal-axis Redundancy (TaR: key cosine to the same patch of the previous frame in the cache) and the
+    Temporal-axis Redundancy (TaR: key cosine to the nearest earlier cached token of the same patch, i.e. the
+    same patch of the previous cached frame that still holds it) and the
     remainder to the highest Value Norms (VaN). Single image tokens may be dropped; a frame's frame_text
     tokens stay while one of its image tokens does (and count against the budget). Image tokens with no
     earlier frame in the cache have no TaR and compete on VaN only."""
@@ -66,7 +67,7 @@ class TarVan(TextFirstKeep):
     def choose_frame_tokens(self, cache: PositionedCache, slots: torch.Tensor, budget: int) -> torch.Tensor:
         groups = frame_groups(cache, slots)
         protected: list[torch.Tensor] = []
-        for group in reversed(groups[len(groups) - self.protect_frames :] if self.protect_frames else []):
+        for group in reversed(groups[max(0, len(groups) - self.protect_frames) :] if self.protect_frames else []):
             if sum(map(len, protected)) + len(group) > budget:
                 break
             protected.append(group)
