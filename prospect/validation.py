@@ -295,10 +295,14 @@ def _check_strategy(strategy: DictConfig, stream: DictConfig, seed: int) -> None
         getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as error:
         raise ConfigError(f"strategy._target_={target}: cannot import ({_first_line(error)})") from None
+    if "last_keep_len" in strategy:  # a shared key: checked even for the strategies that ignore it
+        _int(strategy, "last_keep_len", "strategy", minimum=0)
     try:
         built = strategy_from_config(strategy)
-    except (ValueError, TypeError) as error:
+    except ValueError as error:
         raise ConfigError(f"strategy.{_first_line(error)}") from None
+    except Exception as error:  # not a usable strategy class (wrong arguments, not a BaseContextStrategy, ...)
+        raise ConfigError(f"strategy._target_={target}: cannot build the strategy ({_first_line(error)})") from None
     settings = _stream_settings(stream, seed)
     try:
         check_reply_fits(built, settings)
@@ -307,12 +311,16 @@ def _check_strategy(strategy: DictConfig, stream: DictConfig, seed: int) -> None
 
 
 def _stream_settings(stream: DictConfig, seed: int):
+    import dataclasses
+
     from prospect.stream.runner import StreamSettings
 
+    known = [f.name for f in dataclasses.fields(StreamSettings) if f.name != "seed"]
+    for key in stream:
+        if key not in known:
+            raise ConfigError(f"stream.{key}: unknown key; stream has: {', '.join(known)} (the seed is the top-level `seed`)")
     try:
         return StreamSettings(**OmegaConf.to_container(stream, resolve=True), seed=seed)
-    except TypeError as error:  # an unknown key given with +stream.KEY
-        raise ConfigError(f"stream: {_first_line(error)}") from None
     except ValueError as error:
         raise ConfigError(f"stream.{_first_line(error)}") from None
 

@@ -87,6 +87,16 @@ BAD_COMMAND_LINES = [
     (["strategy=[a"], "strategy=[a: cannot parse this override"),
     (["strategy._target_=nowhere.Strategy"], "strategy._target_=nowhere.Strategy: cannot import (No module named 'nowhere')"),
     (["dataset.user_types=[]"], "dataset.user_types=[]: must be null or a non-empty list of user types"),
+    (["strategy=snapkv", "strategy.window=0"], "strategy.window=0: must be in [1, last_keep_len=512]"),
+    (["strategy=snapkv", "strategy.kernel=4"], "strategy.kernel=4: must be an odd integer >= 1"),
+    (["strategy=tar_van", "strategy.tar_ratio=2"], "strategy.tar_ratio=2: must be in [0.0, 1.0]"),
+    (["strategy=streaming_llm", "strategy.sink_len=-1"], "strategy.sink_len=-1: must be >= 0"),
+    (["strategy=key_norm", "strategy.window=1000"], "strategy.window=1000: must be in [0, last_keep_len=512]"),
+    (["strategy=drop_middle", "strategy.last_keep_len=1.5"], "strategy.last_keep_len=1.5: must be an integer"),
+    (["strategy=drop_all", "strategy.last_keep_len=-5"], "strategy.last_keep_len=-5: must be >= 0"),
+    (["strategy._target_=prospect.cache.PositionedCache"], "strategy._target_=prospect.cache.PositionedCache: cannot build the strategy"),
+    (["+stream.seed=3"], "stream.seed: unknown key; stream has: max_new_tokens"),
+    (["stream.top_p=0"], "stream.top_p=0: must be in (0.0, 1.0]"),
 ]
 
 
