@@ -3,18 +3,28 @@
 
 Local files are the source of truth and are written first; results.json is written even when the run
 fails, without losing the predictions already made.
+
+Interruptions (README "Interruptions and preemption"): while a run is on, SIGINT, SIGTERM and SIGUSR2
+(submitit's preemption/time-limit signal) only set a flag (`StopSignals`); the stream stops at the next
+safe point, after the frame in progress, by raising `Interrupted`. trace.jsonl is appended and flushed
+frame by frame, predictions.json gets the replies of the conversation in progress (marked partial),
+results.json says failed and names the signal, W&B finishes with exit code 128 + the signal's number, and
+`python -m prospect.run` exits with that code (130, 143, 140). The same signal a second time stops at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,6 +37,118 @@ from prospect.tracking.results import environment, job_key, results_document, st
 log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("results.json", "predictions.json", "trace.jsonl", "timeline.html", "cache_sizes.png")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)  # SIGUSR2: submitit's "preempted / time is up"
+
+
+class Interrupted(BaseException):
+    """A stop signal reached a safe point (between frames). A BaseException, like KeyboardInterrupt, so that
+    no per-conversation `except Exception` takes it for a failed conversation. `exit_code` is the shell's
+    128 + signal number: 130 SIGINT, 143 SIGTERM, 140 SIGUSR2."""
+
+    def __init__(self, signum: int, where: str = "") -> None:
+        self.signum = int(signum)
+        self.signal_name = signal.Signals(signum).name
+        self.where = where
+        self.previous_handler: Any = None  # the handler installed before prospect's (submitit's), see hand_over
+        self.sweep_dir: str | None = None  # set by prospect.run in a multirun: the summary is still written
+        super().__init__(f"interrupted by {self.signal_name}{' ' + where if where else ''}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def hand_over(self) -> bool:
+        """Pass the signal on to the handler that was installed before prospect's, when that is another
+        program's Python handler (submitit's: SIGUSR2 checkpoints and requeues the job, then exits; SIGTERM
+        is logged). Python's own defaults are not called. Returns whether a handler was called."""
+        handler = self.previous_handler
+        if not callable(handler) or handler is signal.default_int_handler:
+            return False
+        handler(self.signum, None)
+        return True
+
+
+class StopSignals:
+    """While active, SIGINT/SIGTERM/SIGUSR2 set a flag that `check()` turns into `Interrupted` at a safe
+    point; the same signal a second time raises `Interrupted` at once, wherever the run is. Installed only
+    from the main thread (signal handlers cannot be set elsewhere). Nested use shares the outer instance,
+    so a sweep can keep one installed across its jobs (prospect.run) while each run() enters it again."""
+
+    active: ClassVar["StopSignals | None"] = None
+
+    def __init__(self, signals: Iterable[int] = STOP_SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.received: list[int] = []
+        self.previous: dict[int, Any] = {}
+        self.raised = False  # an Interrupted was raised for the first signal
+        self.where = ""  # the last safe point passed, for a forced stop's message
+        self._depth = 0
+
+    @classmethod
+    def current(cls) -> "StopSignals":
+        """The active instance, or a new (not yet installed) one."""
+        return cls.active if cls.active is not None else cls()
+
+    def install(self) -> "StopSignals":
+        if self._depth == 0 and threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                try:
+                    self.previous[signum] = signal.signal(signum, self._handle)
+                except (ValueError, OSError):  # not settable here
+                    pass
+            StopSignals.active = self
+        self._depth += 1
+        return self
+
+    def uninstall(self) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self.previous:
+            for signum, handler in self.previous.items():
+                with contextlib.suppress(ValueError, OSError, TypeError):
+                    signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+            self.previous = {}
+            if StopSignals.active is self:
+                StopSignals.active = None
+
+    def __enter__(self) -> "StopSignals":
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.uninstall()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        repeated = signum in self.received
+        self.received.append(signum)
+        if repeated:
+            self.raised = True
+            raise self._interrupted(signum, f"(sent twice: stopped at once{', ' + self.where if self.where else ''})")
+        if len(self.received) == 1:  # os.write: a print could re-enter a stream the run is writing to (tqdm)
+            with contextlib.suppress(OSError):
+                os.write(2, f"\nprospect: {name} received: stopping after the current frame and writing what was computed "
+                            f"(send {name} again to stop at once)\n".encode())
+
+    def _interrupted(self, signum: int, where: str) -> Interrupted:
+        stop = Interrupted(signum, where)
+        stop.previous_handler = self.previous.get(signum)
+        return stop
+
+    @property
+    def signum(self) -> int | None:
+        """The signal that stops the run: SIGUSR2 when it came at all (submitit requeues on it), else the first."""
+        if not self.received:
+            return None
+        return signal.SIGUSR2 if signal.SIGUSR2 in self.received else self.received[0]
+
+    def check(self, where: str = "") -> None:
+        """A safe point: raise Interrupted (once) if a stop signal came."""
+        if where:
+            self.where = where
+        if self.received and not self.raised:
+            self.raised = True
+            raise self._interrupted(self.signum, where)
 
 
 def stream_settings(cfg: DictConfig) -> StreamSettings:
@@ -49,6 +171,10 @@ def predictions_document(results: list[ConversationResult]) -> dict:
         }
         if result.error:
             entry["error"] = result.error
+        partial = getattr(result, "partial", None)
+        if partial:  # interrupted: the replies up to the frame it stopped at (skipped by evaluation: error)
+            entry["partial"] = True
+            entry.update(partial)
         conversations.append(entry)
     return {"schema": PREDICTIONS_SCHEMA, "conversations": conversations}
 
@@ -60,36 +186,98 @@ def write_json(path: Path, document: Any) -> None:
     os.replace(staging, path)
 
 
+@dataclass
+class StreamedConversation(ConversationResult):
+    """A ConversationResult that can say it was cut short: `partial` = {"frames_streamed", "stopped_at"}."""
+
+    partial: dict | None = None
+
+
+def _takes_on_frame(runner: Any) -> bool:
+    try:
+        return "on_frame" in inspect.signature(runner.run).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def stream_conversations(
     runner: Any,
     conversations: Iterable[Conversation],
     output_dir: Path,
     on_result: Callable[[ConversationResult], None] | None = None,
     results: list[ConversationResult] | None = None,
+    on_record: Callable[[dict], None] | None = None,
+    stop: StopSignals | None = None,
 ) -> list[ConversationResult]:
-    """Stream each conversation into `results` (appended as they start, so an interrupted run keeps them);
-    predictions.json and trace.jsonl are updated after each one. A failing conversation is recorded
-    (error) and the others still run."""
+    """Stream each conversation into `results` (appended as they start, so an interrupted run keeps them).
+
+    trace.jsonl gets each frame's record as soon as the frame is processed (appended and flushed), then
+    `on_record(record)` is called (the W&B mirror) and `stop.check()` may end the run there with
+    `Interrupted`. predictions.json is rewritten after each conversation, and when anything stops the
+    stream (Interrupted, KeyboardInterrupt) with the replies of the conversation in progress, marked
+    partial, before the exception goes on. A failing conversation is recorded (error) and the others
+    still run. A runner whose run() takes no `on_frame` gets its records written after each conversation."""
     results = [] if results is None else results
-    trace_path = output_dir / "trace.jsonl"
-    trace_path.write_text("")
-    for conversation in conversations:
-        result = ConversationResult(conversation)
-        results.append(result)
-        try:
-            runner.run(conversation, result, progress=True)
-        except Exception as error:  # recorded per conversation; the others still run
-            result.error = f"{type(error).__name__}: {error}"
-            log.error("conversation %s failed after %d frames: %s", conversation.id, len(result.trace), result.error)
-        with trace_path.open("a", encoding="utf-8") as trace:
-            for record in result.trace:
-                trace.write(json.dumps(record, ensure_ascii=False) + "\n")
-        write_json(output_dir / "predictions.json", predictions_document(results))
-        for index, reply in sorted(result.replies.items()):
-            log.info("%s @%.1fs: %s", conversation.id, conversation.frames[index].time, reply)
-        if on_result is not None:
-            on_result(result)
+    per_frame = _takes_on_frame(runner)
+    with (output_dir / "trace.jsonl").open("w", encoding="utf-8") as trace:
+
+        def write(record: dict) -> None:
+            trace.write(json.dumps(record, ensure_ascii=False) + "\n")
+            trace.flush()
+            if on_record is not None:
+                on_record(record)
+
+        def on_frame(record: dict) -> None:  # the safe point between frames
+            write(record)
+            if stop is not None:
+                stop.check(f"at frame {record['index']} of conversation {record['conversation']}")
+
+        for conversation in conversations:
+            result = StreamedConversation(conversation)
+            results.append(result)
+            try:
+                if per_frame:
+                    runner.run(conversation, result, progress=True, on_frame=on_frame)
+                else:
+                    runner.run(conversation, result, progress=True)
+            except Exception as error:  # recorded per conversation; the others still run
+                result.error = f"{type(error).__name__}: {error}"
+                log.error("conversation %s failed after %d frames: %s", conversation.id, len(result.trace), result.error)
+            except BaseException as error:  # interrupted: keep what this conversation made, then stop
+                if not per_frame:
+                    for record in result.trace:
+                        write(record)
+                _mark_partial(result, runner, error)
+                write_json(output_dir / "predictions.json", predictions_document(results))
+                raise
+            if not per_frame:
+                for record in result.trace:
+                    write(record)
+            write_json(output_dir / "predictions.json", predictions_document(results))
+            for index, reply in sorted(result.replies.items()):
+                log.info("%s @%.1fs: %s", conversation.id, conversation.frames[index].time, reply)
+            if on_result is not None:
+                on_result(result)
+            if stop is not None:
+                stop.check(f"after conversation {conversation.id}")
     return results
+
+
+def _mark_partial(result: StreamedConversation, runner: Any, error: BaseException) -> None:
+    """Mark the conversation in progress as cut short by `error`: what was streamed stays."""
+    last = result.trace[-1] if result.trace else None
+    result.partial = {
+        "frames_streamed": len(result.trace),
+        "stopped_at": None if last is None else {"index": last["index"], "time": last["time"]},
+    }
+    reason = str(error) if isinstance(error, Interrupted) else f"interrupted ({type(error).__name__})"
+    result.error = f"{reason}; partial: {len(result.trace)} of {result.conversation.num_frames} frames streamed"
+    device = getattr(getattr(runner, "model", None), "device", None)
+    if device is not None and not result.peak_memory_mb:
+        from prospect.stream.runner import peak_memory_mb
+
+        with contextlib.suppress(Exception):
+            result.peak_memory_mb = peak_memory_mb(device)
 
 
 def build_runner(cfg: DictConfig):
@@ -120,6 +308,7 @@ class RunReport:
     error: str | None = None
     started_at: float = field(default_factory=time.time)  # unix seconds
     kv_bytes_per_token: int = 0  # of the model that ran (0 for the oracle)
+    exit_code: int | None = None  # of an interrupted run (128 + signal), for W&B
 
 
 @contextlib.contextmanager
@@ -131,8 +320,13 @@ def recording_failure(report: RunReport) -> Iterator[None]:
     except Exception as error:
         report.status, report.error = "failed", f"{type(error).__name__}: {error}"
         log.exception("run failed: %s", report.error)
+    except Interrupted as error:  # a stop signal, at a safe point: the message names it and where
+        report.status, report.error, report.exit_code = "failed", str(error), error.exit_code
+        log.error("run %s; writing what was computed", error)
+        raise
     except BaseException as error:
         report.status, report.error = "failed", f"interrupted ({type(error).__name__})"
+        report.exit_code = 130 if isinstance(error, KeyboardInterrupt) else 1
         raise
 
 
@@ -225,7 +419,8 @@ def finish_run(
         write_json(output_dir / "results.json", document)
     finally:
         if mirror is not None:
-            mirror.finish(summary=metrics, predictions=predictions, exit_code=0 if report.status == "ok" else 1)
+            exit_code = report.exit_code if report.exit_code is not None else 0 if report.status == "ok" else 1
+            mirror.finish(summary=metrics, predictions=predictions, exit_code=exit_code)
     return document
 
 
@@ -242,7 +437,11 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """Run the experiment of `cfg` into `output_dir`; returns the results.json document."""
+    """Run the experiment of `cfg` into `output_dir`; returns the results.json document.
+
+    SIGINT/SIGTERM/SIGUSR2 stop it at the next safe point (module docstring): the files are written, then
+    `Interrupted` is raised. A signal that comes once the last frame is streamed lets the run finish (its
+    result stands, status ok) and `Interrupted` is raised after the files are written."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -250,24 +449,28 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     report = RunReport()
     mirror = None
     device = None
-    if cfg.logger.name == "wandb":
-        from prospect.tracking.wandb_mirror import WandbMirror
+    with StopSignals.current() as stop:
+        if cfg.logger.name == "wandb":
+            from prospect.tracking.wandb_mirror import WandbMirror
 
-        mirror = WandbMirror()
-        mirror.start(cfg.logger, output_dir, config, name=run_name(cfg))
-    try:
-        with recording_failure(report):
-            loaded = load_dataset(cfg.dataset)
-            if not loaded.conversations:
-                raise RuntimeError(f"dataset {cfg.dataset.name}: no conversation to run ({len(loaded.skipped)} skipped)")
-            runner, device = build_runner(cfg)
-            report.kv_bytes_per_token = getattr(getattr(runner, "model", None), "kv_bytes_per_token", 0)
-            log.info("%d conversations, job key %s", len(loaded.conversations), key)
-            on_result = (lambda result: mirror.log_trace(result.trace)) if mirror is not None else None
-            stream_conversations(runner, loaded.conversations, output_dir, on_result, report.results)
-            score(report, cfg.eval)
-    finally:  # also on KeyboardInterrupt: what was computed is written
-        document = finish_run(
-            report, output_dir, config, environment(device), key, str(cfg.strategy.name), int(cfg.strategy.max_seq_len), mirror
-        )
+            mirror = WandbMirror()
+            mirror.start(cfg.logger, output_dir, config, name=run_name(cfg))
+        try:
+            with recording_failure(report):
+                loaded = load_dataset(cfg.dataset)
+                stop.check("while loading the dataset, before the stream started")
+                if not loaded.conversations:
+                    raise RuntimeError(f"dataset {cfg.dataset.name}: no conversation to run ({len(loaded.skipped)} skipped)")
+                runner, device = build_runner(cfg)
+                stop.check("while loading the model, before the stream started")
+                report.kv_bytes_per_token = getattr(getattr(runner, "model", None), "kv_bytes_per_token", 0)
+                log.info("%d conversations, job key %s", len(loaded.conversations), key)
+                on_record = (lambda record: mirror.log_trace([record])) if mirror is not None else None  # per frame
+                stream_conversations(runner, loaded.conversations, output_dir, None, report.results, on_record, stop)
+                score(report, cfg.eval)
+        finally:  # also when interrupted: what was computed is written
+            document = finish_run(
+                report, output_dir, config, environment(device), key, str(cfg.strategy.name), int(cfg.strategy.max_seq_len), mirror
+            )
+        stop.check("after the run finished (its results are complete)")
     return document

@@ -1,8 +1,17 @@
-"""`python -m prospect.run [overrides]`: one run (or `-m` for a sweep) of the streaming experiment."""
+"""`python -m prospect.run [overrides]`: one run (or `-m` for a sweep) of the streaming experiment.
+
+Exit codes: 0 ok; 1 the run (or a sweep job) failed, results.json says why; 2 a bad command line or an
+output folder that cannot be created; 128 + the signal's number when SIGINT (130), SIGTERM (143) or
+SIGUSR2 (140, submitit's preemption signal) stopped it: the run stops after the frame in progress,
+writes what it computed (prospect/experiment.py) and a sweep starts no further job but still writes its
+summary.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -10,29 +19,64 @@ from omegaconf import DictConfig
 from prospect.validation import ConfigError, check_command_line, quote_path_overrides, validate
 
 
+def _print_error(message: str) -> None:
+    print(f"prospect: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         validate(cfg)
     except ConfigError as error:
-        print(f"prospect: error: {error}", file=sys.stderr)
+        _print_error(error)
         sys.exit(2)
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from prospect.experiment import run
+    from prospect.experiment import Interrupted, StopSignals
 
     output_dir = HydraConfig.get().runtime.output_dir
-    if HydraConfig.get().mode == RunMode.MULTIRUN and cfg.logger.name == "wandb" and not cfg.logger.get("group"):
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    stop = StopSignals.current().install()  # for the whole process: a signal between sweep jobs is not lost
+    try:
+        stop.check("before the job started")
+        document = _job(cfg, output_dir, multirun)
+    except Interrupted as interrupted:
+        where = f" (what was computed is in {output_dir})" if Path(output_dir, "results.json").is_file() else ""
+        if not multirun or os.environ.get("SUBMITIT_FOLDER"):
+            _print_error(f"{interrupted}{where}")
+        try:
+            handed_over = interrupted.hand_over()
+        except Exception as error:  # e.g. submitit: "Job not requeued because: ..."
+            print(f"prospect: {type(error).__name__}: {error}", file=sys.stderr)
+            handed_over = True
+        if handed_over or os.environ.get("SUBMITIT_FOLDER"):
+            # Inside a submitit job (SLURM or submitit_local): submitit's handler had the signal (SIGUSR2:
+            # requeued and exited above when it could; SIGTERM: logged). This job ends here, failed in its
+            # results.json, and the launcher collects it with the other jobs.
+            return
+        if multirun:
+            interrupted.sweep_dir = str(HydraConfig.get().sweep.dir)
+        raise  # prospect.run's cli() writes the sweep summary and exits 128 + signal
+    if document is not None and document.get("status") != "ok" and not document.get("cached"):
+        _print_error(document.get("error") or "the run failed")
+        if not multirun:
+            sys.exit(1)  # a single run reports failure in its exit code (results.json is already written)
+
+
+def _job(cfg: DictConfig, output_dir: str, multirun: bool) -> dict | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from prospect.experiment import run
+
+    if multirun and cfg.logger.name == "wandb" and not cfg.logger.get("group"):
         from omegaconf import open_dict
 
         from prospect.sweep import sweep_group
 
         with open_dict(cfg):
             cfg.logger.group = sweep_group(HydraConfig.get().sweep.dir)  # a sweep's jobs share one W&B group
-    if HydraConfig.get().mode == RunMode.MULTIRUN and cfg.cache:
-        from pathlib import Path
-
+    if multirun and cfg.cache:
         from omegaconf import OmegaConf
 
         from prospect.sweep.result_cache import find_result, key_lock, reuse_result
@@ -44,27 +88,87 @@ def main(cfg: DictConfig) -> None:
             source = find_result(cfg.cache_root, key, prefer=output_dir)
             if source is not None:
                 print(f"prospect: job key {key} already has a result in {source}: reused (cache=false recomputes)")
-                reuse_result(source, Path(output_dir), config)
-                return
-            run(cfg, output_dir)
-        return
-    document = run(cfg, output_dir)
-    if document["status"] != "ok" and HydraConfig.get().mode == RunMode.RUN:
-        sys.exit(1)  # a single run reports failure in its exit code (results.json is already written)
+                return reuse_result(source, Path(output_dir), config)
+            return run(cfg, output_dir)
+    return run(cfg, output_dir)
+
+
+INFO_FLAGS = ("-h", "--help", "-hh", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion", "-p", "--package")
+
+
+def output_dir_problem(argv: list[str], create: bool = False) -> str | None:
+    """Why the run's output folder (hydra.run.dir, or hydra.sweep.dir with -m) cannot be created, or None.
+
+    Looks at the folder's literal part (up to the first ${...}): a file in the way of it stops everyone,
+    root included. With `create`, the folder is also made and a file written into it and removed, which
+    catches read-only mounts and folders only root's chmod bypass would let through."""
+    if any(arg in INFO_FLAGS or arg.startswith("--cfg") for arg in argv):
+        return None  # nothing is written
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    value = "multirun" if multirun else "outputs"
+    for arg in argv:
+        name, sep, text = arg.partition("=")
+        if sep and name.lstrip("+") == key:
+            value = text
+    text = value.strip("'\"")
+    if "${" in text:  # e.g. multirun/${now:%Y-%m-%d}: the folders before the interpolation
+        literal = text.split("${", 1)[0]
+        text = literal if literal.endswith("/") else os.path.dirname(literal)
+    folder = Path(text or ".").expanduser()
+    folder = folder if folder.is_absolute() else Path.cwd() / folder
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{key}={value}: cannot create the output folder: {existing} is a file, not a folder"
+    if create:
+        import tempfile
+
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            return f"{key}={value}: cannot create the output folder: {error.strerror or error} ({error.filename or folder})"
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            return f"{key}={value}: cannot write into the output folder {folder}: {error.strerror or error}"
+    return None
 
 
 def cli() -> None:
     """Validate the command line in one line (exit 2) before Hydra starts, then run."""
     sys.argv[1:] = quote_path_overrides(sys.argv[1:])
+    problem = output_dir_problem(sys.argv[1:])  # first: it is instant, composing every job's config is not
+    if problem:
+        _print_error(problem)
+        sys.exit(2)
     try:
         check_command_line(sys.argv[1:])
     except ConfigError as error:
-        print(f"prospect: error: {error}", file=sys.stderr)
+        _print_error(error)
+        sys.exit(2)
+    problem = output_dir_problem(sys.argv[1:], create=True)  # once the command is known to be valid
+    if problem:
+        _print_error(problem)
         sys.exit(2)
     from prospect.sweep.gpu_pool import register
 
     register()
-    main()
+    try:
+        main()
+    except BaseException as error:  # Interrupted lives in prospect.experiment, imported once a job started
+        experiment = sys.modules.get("prospect.experiment")
+        if experiment is None or not isinstance(error, experiment.Interrupted):
+            raise
+        if error.sweep_dir:
+            from prospect.sweep.callbacks import summarize_sweep
+
+            summarize_sweep(error.sweep_dir, interrupted=str(error))
+            _print_error(f"sweep stopped: {error} (jobs after it were not started; rerun the same command to resume: "
+                         "finished jobs are reused)")
+        sys.exit(error.exit_code)
     from prospect.sweep.callbacks import failed_jobs
 
     if failed_jobs():

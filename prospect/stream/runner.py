@@ -174,8 +174,18 @@ class StreamRunner:
 
     # ---- one conversation ----------------------------------------------------------------------
 
-    def run(self, conversation: Conversation, result: ConversationResult | None = None, progress: bool = False) -> ConversationResult:
-        """Stream one conversation. Pass `result` to keep the partial output if this raises."""
+    def run(
+        self,
+        conversation: Conversation,
+        result: ConversationResult | None = None,
+        progress: bool = False,
+        on_frame: Callable[[dict], None] | None = None,
+    ) -> ConversationResult:
+        """Stream one conversation. Pass `result` to keep the partial output if this raises.
+
+        `on_frame(record)` is called after each processed frame, once its record is in `result.trace` and
+        its reply in `result.replies`: the safe point between frames. Whatever it raises stops the stream
+        there (prospect.experiment streams the trace to disk and stops on signals through it)."""
         result = result or ConversationResult(conversation)
         model, strategy, settings = self.model, self.strategy, self.settings
         device = model.device
@@ -261,6 +271,8 @@ class StreamRunner:
             record["pending_tokens"] = len(pending)
             record["wall_ms"] = self._elapsed_ms(frame_start)
             result.trace.append(record)
+            if on_frame is not None:
+                on_frame(record)
             if cache_length(self.cache) > self.capacity:  # the invariant; a bug if it ever fires
                 raise ContextOverflowError(f"cache holds {cache_length(self.cache)} tokens > capacity {self.capacity}")
         result.wall_s = time.perf_counter() - started

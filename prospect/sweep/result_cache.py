@@ -103,7 +103,9 @@ def key_lock(root: str | Path, key: str, poll_s: float = 1.0, stale_after_s: flo
             except (OSError, ValueError):
                 continue  # released meanwhile
             dead = host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
-            if dead or age > stale_after_s:
+            if dead or age > stale_after_s:  # its holder was killed (kill -9, node lost): nothing will release it
+                why = f"process {pid} is gone" if dead else f"not touched for {age:.0f} s"
+                log.warning("job key %s: taking over the stale lock of %s (%s)", key, host or "?", why)
                 path.unlink(missing_ok=True)
                 continue
             if not waited:

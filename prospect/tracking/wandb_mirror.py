@@ -160,6 +160,7 @@ class WandbMirror:
             run.finish(exit_code=exit_code)
         except Exception as error:
             self._warn("wandb finish", error)
+            _teardown_broken_service()
 
     # ---- failure handling -------------------------------------------------------------------------
 
@@ -179,4 +180,15 @@ class WandbMirror:
             try:
                 run.finish(exit_code=1)
             except Exception:
-                pass
+                _teardown_broken_service()
+
+
+def _teardown_broken_service() -> None:
+    """After a run could not be finished (the W&B service process died, say), tear W&B's session down so
+    that its exit hook does not print a traceback when the process ends; the next run starts a new service."""
+    try:
+        import wandb
+
+        wandb.teardown()
+    except (Exception, SystemExit):  # teardown reports a broken service by raising or sys.exit
+        pass

@@ -1,0 +1,377 @@
+"""Faults, for real: `python -m prospect.run` in subprocesses, real signals (SIGINT, SIGTERM, SIGUSR2,
+SIGKILL), real broken files, a real W&B failure. Each test asserts the one-line error a person sees and
+that nothing already computed is lost.
+
+Runs use the tiny random model on CPU with one torch thread (several threads on a shared 2-core machine
+make each frame ~100x slower), replies of 2 tokens and no evaluation. The interrupted runs stream a long
+synthetic video (300 s, 600 frames) so that a signal sent after a few frames lands mid-conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+TINY = ["model=tiny_random", "model.device=cpu", "eval=none", "stream.max_new_tokens=2"]
+LONG_VIDEO = "dataset.generate.seconds=300"  # 600 frames: a signal after a few frames lands mid-conversation
+ERROR_PREFIX = "prospect: error: "
+
+
+@pytest.fixture(scope="module")
+def env(model_cache_dir, tiny_model) -> dict:
+    """The subprocesses' environment; `tiny_model` makes sure the model's tokenizer is converted into the
+    cache once, before several processes want it at the same time."""
+    return {
+        **os.environ, "HF_HUB_OFFLINE": "1", "PROSPECT_CACHE_DIR": str(model_cache_dir), "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
+    }
+
+
+class Run:
+    """A `python -m ...` subprocess with its stdout/stderr in files (a full pipe would stall it)."""
+
+    started: list[subprocess.Popen] = []  # killed after each test if still running (a failed assertion)
+
+    def __init__(self, tmp_path: Path, name: str, args: list[str], env: dict, module: str = "prospect.run"):
+        self.out, self.err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdout=out, stderr=err, env=env)
+        Run.started.append(self.process)
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    @property
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.replace("\r", "\n").splitlines() if line.startswith(ERROR_PREFIX)]
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    yield
+    while Run.started:
+        process = Run.started.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
+def run_to_end(tmp_path: Path, name: str, args: list[str], env: dict, module: str = "prospect.run", timeout: float = 300) -> Run:
+    run = Run(tmp_path, name, args, env, module)
+    run.wait(timeout)
+    return run
+
+
+def wait_for_frames(run: Run, pattern: str, frames: int, root: Path, timeout: float = 120) -> int:
+    """Wait until the trace.jsonl matching `pattern` under `root` has at least `frames` lines."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for trace in root.glob(pattern):
+            lines = trace.read_bytes().count(b"\n")
+            if lines >= frames:
+                return lines
+        if run.process.poll() is not None:
+            pytest.fail(f"the run ended (code {run.process.returncode}) before streaming {frames} frames:\n{run.stderr[-3000:]}")
+        time.sleep(0.02)
+    run.process.kill()
+    pytest.fail(f"no {frames} frames streamed in {timeout} s")
+
+
+def read_trace(folder: Path) -> list[dict]:
+    text = (folder / "trace.jsonl").read_text()
+    assert text.endswith("\n"), "trace.jsonl ends with a complete record"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def assert_nothing_lost(folder: Path) -> tuple[dict, dict, list[dict]]:
+    """results.json, predictions.json and trace.jsonl agree: every streamed frame is in the trace, every
+    reply in the trace is in predictions.json, and results.json counts them."""
+    results, predictions, trace = read_json(folder / "results.json"), read_json(folder / "predictions.json"), read_trace(folder)
+    assert results["metrics"]["frames_processed"] == len(trace)
+    by_conversation: dict[str, list[dict]] = {}
+    for record in trace:
+        by_conversation.setdefault(record["conversation"], []).append(record)
+    conversations = {c["id"]: c for c in predictions["conversations"]}
+    assert set(by_conversation) <= set(conversations)
+    for cid, records in by_conversation.items():
+        assert [r["index"] for r in records] == sorted({r["index"] for r in records}), f"{cid}: frames out of order or twice"
+        generated = {f["index"]: f["gen"] for f in conversations[cid]["frames"] if f["gen"]}
+        assert generated == {r["index"]: r["reply"] for r in records if "reply" in r}, f"{cid}: replies differ"
+    return results, predictions, trace
+
+
+# ---- broken data ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken_data_run(tmp_path_factory, env) -> tuple[Run, Path, Path]:
+    """One run over a ProAssist-format root with three broken samples: synthetic_001's frames file cut in
+    half, synthetic_002's frames file missing, and one line of synthetic_003 holding bytes that are not UTF-8."""
+    from prospect.data.synthetic import generate
+
+    tmp = tmp_path_factory.mktemp("broken_data")
+    generate(tmp / "root", videos=4, seconds=8, fps=2, seed=0, knowledge=True)
+    data = tmp / "root" / "processed_data" / "synthetic"
+    arrow = data / "frames" / "synthetic_001.arrow"
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    (data / "frames" / "synthetic_002.arrow").unlink()
+    annotation = data / "prepared" / "dialog-klg_test_L0_I1.jsonl"
+    lines = annotation.read_bytes().splitlines(keepends=True)
+    bad = next(i for i, line in enumerate(lines) if b'"synthetic_003"' in line and b"talk_some" in line)
+    lines[bad] = lines[bad].replace(b'"content": "', b'"content": "\xff\xfe', 1)
+    annotation.write_bytes(b"".join(lines))
+    out = tmp / "out"
+    run = run_to_end(tmp, "run", [*TINY, "logger=none", "dataset=proassist", f"dataset.root={tmp / 'root'}", "dataset.subset=synthetic",
+                                  "dataset.annotation=dialog-klg_test_L0_I1", f"hydra.run.dir={out}"], env)
+    return run, out, annotation
+
+
+def skipped_lines(run: Run) -> list[str]:
+    return [line for line in run.stdout.splitlines() if "skipped sample:" in line]
+
+
+def test_broken_samples_leave_the_others_streamed(broken_data_run):
+    run, out, _ = broken_data_run
+    assert run.process.returncode == 0, run.stderr[-3000:]
+    results, predictions, trace = assert_nothing_lost(out)
+    assert results["status"] == "ok"
+    streamed = {"synthetic_000/0/no_talk_0", "synthetic_000/0/talk_some_1", "synthetic_003/0/no_talk_0"}
+    assert {c["id"] for c in predictions["conversations"]} == streamed == {r["conversation"] for r in trace}
+    assert len(skipped_lines(run)) == 5  # two lines each for 001 and 002, one for 003
+
+
+def test_truncated_frames_file(broken_data_run):
+    run, _, annotation = broken_data_run
+    lines = [line for line in skipped_lines(run) if "synthetic_001" in line]
+    assert len(lines) == 2 and all(f"{annotation}:" in line and "synthetic_001.arrow: not a readable arrow file" in line for line in lines)
+
+
+def test_missing_frames_file(broken_data_run):
+    run, _, annotation = broken_data_run
+    lines = [line for line in skipped_lines(run) if "synthetic_002" in line]
+    assert len(lines) == 2 and all("synthetic_002.arrow: frames file missing (video synthetic_002)" in line for line in lines)
+
+
+def test_annotation_line_not_utf8(broken_data_run):
+    run, _, annotation = broken_data_run
+    [line] = [line for line in skipped_lines(run) if "synthetic_003" in line]
+    assert f"{annotation}:8: video synthetic_003: not UTF-8 text" in line
+
+
+# ---- signals ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum, code, logger", [(signal.SIGINT, 130, "none"), (signal.SIGTERM, 143, "wandb")],
+                         ids=["SIGINT", "SIGTERM-wandb"])
+def test_signal_mid_conversation_keeps_what_was_computed(tmp_path, env, signum, code, logger):
+    name = signal.Signals(signum).name
+    out = tmp_path / "out"
+    run = Run(tmp_path, "run", [*TINY, LONG_VIDEO, f"logger={logger}", f"hydra.run.dir={out}"], env)
+    seen = wait_for_frames(run, "out/trace.jsonl", 5, tmp_path)
+    run.signal(signum)
+    assert run.wait() == code, run.stderr[-3000:]
+
+    results, predictions, trace = assert_nothing_lost(out)
+    last = trace[-1]
+    where = f"interrupted by {name} at frame {last['index']} of conversation {last['conversation']}"
+    assert run.error_lines() == [f"{ERROR_PREFIX}{where} (what was computed is in {out})"]
+    assert results["status"] == "failed" and results["error"] == where
+    [conversation] = predictions["conversations"]
+    assert seen <= len(trace) < conversation["num_frames"]  # stopped mid-conversation, after the frame in progress
+    assert conversation["partial"] is True and conversation["frames_streamed"] == len(trace)
+    assert conversation["stopped_at"] == {"index": last["index"], "time": last["time"]}
+    assert conversation["error"].startswith(where)
+    assert any(f["gen"] for f in conversation["frames"]), "the replies made before the signal are kept"
+    if logger == "wandb":  # the W&B run is finished with the signal's exit code, its history has every frame once
+        from prospect.tracking.wandb_records import read_wandb_records, summarize_records
+
+        [log] = out.glob("wandb/offline-run-*/run-*.wandb")
+        mirrored = summarize_records(read_wandb_records(log))
+        assert mirrored["exit_code"] == code
+        frames = [h for h in mirrored["history"] if "frame_index" in h["items"]]
+        assert [h["items"]["frame_index"] for h in frames] == [r["index"] for r in trace]
+
+
+def test_sigusr2_stops_a_sweep_and_the_summary_is_written(tmp_path, env):
+    """submitit's preemption signal in a sweep: the job stops after its frame, no further job starts, the
+    summary is written, exit 140; rerunning the command computes the interrupted job (and the one not started)."""
+    args = ["-m", *TINY, LONG_VIDEO, "logger=none", "strategy=drop_all,none", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            f"cache_root={tmp_path}"]
+    run = Run(tmp_path, "sweep", args, env)
+    wait_for_frames(run, "sweep/0_*/trace.jsonl", 5, tmp_path)
+    run.signal(signal.SIGUSR2)
+    assert run.wait() == 140, run.stderr[-3000:]
+    [job] = (tmp_path / "sweep").glob("0_*")
+    assert not list((tmp_path / "sweep").glob("1_*")), "no job starts after the interrupted one"
+    results, _, trace = assert_nothing_lost(job)
+    where = f"interrupted by SIGUSR2 at frame {trace[-1]['index']} of conversation {trace[-1]['conversation']}"
+    assert results["status"] == "failed" and results["error"] == where
+    assert run.error_lines() == [f"{ERROR_PREFIX}sweep stopped: {where} (jobs after it were not started; rerun the same command "
+                                 "to resume: finished jobs are reused)"]
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| failed |" in summary and "interrupted by SIGUSR2" in summary
+
+
+# ---- sweeps: kill -9 and resume, two sweeps at once ----------------------------------------------------
+
+
+def sweep_results(folder: Path) -> dict[str, dict]:
+    return {p.parent.name.split("_", 1)[0]: read_json(p) for p in sorted(folder.glob("*/results.json"))}
+
+
+def test_kill_9_mid_sweep_then_resume(tmp_path, env):
+    """SIGKILL leaves job 1 without results.json and its lock file behind; the same command again reuses
+    job 0 as it is, takes over the stale lock at once and recomputes job 1. (Job 0 streams a short video,
+    job 1 the long one that is killed.)"""
+    args = ["-m", *TINY, "dataset.generate.seconds=8,300", "logger=none", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"cache_root={tmp_path}"]
+    run = Run(tmp_path, "first", args, env)
+    wait_for_frames(run, "sweep/1_*/trace.jsonl", 3, tmp_path)
+    run.signal(signal.SIGKILL)
+    assert run.wait() == -signal.SIGKILL
+    sweep = tmp_path / "sweep"
+    assert list(sweep_results(sweep)) == ["0"] and sweep_results(sweep)["0"]["status"] == "ok"
+    [lock] = (tmp_path / ".locks").glob("*.lock")
+    assert lock.read_text().endswith(f" {run.process.pid}")  # the killed process's lock is still there
+    [first_job] = sweep.glob("0_*")
+    stamp = (first_job / "results.json").stat().st_mtime_ns
+    killed_frames = len(read_trace(next(sweep.glob("1_*"))))
+
+    started = time.monotonic()
+    again = run_to_end(tmp_path, "again", args, env)
+    assert again.process.returncode == 0, again.stderr[-3000:]
+    assert time.monotonic() - started < 120  # the stale lock did not hold it up (a live one waits 180 s)
+    assert "taking over the stale lock" in again.stdout and f"process {run.process.pid} is gone" in again.stdout
+    assert (first_job / "results.json").stat().st_mtime_ns == stamp  # job 0 reused as it was
+    runs = sweep_results(sweep)
+    assert {k: r["status"] for k, r in runs.items()} == {"0": "ok", "1": "ok"}
+    results, _, trace = assert_nothing_lost(next(sweep.glob("1_*")))
+    assert len(trace) > killed_frames and not list((tmp_path / ".locks").glob("*.lock"))
+    assert "| failed |" not in (sweep / "summary.md").read_text()
+
+
+def test_two_identical_sweeps_at_once_compute_each_job_once(tmp_path, env):
+    common = ["-m", *TINY, "dataset.generate.seconds=60", "logger=none", "strategy=drop_all,none", f"cache_root={tmp_path}"]
+    runs = [Run(tmp_path, name, [*common, f"hydra.sweep.dir={tmp_path / name}"], env) for name in ("a", "b")]
+    for run in runs:
+        assert run.wait() == 0, run.stderr[-3000:]
+    jobs = [r for name in ("a", "b") for r in sweep_results(tmp_path / name).values()]
+    assert len(jobs) == 4 and all(r["status"] == "ok" for r in jobs)
+    computed: dict[str, int] = {}
+    for r in jobs:
+        computed[r["job_key"]] = computed.get(r["job_key"], 0) + (not r.get("cached"))
+    assert len(computed) == 2 and set(computed.values()) == {1}, computed  # each key computed by one sweep only
+    assert not list((tmp_path / ".locks").glob("*.lock"))
+
+
+# ---- W&B ----------------------------------------------------------------------------------------------
+
+
+def wandb_warnings(run: Run) -> list[str]:
+    return [line for line in (run.stdout + run.stderr).splitlines() if "W&B mirror off" in line]
+
+
+def test_wandb_failing_at_init_leaves_the_local_files(tmp_path, env):
+    """An invalid W&B setting (WANDB_MODE=bogus, what W&B itself rejects): one warning, the run is complete."""
+    out = tmp_path / "out"
+    run = run_to_end(tmp_path, "run", [*TINY, "dataset.generate.seconds=8", "logger=wandb", f"hydra.run.dir={out}"],
+                     {**env, "WANDB_MODE": "bogus"})
+    assert run.process.returncode == 0, run.stderr[-3000:]
+    [warning] = wandb_warnings(run)
+    assert "wandb.init failed" in warning and "bogus" in warning
+    results, predictions, trace = assert_nothing_lost(out)
+    assert results["status"] == "ok" and len(trace) == predictions["conversations"][0]["num_frames"] and not run.error_lines()
+
+
+def test_wandb_failing_mid_run_leaves_the_local_files(tmp_path, env):
+    """W&B's service process dies mid-run (killed, as the OOM killer would): one warning, the run goes on,
+    every local file is complete, and no W&B traceback at exit."""
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "out"
+    run = Run(tmp_path, "run", [*TINY, LONG_VIDEO, "logger=wandb", f"hydra.run.dir={out}"], env)
+    wait_for_frames(run, "out/trace.jsonl", 5, tmp_path)
+    services = [p for p in psutil.Process(run.process.pid).children(recursive=True) if p.name() == "wandb-core"]
+    assert services, "W&B runs its service in a child process"
+    for service in services:
+        service.kill()
+    assert run.wait() == 0, run.stderr[-3000:]
+    [warning] = wandb_warnings(run)
+    assert "logging the trace failed" in warning and "local files are unaffected" in warning
+    results, predictions, trace = assert_nothing_lost(out)
+    assert results["status"] == "ok" and len(trace) == predictions["conversations"][0]["num_frames"]
+    assert "Traceback" not in run.stderr and not run.error_lines()
+
+
+# ---- output folder, prospect.evaluate ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "sweep"])
+def test_output_folder_that_cannot_be_created(tmp_path, env, multirun):
+    """The folder's parent is a file (the check that also holds for root, whom chmod does not stop)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    args = ["-m"] if multirun else []
+    run = run_to_end(tmp_path, "run", [*args, *TINY, "logger=none", f"{key}={blocker / 'out'}"], env)
+    assert run.process.returncode == 2
+    assert run.stderr.strip() == f"{ERROR_PREFIX}{key}={blocker / 'out'}: cannot create the output folder: {blocker} is a file, not a folder"
+    assert blocker.read_text() == "not a folder\n"
+
+
+def test_evaluate_on_a_binary_file(tmp_path, env):
+    binary = tmp_path / "predictions.json"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    run = run_to_end(tmp_path, "evaluate", [f"predictions={binary}"], env, module="prospect.evaluate")
+    assert run.process.returncode == 2
+    assert run.stderr.strip() == f"prospect.evaluate: error: {binary}: not JSON ('utf-8' codec can't decode byte 0x89 in position 0: invalid start byte)"
+    assert not (tmp_path / "metrics.json").exists()
+
+
+# ---- preemption through submitit: stop, requeue, resume -----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_submitit_requeues_a_preempted_job_which_resumes_through_the_cache(tmp_path, env):
+    """SIGUSR2 to a submitit job (what SLURM sends before a time limit or a preemption): the job writes its
+    partial files, hands the signal to submitit, which requeues it; the requeued job recomputes in the same
+    folder and the sweep ends ok."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    psutil = pytest.importorskip("psutil")
+    args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *TINY, "dataset.generate.seconds=120", "logger=none",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"cache_root={tmp_path}"]
+    run = Run(tmp_path, "sweep", args, env)
+    wait_for_frames(run, "sweep/0_*/trace.jsonl", 5, tmp_path)
+    [job] = [p for p in psutil.Process(run.process.pid).children(recursive=True) if "submitit.core._submit" in " ".join(p.cmdline())]
+    job.send_signal(signal.SIGUSR2)
+    assert run.wait() == 0, run.stderr[-3000:]
+    [folder] = (tmp_path / "sweep").glob("0_*")
+    results, predictions, trace = assert_nothing_lost(folder)
+    assert results["status"] == "ok" and len(trace) == predictions["conversations"][0]["num_frames"]
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "sweep" / ".submitit").rglob("*_log.*"))
+    assert "interrupted by SIGUSR2 at frame" in logs and "Requeued job" in logs
