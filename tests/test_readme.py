@@ -24,3 +24,12 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
 def test_top_level_layout():
     for name in ("pyproject.toml", "conf", "prospect", "tests", "multirun", "notebooks", "README.md", ".ci/run"):
         assert (REPO / name).exists(), name
+
+
+def test_every_strategy_has_a_config_file_and_a_readme_row():
+    from prospect.context_strategies import STRATEGIES
+
+    text = (REPO / "README.md").read_text()
+    for name in STRATEGIES:
+        assert (REPO / "conf" / "strategy" / f"{name}.yaml").is_file(), name
+        assert f"| `{name}` |" in text, name
