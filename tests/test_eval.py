@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -169,6 +170,143 @@ def test_oracle_zero_cost_quirk_with_proassist_exact():
     assert exact.matched == [] and exact.redundant == [4, 20, 36] and exact.missed == [4, 20, 36]
     with pytest.raises(NoFullMatching, match="proassist_exact"):
         match({0: "x"}, {0: "x"}, {("x", "x"): 1.0}, num_frames=1, exact=True)
+
+
+# ---- proassist_exact: ProAssist's float32 arithmetic ----------------------------------------------------
+
+
+def recorded_costs(costs: dict[tuple[str, str], float], calls: list):
+    """A semantic_cost that records each call's pairs and returns the listed float32 costs (1 otherwise)."""
+
+    def semantic_cost(pairs):
+        calls.append(list(pairs))
+        return np.array([costs.get(pair, 1.0) for pair in pairs], dtype=np.float32)
+
+    return semantic_cost
+
+
+def test_proassist_exact_compares_pairs_in_proassists_order_in_one_call():
+    calls: list = []
+    gen = {3: "g", 6: "h"}
+    ref = {1: "a", 4: "b", 9: "c", 15: "d"}
+    match_conversation(gen, ref, 20, (-2, 3), None, F, P, True, recorded_costs({}, calls))
+    # generation frames ascending, then reference frames ascending within [i - 2, i + 3]; one call
+    assert calls == [[("g", "a"), ("g", "b"), ("h", "b"), ("h", "c")]]
+    with pytest.raises(ValueError, match="semantic_cost returned 1 costs for 4 pairs"):
+        match_conversation(gen, ref, 20, (-2, 3), None, F, P, True, lambda pairs: np.zeros(1, np.float32))
+
+
+@pytest.mark.parametrize(
+    "cost,survives",
+    [(0.0, False), (np.float32(1) - np.float32(0.99999994), True), (np.float32(1) - np.float32(1.0000001), True)],
+    ids=["cos-1.0", "cos-0.99999994", "cos-1.0000001"],
+)
+def test_proassist_exact_only_an_exact_float32_zero_is_dropped(cost, survives):
+    gen = ref = {10: "s"}
+    result = match_conversation(gen, ref, 20, WINDOW, None, F, P, True, recorded_costs({("s", "s"): cost}, []))
+    if survives:  # a tiny (even negative) cost is a stored entry: the perfect pair is matched
+        assert [(p.gen_frame, p.ref_frame) for p in result.matched] == [(10, 10)]
+        assert result.matched[0].score == 1.0 - float(np.float32(cost)) != 1.0  # ProAssist's 1 - C, C read as float32
+        assert result.redundant == [] and result.missed == []
+    else:  # csr_matrix(dense) drops the zero: the generation lands on a silent neighbour
+        assert result.matched == [] and result.redundant == [10] and result.missed == [10]
+    corrected = match_conversation(gen, ref, 20, WINDOW, table({("s", "s"): 1.0}), F, P)
+    assert [(p.gen_frame, p.ref_frame, p.score) for p in corrected.matched] == [(10, 10, 1.0)]
+
+
+def test_proassist_distance_costs_equal_proassists_frames_by_frames_matrix():
+    import torch
+
+    from prospect.eval.matching import proassist_distance_costs
+
+    n, window = 60, (-4, 8)
+    # get_distance_cost as ProAssist writes it: float32 |i - j| ** p, times the Python float f / rg^p
+    frames = torch.arange(1, n + 1, dtype=torch.float32)
+    full = ((frames[:, None] - frames).abs() ** P * (F / 8**P)).numpy()
+    table_ = proassist_distance_costs(8, window, F, P)
+    assert table_.dtype == np.float32 and table_[0] == 0.0 and table_[8] == np.float32(0.3)
+    for i in range(n):
+        for j in range(max(0, i - 4), min(n, i + 9)):
+            assert table_[abs(j - i)] == full[i, j]
+    assert proassist_distance_costs(0, (0, 0), F, P).tolist() == [0.0]
+
+
+def test_proassist_semantic_cost_calls_encode_as_proassist_does(monkeypatch):
+    import torch
+
+    import prospect.eval.embeddings as embeddings
+
+    calls = []
+    vectors = {"a": [3.0, 4.0], "b": [4.0, 3.0], "c": [0.0, -2.0]}  # not unit length: pairwise_cos_sim normalises
+
+    class FakeModel:
+        def encode(self, strings, **kwargs):
+            calls.append((list(strings), kwargs))
+            return torch.tensor([vectors[t] for t in strings], dtype=torch.float32)
+
+    monkeypatch.setitem(embeddings._MODELS, "fake", FakeModel())
+    costs = embeddings.ProAssistSemanticCost("fake")([("a", "b"), ("a", "c"), ("c", "c")])
+    # one call on the flat list gen_1, ref_1, gen_2, ... with ProAssist's keyword arguments
+    assert calls == [(["a", "b", "a", "c", "c", "c"], {"convert_to_tensor": True, "show_progress_bar": False, "batch_size": 128})]
+    assert costs.dtype == np.float32
+    assert costs.tolist() == pytest.approx([1 - 24 / 25, 1 - 0.8, 0.0], abs=1e-6)  # |cos(a, c)| = 0.8
+    assert costs[2] == 0.0  # c / |c| = (0, -1) exactly
+
+
+# Candidates for a real-model case of each kind: on this CPU MiniLM gives identical strings a float32
+# cosine of exactly 1.0 for some and 0.99999994 / 1.0000001 for others.
+SELF_PAIR_CANDIDATES = [
+    "Now unscrew the second wheel.", "Attach the cabin to the chassis.", "Put the ladder on top of the truck.",
+    "Great job, the fire truck is done.", "Cut the onion.", "Good.", "Open the lid.", "Turn it over.",
+    "Take the screwdriver from the table.", "Add the salt.", "Next, fold the paper.", "Hold the base steady.",
+    "Place the lid on the pot.", "Yes.", "Well done!",
+]
+
+
+def self_pair_cost(text: str) -> np.float32:
+    """1 - |cos| of (text, text) as ProAssist computes it, straight from sentence-transformers."""
+    import torch
+    from sentence_transformers.util import pairwise_cos_sim
+
+    from prospect.eval.embeddings import load_sentence_model
+
+    model = load_sentence_model(EvalSettings().sentence_model)
+    vectors = model.encode([text, text], convert_to_tensor=True, show_progress_bar=False, batch_size=128)
+    assert vectors.dtype == torch.float32
+    return (1 - pairwise_cos_sim(vectors[:1], vectors[1:]).abs()).numpy()[0]
+
+
+def test_real_embeddings_proassist_exact_drops_only_float32_zero_cost_pairs():
+    from prospect.eval.embeddings import ProAssistSemanticCost
+
+    costs: dict[str, np.float32] = {}
+    for text in SELF_PAIR_CANDIDATES:  # until one of each kind is found
+        costs[text] = self_pair_cost(text)
+        zero = next((t for t, c in costs.items() if c == 0), None)
+        tiny = next((t for t, c in costs.items() if c != 0), None)
+        if zero and tiny:
+            break
+    assert zero is not None and tiny is not None, f"float32 self-pair costs on this machine: {costs}"
+    assert abs(float(costs[tiny])) < 1e-6
+    semantic_cost = ProAssistSemanticCost(EvalSettings().sentence_model)
+    assert semantic_cost([(zero, zero), (tiny, tiny)]).dtype == np.float32
+    assert semantic_cost([(tiny, tiny)])[0] == costs[tiny]
+
+    doc = document(
+        conversation("zero/x", "assembly101", [(10, zero, zero)], num_frames=20),
+        conversation("tiny/x", "assembly101", [(10, tiny, tiny)], num_frames=20),
+    )
+    exact = evaluate_predictions(doc, EvalSettings(proassist_exact=True))
+    dropped, kept = exact["per_conversation"]["zero/x"], exact["per_conversation"]["tiny/x"]
+    assert (dropped[NUM_MATCHED], dropped[NUM_MISSED], dropped[NUM_REDUNDANT], dropped[F1]) == (0, 1, 1, 0.0)
+    assert (kept[NUM_MATCHED], kept[NUM_MISSED], kept[NUM_REDUNDANT], kept[F1]) == (1, 0, 0, 1.0)
+    assert kept[SEMANTIC_SCORE] == 1.0 - float(costs[tiny])  # ProAssist's 1 - C, not forced to 1.0
+    # pooled: M = 1, M_all = 1, Red = 1, Miss = 1
+    assert (exact["metrics"][PRECISION], exact["metrics"][RECALL], exact["metrics"][F1]) == (0.5, 0.5, 0.5)
+    # the corrected default matches both perfect pairs
+    default = evaluate_predictions(doc, EvalSettings())
+    assert default["metrics"][F1] == 1.0 and default["metrics"][NUM_MATCHED] == 2
+    assert default["metrics"][SEMANTIC_SCORE] == 1.0
 
 
 # ---- documents: micro-averaging, skipped conversations -------------------------------------------------
@@ -411,8 +549,6 @@ def test_cli_module_entry_point_exits_2(tmp_path):
 
 
 def test_each_distinct_text_is_embedded_once_in_sorted_order():
-    import numpy as np
-
     from prospect.eval.embeddings import embed_texts
 
     model = EvalSettings().sentence_model

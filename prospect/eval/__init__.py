@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from prospect.eval.embeddings import EmbeddingSimilarity, EvalSetupError, embed_texts
-from prospect.eval.matching import NoFullMatching, SimilarityFn, match_conversation
+from prospect.eval.embeddings import EmbeddingSimilarity, EvalSetupError, ProAssistSemanticCost, embed_texts
+from prospect.eval.matching import NoFullMatching, SemanticCostFn, SimilarityFn, match_conversation
 from prospect.eval.metrics import NUM_CONVERSATIONS, Tally, pool, summarize, with_nlg
 from prospect.eval.windows import window_frames, window_seconds
 
@@ -168,8 +168,10 @@ def evaluate_predictions(
 ) -> dict:
     """Score a predictions document (already validated, or checked here) with the eval settings.
 
-    similarity(gen, ref) -> cosine replaces the sentence model (tests pass hand values); by default
-    every distinct text is embedded once with eval.sentence_model.
+    similarity(gen, ref) -> cosine replaces the sentence model (tests pass hand values). By default
+    every distinct text is embedded once with eval.sentence_model; with eval.proassist_exact the
+    sentence model is called per conversation as ProAssist calls it (ProAssistSemanticCost; its batch
+    size is ProAssist's 128, not eval.batch_size, since the batching changes the float32 embeddings).
     """
     settings = EvalSettings.from_config(eval_cfg)
     validate_predictions(document)
@@ -181,7 +183,10 @@ def evaluate_predictions(
         else:
             evaluable.append(conversation)
 
-    if similarity is None:
+    semantic_cost: SemanticCostFn | None = None
+    if similarity is None and settings.proassist_exact:
+        semantic_cost = ProAssistSemanticCost(settings.sentence_model)
+    elif similarity is None:
         texts = [t for c in evaluable for f in c["frames"] for t in (f["gen"], f["ref"]) if t]
         similarity = EmbeddingSimilarity(embed_texts(texts, settings.sentence_model, settings.batch_size))
 
@@ -201,6 +206,7 @@ def evaluate_predictions(
                 {f["index"]: f["ref"] for f in conversation["frames"]},
                 conversation["num_frames"], frames, similarity,
                 settings.temporal_cost_factor, settings.temporal_cost_power, settings.proassist_exact,
+                semantic_cost,
             )
         except NoFullMatching as error:
             skipped.append({"id": conversation["id"], "error": f"evaluation: {error}"})

