@@ -84,6 +84,7 @@ class StopSignals:
         self.previous: dict[int, Any] = {}
         self.raised = False  # an Interrupted was raised for the first signal
         self.where = ""  # the last safe point passed, for a forced stop's message
+        self.writing = False  # the run is writing its files: a second signal must not cut them short
         self._depth = 0
 
     @classmethod
@@ -120,8 +121,15 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        repeated = signum in self.received
+        repeated = bool(self.received)  # any stop signal after the first forces the stop
         self.received.append(signum)
+        if repeated and self.writing:  # never cut the result files short; a third signal exits without them
+            if len(self.received) >= 3:
+                os._exit(128 + signum)
+            with contextlib.suppress(OSError):
+                os.write(2, f"\nprospect: {name} received while writing the results: finishing them "
+                            f"(send a signal again to exit at once without them)\n".encode())
+            return
         if repeated:
             self.raised = True
             raise self._interrupted(signum, f"(sent twice: stopped at once{', ' + self.where if self.where else ''})")
@@ -469,8 +477,12 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
                 stream_conversations(runner, loaded.conversations, output_dir, None, report.results, on_record, stop)
                 score(report, cfg.eval)
         finally:  # also when interrupted: what was computed is written
-            document = finish_run(
-                report, output_dir, config, environment(device), key, str(cfg.strategy.name), int(cfg.strategy.max_seq_len), mirror
-            )
+            stop.writing = True
+            try:
+                document = finish_run(
+                    report, output_dir, config, environment(device), key, str(cfg.strategy.name), int(cfg.strategy.max_seq_len), mirror
+                )
+            finally:
+                stop.writing = False
         stop.check("after the run finished (its results are complete)")
     return document

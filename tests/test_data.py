@@ -231,3 +231,45 @@ def test_generator_cli(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and bad.stderr.strip() == "prospect.data.synthetic: error: --videos must be at least 1, got 0"
+
+
+def test_more_hostile_lines_bom_offsets_deep_nesting_and_wrong_types(synthetic_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root, root)
+    path = root / "processed_data/synthetic/prepared/dialog_test_L0_I1.jsonl"
+    good = path.read_bytes().splitlines()
+    sample = json.loads(good[2])
+    turns = sample["conversation"]
+    first_assistant = next(i for i, t in enumerate(turns) if t["role"] == "assistant")
+    bad_reference = sample | {"conversation": turns[:first_assistant] + [turns[first_assistant] | {"content": 123}] + turns[first_assistant + 1 :]}
+    lines = [
+        b"\xef\xbb\xbf{\"a\": \"\xff\"}",  # 1: a byte-order mark, then a bad byte at file offset 10 (3 + 7)
+        b"[" * 100_000,  # 2: nested too deeply (valid UTF-8)
+        b"[" * 100_000 + b"\xff",  # 3: and not UTF-8
+        json.dumps(bad_reference).encode(),  # 4: an assistant turn whose content is not a string
+        json.dumps(sample | {"metadata": sample["metadata"] | {"add_knowledge": "no"}}).encode(),  # 5
+        good[3],  # 6
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    loaded = load_conversations(root, "synthetic", "dialog_test_L0_I1")
+    assert [c.id for c in loaded.conversations] == ["synthetic_001/0/talk_some_1"]
+    reasons = {s.line: s.reason.split(f"{path}:{s.line}: ", 1)[1] for s in loaded.skipped}
+    assert reasons[1] == "not UTF-8 text (invalid byte 0xff at byte offset 10)"
+    assert reasons[2] == "malformed JSON (nested too deeply)"
+    assert reasons[3].startswith("not UTF-8 text (invalid byte 0xff")
+    assert reasons[4] == f"video synthetic_001: turn {first_assistant} (assistant) content must be a string, got int"
+    assert reasons[5] == "video synthetic_001: metadata.add_knowledge must be true or false, got 'no'"
+
+
+def test_timed_turn_at_the_end_of_the_last_frame_still_follows_it():
+    from PIL import Image
+
+    from prospect.data.proassist import conversation_from_images
+
+    images = [Image.new("RGB", (8, 8))] * 100  # 100 frames at 2 fps: frame 99 ends at 50 s
+    turns = [{"role": "user", "content": "Hi.", "time": 1.0}, {"role": "assistant", "content": "Last step.", "time": 50.0}]
+    conversation = conversation_from_images("v", images, turns, fps=2.0)
+    assert conversation.num_frames == 100
+    assert conversation.frames[-1].reference == "Last step."
+    dropped = conversation_from_images("v", images, turns + [{"role": "assistant", "content": "Too late.", "time": 60.0}], fps=2.0)
+    assert [f.reference for f in dropped.frames if f.reference] == ["Last step."]

@@ -133,7 +133,8 @@ def assert_nothing_lost(folder: Path) -> tuple[dict, dict, list[dict]]:
 @pytest.fixture(scope="module")
 def broken_data_run(tmp_path_factory, env) -> tuple[Run, Path, Path]:
     """One run over a ProAssist-format root with three broken samples: synthetic_001's frames file cut in
-    half, synthetic_002's frames file missing, and one line of synthetic_003 holding bytes that are not UTF-8."""
+    half, synthetic_002's frames file missing, one line of synthetic_003 holding bytes that are not UTF-8, and
+    a sample of synthetic_000 without any frames turn."""
     from prospect.data.synthetic import generate
 
     tmp = tmp_path_factory.mktemp("broken_data")
@@ -146,6 +147,10 @@ def broken_data_run(tmp_path_factory, env) -> tuple[Run, Path, Path]:
     lines = annotation.read_bytes().splitlines(keepends=True)
     bad = next(i for i, line in enumerate(lines) if b'"synthetic_003"' in line and b"talk_some" in line)
     lines[bad] = lines[bad].replace(b'"content": "', b'"content": "\xff\xfe', 1)
+    frameless = json.loads(lines[0])
+    frameless["conversation"] = [turn for turn in frameless["conversation"] if turn["role"] != "frames"]
+    frameless["metadata"]["user_id"] = "no_frames"
+    lines.append(json.dumps(frameless).encode() + b"\n")
     annotation.write_bytes(b"".join(lines))
     out = tmp / "out"
     run = run_to_end(tmp, "run", [*TINY, "logger=none", "dataset=proassist", f"dataset.root={tmp / 'root'}", "dataset.subset=synthetic",
@@ -164,7 +169,8 @@ def test_broken_samples_leave_the_others_streamed(broken_data_run):
     assert results["status"] == "ok"
     streamed = {"synthetic_000/0/no_talk_0", "synthetic_000/0/talk_some_1", "synthetic_003/0/no_talk_0"}
     assert {c["id"] for c in predictions["conversations"]} == streamed == {r["conversation"] for r in trace}
-    assert len(skipped_lines(run)) == 5  # two lines each for 001 and 002, one for 003
+    assert len(skipped_lines(run)) == 6  # two lines each for 001 and 002, one for 003, one without frames
+    assert "Traceback" not in run.stderr
 
 
 def test_truncated_frames_file(broken_data_run):
@@ -177,6 +183,12 @@ def test_missing_frames_file(broken_data_run):
     run, _, annotation = broken_data_run
     lines = [line for line in skipped_lines(run) if "synthetic_002" in line]
     assert len(lines) == 2 and all("synthetic_002.arrow: frames file missing (video synthetic_002)" in line for line in lines)
+
+
+def test_sample_without_frames(broken_data_run):
+    run, _, annotation = broken_data_run
+    [line] = [line for line in skipped_lines(run) if "no frames turn" in line]
+    assert f"{annotation}:" in line and "video synthetic_000: the conversation has no frames turn" in line
 
 
 def test_annotation_line_not_utf8(broken_data_run):
@@ -197,6 +209,7 @@ def test_signal_mid_conversation_keeps_what_was_computed(tmp_path, env, signum, 
     seen = wait_for_frames(run, "out/trace.jsonl", 5, tmp_path)
     run.signal(signum)
     assert run.wait() == code, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
 
     results, predictions, trace = assert_nothing_lost(out)
     last = trace[-1]

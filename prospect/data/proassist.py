@@ -12,6 +12,7 @@ after the first user turn; it is fed like any other system turn.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from dataclasses import dataclass, field
@@ -134,15 +135,18 @@ def _parse_line(raw: bytes) -> tuple[Any, str | None]:
         # skipped, but parsed with replacement characters where possible so the message can name the video
         try:
             guess = json.loads(raw.decode("utf-8", errors="replace"))
-        except ValueError:
+        except (ValueError, RecursionError):
             guess = None
-        return guess, f"not UTF-8 text (invalid byte 0x{raw[error.start]:02x} at byte offset {error.start})"
+        offset = error.start + (len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0)  # -sig counts after the mark
+        return guess, f"not UTF-8 text (invalid byte 0x{raw[offset]:02x} at byte offset {offset})"
     if not text.strip():
         return None, None
     try:
         return json.loads(text), None
     except json.JSONDecodeError as error:
         return None, f"malformed JSON ({error.msg})"
+    except RecursionError:
+        return None, "malformed JSON (nested too deeply)"
     except ValueError as error:  # e.g. an integer past Python's digit limit
         return None, f"malformed JSON ({error})"
     except RecursionError:
@@ -195,6 +199,8 @@ def check_sample_fields(sample: Any) -> None:
         for key in ("user_type", "user_id", "task_goal", "knowledge"):
             if metadata.get(key) is not None and not isinstance(metadata[key], str):
                 wrong.append(f"metadata.{key} must be a string, got {type(metadata[key]).__name__}")
+        if metadata.get("add_knowledge") is not None and not isinstance(metadata["add_knowledge"], bool):
+            wrong.append(f"metadata.add_knowledge must be true or false, got {metadata['add_knowledge']!r}")
     if sample.get("dataset") is not None and not isinstance(sample["dataset"], str):
         wrong.append(f"dataset must be a string, got {type(sample['dataset']).__name__}")
     if wrong:
@@ -255,6 +261,8 @@ def _stream_from_turns(
                 )
             following = turns[position + 1] if position + 1 < len(turns) else None
             reference = following.get("content") if isinstance(following, dict) and following.get("role") == "assistant" else None
+            if reference is not None and not isinstance(reference, str):
+                raise SampleError(f"video {video_uid}: turn {position + 1} (assistant) content must be a string, got {type(reference).__name__}")
             for original_index in range(first, stop):
                 k = len(frames)
                 frames.append(
@@ -302,7 +310,7 @@ def timed_turns_to_prepared(turns: list[dict], fps: float, num_frames: int) -> l
         if not _is_number(turn.get("time")):
             raise SampleError(f"turn {turn.get('role')!r} {str(turn.get('content'))[:40]!r} needs a time in seconds, got {turn.get('time')!r}")
         index = max(int(float(turn["time"]) * fps), cursor + 1)
-        if index >= num_frames:
+        if index > num_frames:  # a turn at the end of the last frame still follows it
             log.warning(
                 "%d turn(s) from time %ss on dropped: past the %d frames given (%.1f s at %g fps)",
                 len(timed) - position, turn["time"], num_frames, num_frames / fps, fps,

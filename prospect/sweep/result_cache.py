@@ -111,6 +111,9 @@ def key_lock(root: str | Path, key: str, poll_s: float = 1.0, stale_after_s: flo
             if not waited:
                 log.info("job key %s is being computed by %s; waiting to reuse it", key, host or pid)
                 waited = True
+            from prospect.experiment import StopSignals
+
+            StopSignals.current().check(f"while waiting for the lock of job key {key}")  # a stop signal ends the wait
             time.sleep(poll_s)
             continue
         os.write(handle, me.encode())
