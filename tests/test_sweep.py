@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,85 @@ def test_gpu_pool_pins_each_job_and_honours_concurrency(tmp_path):
     # ... and both GPUs busy at the same time
     assert any(s0 < e1 and s1 < e0 for g0, s0, e0 in spans for g1, s1, e1 in spans if g0 == "7" and g1 == "9")
     assert (tmp_path / "grid" / "summary.md").is_file()
+
+
+def test_gpu_pool_reused_job_keeps_its_overrides(tmp_path):
+    """A job that reuses a result gets .hydra/overrides.yaml like any other, so the summary does not call an
+    override shared that varies; without that file its overrides are read from results.json's config."""
+    import yaml
+
+    from prospect.sweep.summary import write_summary
+
+    result = sweep(tmp_path, "hydra/launcher=gpu_pool", "hydra.launcher.gpus=[7]", "model=oracle", "strategy=drop_all",
+                   "strategy.last_keep_len=256,512", "dataset.generate.seconds=12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    grid = tmp_path / "grid"
+    reused = next(grid.glob("1_*"))
+    assert json.loads((reused / "results.json").read_text())["cached"]  # drop_all ignores last_keep_len: one key
+    assert "strategy.last_keep_len=512" in yaml.safe_load((reused / ".hydra" / "overrides.yaml").read_text())
+    assert "last_keep_len: 512" in (reused / ".hydra" / "config.yaml").read_text()
+    summary = (grid / "summary.md").read_text()
+    shared = next(line for line in summary.splitlines() if line.startswith("Shared by all jobs:"))
+    assert "last_keep_len" not in shared and "`strategy=drop_all`" in shared
+    assert "| 0 1 | 256, 512 | ok |" in summary
+
+    (reused / ".hydra" / "overrides.yaml").unlink()  # e.g. a sweep of an earlier version: unknown overrides
+    written = write_summary(grid)
+    assert written["overrides"].varying == ["strategy.last_keep_len"]
+    assert {"model=oracle", "strategy=drop_all", "dataset.generate.seconds=12"} <= set(written["overrides"].shared)
+    assert [r["strategy.last_keep_len"] for r in written["records"]] == ["256", "512"]  # 512 read from results.json
+    assert any("no .hydra/overrides.yaml" in note for note in written["notes"])
+    (reused / "results.json").write_text(json.dumps({**json.loads((reused / "results.json").read_text()), "config": {}}))
+    assert "model=oracle" not in write_summary(grid)["overrides"].shared  # nothing known of job 1: nothing shared
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of the live processes (but this one) whose command line holds `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command:
+            found.append(f"{proc.name}: {command}")
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
+def test_gpu_pool_sweep_stops_on_sigterm(tmp_path, model_cache_dir):
+    """SIGTERM to a gpu_pool sweep reaches its running job, which stops after its frame and writes its files;
+    no further job starts; the summary is written; the command exits 143; no job process is left."""
+    grid = tmp_path / "grid"
+    command = [sys.executable, "-m", "prospect.run", "-m", "logger=none", f"hydra.sweep.dir={grid}", f"cache_root={tmp_path}",
+               "hydra/launcher=gpu_pool", "hydra.launcher.gpus=[7]", "hydra.launcher.poll_s=0.05", "model=tiny_random",
+               "model.device=cpu", "eval=none", "dataset.generate.seconds=240", "strategy=none,drop_all"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PROSPECT_CACHE_DIR": str(model_cache_dir)}
+    parent = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size for p in grid.glob("0_*/trace.jsonl")):
+            assert parent.poll() is None, parent.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "job 0 streamed no frame in 120 s"
+            time.sleep(0.05)
+        parent.send_signal(signal.SIGTERM)
+        out, err = parent.communicate(timeout=120)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert parent.returncode == 143, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("prospect: error:")]
+    assert len(errors) == 1 and errors[0].startswith("prospect: error: sweep stopped: interrupted by SIGTERM"), err[-3000:]
+    job = json.loads(next(grid.glob("0_*/results.json")).read_text())
+    assert job["status"] == "failed" and job["error"].startswith("interrupted by SIGTERM at frame"), job["error"]
+    assert not list(grid.glob("1_*"))  # not started
+    summary = (grid / "summary.md").read_text()
+    assert "Failed or missing jobs" in summary and "interrupted by SIGTERM" in summary
+    assert _processes_mentioning(str(grid)) == []
 
 
 def test_submitit_local_launcher(tmp_path):

@@ -4,7 +4,14 @@ one GPU with CUDA_VISIBLE_DEVICES, at most `jobs_per_gpu` jobs at a time on each
 (Hydra's joblib launcher reuses worker processes, which cannot be re-pinned to another GPU, and
 submitit's local executor gives every job GPU 0.) Select it with `hydra/launcher=gpu_pool`; set
 `hydra.launcher.gpus=[0,1,2,3]` (default: every visible GPU) and `hydra.launcher.jobs_per_gpu=2`.
-Jobs whose job key already has an ok result are reused instead of launched; jobs sharing a key run once.
+Jobs whose job key already has an ok result are reused instead of launched (their folder gets
+.hydra/overrides.yaml and config.yaml, as a job of the basic launcher has); jobs sharing a key run once.
+
+SIGINT, SIGTERM and SIGUSR2 to the launcher (the `python -m prospect.run -m` process) are forwarded to
+the running jobs, which stop after their current frame and write what they computed; no new job starts,
+the launcher waits for the running ones, and prospect.run writes the sweep summary and exits 128 + the
+signal's number. A second signal is forwarded too (the jobs stop at once); a third kills the jobs. Jobs
+run in their own session, so a Ctrl-C at the terminal reaches them once, through the launcher.
 
 Hydra instantiates launchers only from its `hydra_plugins` namespace and only classes it registered,
 so `register()` (called by `python -m prospect.run` before Hydra starts) files this class under
@@ -13,13 +20,16 @@ so `register()` (called by `python -m prospect.run` before Hydra starts) files t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,9 +66,72 @@ class PoolJob:
     cache_root: str
     group: str | None
     config: dict | None = None
+    task_overrides: list[str] = field(default_factory=list)  # what Hydra writes to the job's .hydra/overrides.yaml
+    config_yaml: str = ""  # ... and to .hydra/config.yaml (the job's config, unresolved)
+    output_subdir: str | None = ".hydra"
     process: subprocess.Popen | None = None
     gpu: str | None = None
     result: JobReturn | None = None
+
+
+# prospect.experiment.STOP_SIGNALS; not imported from there at start, as that module loads torch
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
+class SweepStop:
+    """While the pool runs, SIGINT/SIGTERM/SIGUSR2 only record the signal (the pattern of
+    prospect.experiment.StopSignals); the launcher's loop forwards each to the running jobs. Installed only
+    from the main thread; `uninstall` restores the handlers found."""
+
+    def __init__(self, signals: Sequence[int] = STOP_SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.received: list[int] = []
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> "SweepStop":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                try:
+                    self.previous[signum] = signal.signal(signum, self._handle)
+                except (ValueError, OSError):  # not settable here
+                    pass
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self.previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        name = signal.Signals(signum).name
+        message = {
+            1: f"{name} received: stopping the sweep: the running jobs stop after their current frame and write what they "
+               f"computed, no new job starts, then the summary is written (send {name} again to stop the jobs at once)",
+            2: f"{name} received again: the running jobs stop at once (a third signal kills them)",
+            3: f"{name} received a third time: killing the running jobs",
+        }.get(len(self.received))
+        if message:  # os.write: nothing that could re-enter a stream being written
+            with contextlib.suppress(OSError):
+                os.write(2, f"\nprospect: {message}\n".encode())
+
+    @property
+    def signum(self) -> int | None:
+        """The signal that stops the sweep: SIGUSR2 when it came at all (as StopSignals), else the first."""
+        if not self.received:
+            return None
+        return signal.SIGUSR2 if signal.SIGUSR2 in self.received else self.received[0]
+
+
+def _signal_name(code: int | None) -> str | None:
+    """'SIGTERM' for a process's return code -15 (killed by that signal), else None."""
+    if code is None or code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
 
 
 class GpuPoolLauncher(Launcher):
@@ -87,8 +160,22 @@ class GpuPoolLauncher(Launcher):
         resolved = OmegaConf.to_container(OmegaConf.create(job), resolve=True)
         wandb = resolved["logger"].get("name") == "wandb" and not resolved["logger"].get("group")
         group = sweep_group(str(sweep_config.hydra.sweep.dir)) if wandb else None
+        subdir = sweep_config.hydra.get("output_subdir")
         return PoolJob(index, overrides, folder, job_key(resolved), bool(resolved.get("cache", True)),
-                       str(resolved.get("cache_root", "multirun")), group, resolved)
+                       str(resolved.get("cache_root", "multirun")), group, resolved,
+                       task_overrides=[str(o) for o in sweep_config.hydra.overrides.task],
+                       config_yaml=OmegaConf.to_yaml(OmegaConf.create(job)), output_subdir=str(subdir) if subdir else None)
+
+    @staticmethod
+    def _write_hydra_files(job: PoolJob) -> None:
+        """.hydra/overrides.yaml and config.yaml of a job that reused a result, as Hydra writes them for a job it
+        runs (the sweep summary reads each job's overrides from there)."""
+        if not job.output_subdir:
+            return
+        folder = job.folder / job.output_subdir
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job.task_overrides)), encoding="utf-8")
+        (folder / "config.yaml").write_text(job.config_yaml, encoding="utf-8")
 
     def _start(self, job: PoolJob, gpu: str | None) -> None:
         job.folder.mkdir(parents=True, exist_ok=True)
@@ -101,7 +188,9 @@ class GpuPoolLauncher(Launcher):
             env["CUDA_VISIBLE_DEVICES"] = gpu
         log.info("\t#%d on GPU %s: %s", job.index, gpu, " ".join(filter_overrides(job.overrides)))
         with (job.folder / "launcher.log").open("w") as output:
-            job.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+            # its own session: a Ctrl-C at the terminal reaches the job once, forwarded by the launcher (SweepStop)
+            job.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd(),
+                                           start_new_session=True)
         job.gpu = gpu
 
     def _finish(self, job: PoolJob, document: dict | None = None) -> None:
@@ -111,7 +200,9 @@ class GpuPoolLauncher(Launcher):
             if results.is_file():
                 document = json.loads(results.read_text())
             else:  # the process died before writing its results (killed, out of memory): record it
-                document = {"status": "failed", "error": f"job process exited with code {code} before writing results.json "
+                killed = _signal_name(code)
+                how = f"was killed by {killed}" if killed else f"exited with code {code}"
+                document = {"status": "failed", "error": f"job process {how} before writing results.json "
                             f"(see {job.folder / 'launcher.log'})", "job_key": job.key}
                 results.write_text(json.dumps(document, indent=1) + "\n")
         ret = JobReturn(overrides=job.overrides, working_dir=str(job.folder), task_name="prospect.run", status=JobStatus.COMPLETED)
@@ -124,33 +215,93 @@ class GpuPoolLauncher(Launcher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         gpus: list[str | None] = list(self.gpus or visible_gpus()) or [None]
         log.info("Launching %d jobs on GPUs %s, %d per GPU", len(job_overrides), gpus, self.jobs_per_gpu)
-        jobs = [self._prepare(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
-        waiting = list(jobs)
+        stop = SweepStop().install()
         running: list[PoolJob] = []
-        while waiting or running:
-            for job in [j for j in running if j.process.poll() is not None]:
-                running.remove(job)
-                self._finish(job)
-            busy_keys = {j.key for j in running}
-            for job in list(waiting):
-                if job.cache and job.key in busy_keys:
-                    continue  # the same key is being computed: reuse it once done
-                source = find_result(job.cache_root, job.key, prefer=job.folder) if job.cache else None
-                if source is not None:
-                    waiting.remove(job)
-                    log.info("\t#%d reuses %s (job key %s)", job.index, source, job.key)
-                    self._finish(job, reuse_result(source, job.folder, job.config))
-                    continue
-                load = {gpu: sum(1 for j in running if j.gpu == gpu) for gpu in gpus}
-                gpu = min(gpus, key=lambda g: load[g])
-                if load[gpu] >= self.jobs_per_gpu:
-                    break
-                waiting.remove(job)
-                self._start(job, gpu)
-                running.append(job)
-                busy_keys.add(job.key)
-            time.sleep(self.poll_s)
+        try:
+            jobs = [self._prepare(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
+            waiting = list(jobs)
+            forwarded = 0  # signals of stop.received passed on to the running jobs
+            while running or (waiting and not stop.received):
+                forwarded = self._forward(stop, forwarded, running)
+                for job in [j for j in running if j.process.poll() is not None]:
+                    running.remove(job)
+                    self._finish(job)
+                if not stop.received:
+                    self._schedule(waiting, running, gpus, stop)
+                time.sleep(self.poll_s)
+        finally:
+            stop.uninstall()
+            if running:  # an error in the launcher itself: leave no job running without it
+                self._terminate(running)
+        if stop.received:
+            from prospect.experiment import Interrupted  # prospect.run's cli() writes the summary and exits 128 + signal
+
+            interrupted = Interrupted(stop.signum)
+            interrupted.sweep_dir = str(self.config.hydra.sweep.dir)
+            raise interrupted
         return [job.result for job in jobs]
+
+    def _schedule(self, waiting: list[PoolJob], running: list[PoolJob], gpus: list[str | None], stop: SweepStop) -> None:
+        """Reuse or start the waiting jobs that can go now (at most jobs_per_gpu running on each GPU)."""
+        busy_keys = {j.key for j in running}
+        for job in list(waiting):
+            if stop.received:
+                return  # a signal came meanwhile: nothing more starts
+            if job.cache and job.key in busy_keys:
+                continue  # the same key is being computed: reuse it once done
+            source = find_result(job.cache_root, job.key, prefer=job.folder) if job.cache else None
+            if source is not None:
+                waiting.remove(job)
+                log.info("\t#%d reuses %s (job key %s)", job.index, source, job.key)
+                document = reuse_result(source, job.folder, job.config)
+                if source.resolve() != job.folder.resolve():  # resumed in place: the job's own .hydra stands
+                    self._write_hydra_files(job)
+                self._finish(job, document)
+                continue
+            load = {gpu: sum(1 for j in running if j.gpu == gpu) for gpu in gpus}
+            gpu = min(gpus, key=lambda g: load[g])
+            if load[gpu] >= self.jobs_per_gpu:
+                return
+            waiting.remove(job)
+            self._start(job, gpu)
+            running.append(job)
+            busy_keys.add(job.key)
+
+    @staticmethod
+    def _forward(stop: SweepStop, forwarded: int, running: list[PoolJob]) -> int:
+        """Pass the signals received since the last call on to the running jobs (from the third on: SIGKILL to
+        each job's process group). Returns how many signals have been forwarded."""
+        while forwarded < len(stop.received):
+            signum = stop.received[forwarded]
+            forwarded += 1
+            alive = [j for j in running if j.process.poll() is None]
+            if not alive:
+                continue
+            kill = forwarded >= 3
+            log.warning("%s to job(s) %s", "SIGKILL" if kill else f"forwarding {signal.Signals(signum).name}",
+                        " ".join(f"#{j.index}" for j in alive))
+            for job in alive:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    if kill:
+                        os.killpg(job.process.pid, signal.SIGKILL)
+                    else:
+                        job.process.send_signal(signum)
+        return forwarded
+
+    @staticmethod
+    def _terminate(running: list[PoolJob], grace_s: float = 30.0) -> None:
+        """SIGTERM the running jobs, give them grace_s to write their files, then SIGKILL what is left."""
+        for job in running:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                job.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for job in running:
+            try:
+                job.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(job.process.pid, signal.SIGKILL)
+                job.process.wait()
 
 
 PLUGIN_MODULE = "hydra_plugins.prospect_gpu_pool"

@@ -1,6 +1,8 @@
 """End-of-sweep aggregation: summary.csv, summary.md, pareto.png and cache_timelines.png in the sweep dir.
 
 The overrides every job shares are listed once; each job or row is labelled by the overrides that vary.
+A job folder without .hydra/overrides.yaml (e.g. copied by hand) has its overrides read from its
+results.json's config where that tells them; a key it leaves unknown is counted as varying, never shared.
 
 - summary.md, for people: the shared overrides above a table with one row per distinct job (job key:
   jobs sharing one were computed once), a column per varying override, status, F1, P, R, memory, time
@@ -44,6 +46,7 @@ class Job:
     number: int | None
     overrides: list[str]
     results: dict | None
+    known: bool = True  # the overrides were read from .hydra/overrides.yaml (else unknown: [])
 
     @property
     def status(self) -> str:
@@ -96,14 +99,21 @@ def collect_jobs(sweep_dir: str | Path) -> list[Job]:
     for folder in folders:
         top = folder.relative_to(sweep_dir).parts[0].split("_", 1)[0]
         overrides_file = folder / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        overrides, known = [], False
+        if overrides_file.is_file():
+            try:
+                overrides = yaml.safe_load(overrides_file.read_text()) or []  # an empty file: no overrides
+                known = isinstance(overrides, list)
+            except yaml.YAMLError as error:
+                log.warning("unreadable %s: %s", overrides_file, error)
         results = None
         if (folder / "results.json").is_file():
             try:
                 results = json.loads((folder / "results.json").read_text())
             except json.JSONDecodeError as error:
                 results = {"status": "failed", "error": f"unreadable results.json: {error}"}
-        jobs.append(Job(folder, int(top) if top.isdigit() else None, [str(o) for o in overrides or []], results))
+        jobs.append(Job(folder, int(top) if top.isdigit() else None, [str(o) for o in overrides or []] if known else [], results,
+                        known))
     jobs.sort(key=lambda j: (j.number is None, j.number if j.number is not None else 0, str(j.folder)))
     return jobs
 
@@ -129,30 +139,101 @@ def _join(key: str, value: str) -> str:
     return f"{key}={value}" if value or not key.startswith("~") else key
 
 
+def _parse(value: str) -> Any:
+    """An override's value as a config holds it: '256' -> 256, 'true' -> True, '1e-3' -> 0.001, 'cpu' -> 'cpu'."""
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, str):
+        try:
+            return float(parsed)
+        except ValueError:
+            return parsed
+    return parsed
+
+
+def _same(override: str, value: Any) -> bool:
+    """Whether an override's value is the config value (bools only equal bools, numbers compare as numbers)."""
+    parsed = _parse(override)
+    if isinstance(parsed, bool) or isinstance(value, bool):
+        return parsed is value
+    return parsed == value
+
+
+def _config_value(config: dict | None, key: str) -> tuple[bool, Any]:
+    """(found, value) of an override's key in a job's resolved config; a config group's value is its option's
+    `name` (strategy=drop_all: config["strategy"]["name"], as every file under conf/ sets it)."""
+    key = key.lstrip("+")
+    if not config or not key or key.startswith("~"):
+        return False, None
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    if isinstance(node, dict):
+        return (True, node["name"]) if isinstance(node.get("name"), str) else (False, None)
+    return True, node
+
+
+def _infer_settings(job: Job, keys: Sequence[str], known: Sequence[dict[str, str]]) -> dict[str, str]:
+    """{key: value} of a job whose overrides are unknown, for the keys its results.json's config tells:
+    written as another job wrote the same value where one did."""
+    config = (job.results or {}).get("config")
+    settings = {}
+    for key in keys:
+        found, value = _config_value(config, key)
+        if not found:
+            continue
+        written = next((s[key] for s in known if key in s and _same(s[key], value)), None)
+        if written is None:
+            if isinstance(value, (dict, list)):
+                written = json.dumps(value, separators=(",", ":"))
+            else:
+                written = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        settings[key] = written
+    return settings
+
+
 @dataclass
 class Overrides:
-    """The overrides every job shares (as written, in command-line order) and the keys that vary."""
+    """The overrides every job shares (as written, in command-line order) and the keys that vary.
+    `inferred`: {job folder: settings} of the jobs without .hydra/overrides.yaml, read from their
+    results.json's config (the keys it does not tell are missing: such a key is varying, not shared)."""
 
     shared: list[str]
     varying: list[str]
+    inferred: dict[Path, dict[str, str]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, jobs: Sequence[Job]) -> Overrides:
-        known = [job.settings for job in jobs if job.overrides]  # a job without .hydra/overrides.yaml tells nothing
+        known = [job.settings for job in jobs if job.known]
         keys = list(dict.fromkeys(key for settings in known for key in settings))
+        inferred = {job.folder: _infer_settings(job, keys, known) for job in jobs if not job.known}
+        every = known + list(inferred.values())  # an unknown job's missing key makes that key vary
         shared, varying = [], []
         for key in keys:
-            values = {settings.get(key) for settings in known}
+            values = {settings.get(key) for settings in every}
             if len(values) == 1 and None not in values:
                 shared.append(_join(key, known[0][key]))
             else:
                 varying.append(key)
-        return cls(shared, varying)
+        return cls(shared, varying, inferred)
+
+    def settings(self, job: Job) -> dict[str, str]:
+        """The job's overrides as {key: value}: its own, or those read from its results.json's config."""
+        return job.settings if job.known else self.inferred.get(job.folder, {})
 
     def values(self, jobs: Iterable[Job]) -> dict[str, list[str]]:
         """{varying key: its distinct values over these jobs, in job order} (a key no job sets: [])."""
-        settings = [job.settings for job in jobs]
+        settings = [self.settings(job) for job in jobs]
         return {key: list(dict.fromkeys(s[key] for s in settings if key in s)) for key in self.varying}
+
+    @property
+    def unknown(self) -> list[Path]:
+        """The folders of the jobs without .hydra/overrides.yaml."""
+        return list(self.inferred)
 
     def short_keys(self) -> dict[str, str]:
         """For plots: each varying key by its last dotted part where that is unambiguous
@@ -197,7 +278,7 @@ def job_records(jobs: list[Job], overrides: Overrides, sweep_dir: Path) -> list[
     shared = " ".join(overrides.shared)
     for job in jobs:
         results = job.results or {}
-        settings = job.settings
+        settings = overrides.settings(job)
         records.append({
             "job": job.number,
             **{override_column(key): settings.get(key, "") for key in overrides.varying},
@@ -423,6 +504,11 @@ def write_summary(sweep_dir: str | Path) -> dict:
         rows.append({**row.as_dict(), "label": label(values), "values": values, "legend": label(values, names)})
     failures = [r for r in rows if r["status"] != "ok"]
     notes = []
+    if overrides.unknown:
+        unknown = [job for job in jobs if not job.known]
+        which = ", ".join(str(job.number) if job.number is not None else job.folder.name for job in unknown)
+        notes.append(f"job(s) {which} have no .hydra/overrides.yaml: their overrides were read from results.json's config, "
+                     "and a key that config does not tell is counted as varying.")
     done = [r for r in rows if r["status"] == "ok"]
     if done and all(r["f1"] is None for r in done):
         notes.append(f"{NO_F1_NOTE}; pareto.png shows KV-cache memory against time per frame instead of F1.")
