@@ -454,3 +454,33 @@ def test_tar_van_protects_at_most_the_frames_there_are():
     kept = kept_slots(strategy_on("tar_van", cache, last_keep_len=budget, protect_frames=4), cache)
     expected = [s for s in range(len(kinds)) if s < 6 or kinds[s] not in (KIND["frame_text"], KIND["image"]) or frames[s] in (11, 12)]
     assert kept == expected
+
+
+@pytest.mark.slow
+def test_zoo_multirun_writes_a_row_per_distinct_job(tmp_path, model_cache_dir):
+    """`python -m prospect.run -m experiment=strategy_zoo` on a short synthetic video, tiny model."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    command = [sys.executable, "-m", "prospect.run", "-m", "experiment=strategy_zoo", "model=tiny_random", "model.device=cpu",
+               "logger=none", "eval=none", "dataset.generate.seconds=40", "strategy.max_seq_len=2048", "stream.max_new_tokens=4",
+               f"hydra.sweep.dir={tmp_path / 'zoo'}", f"cache_root={tmp_path}"]
+    env = {**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "zoo").glob("*/results.json")]
+    assert len(runs) == 30 and all(r["status"] == "ok" for r in runs)
+    assert len({r["job_key"] for r in runs}) == 24
+    summary = (tmp_path / "zoo" / "summary.md").read_text()
+    assert summary.count("| ok |") == 24
+    for name in ("streaming_llm", "drop_frames", "frame_coverage", "tar_van", "key_norm", "snapkv"):
+        assert summary.count(f"| {name} |") == 3, name
+    again = subprocess.run(command[:-2] + [f"hydra.sweep.dir={tmp_path / 'again'}", f"cache_root={tmp_path}"], cwd=REPO,
+                           capture_output=True, text=True, timeout=1200, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = [json.loads(p.read_text()) for p in (tmp_path / "again").glob("*/results.json")]
+    assert len(rerun) == 30 and all(r.get("cached") for r in rerun)  # the same command again computes nothing
