@@ -196,28 +196,46 @@ ZOO_STRATEGIES = ("none", "drop_all", "drop_middle", "summarize_and_drop", "stre
                   "tar_van", "key_norm", "snapkv")
 
 
-def run_zoo(args) -> dict:
-    """Each bounded strategy streams the bench video once (after a warm-up): ms per frame, per reduction."""
+def zoo_strategies(args) -> dict:
+    """The strategies `--strategies` names, built before anything loads; ValueError names the culprit."""
     from prospect.context_strategies import create_strategy
+
+    built = {}
+    for name in args.strategies.split(","):
+        try:
+            built[name] = create_strategy(name, max_seq_len=args.max_seq_len, reserved_seq_len=args.reserved, last_keep_len=args.last_keep)
+        except ValueError as error:
+            raise ValueError(f"--strategies {name}: {error}") from None
+    return built
+
+
+def run_zoo(args) -> dict:
+    """Each bounded strategy streams the bench video once (after a warm-up): ms per frame, per reduction.
+    A strategy that fails is recorded with its error; the others still run."""
     from prospect.models.vlm import load_model
-    from prospect.stream.runner import StreamRunner, StreamSettings
+    from prospect.stream.runner import StreamRunner, StreamSettings, _synchronize
     from prospect.tracking.results import environment
     from prospect.validation import compose_config
 
+    strategies = zoo_strategies(args)
     cfg = compose_config([f"model={args.model}", "model.random_init=true", f"model.device={args.device}", f"model.dtype={args.dtype}"])
     model = load_model(cfg.model, cfg.paths.cache_dir)
     conversation = bench_conversation(args.seconds, args.fps, args.turns)
     warmup = bench_conversation(args.seconds, args.fps, 2, frames=24)
     settings = StreamSettings(max_new_tokens=args.reply_tokens, min_new_tokens=args.reply_tokens, vision_batch_size=args.vision_batch)
     rows = {}
-    for name in args.strategies.split(","):
-        strategy = create_strategy(name, max_seq_len=args.max_seq_len, reserved_seq_len=args.reserved, last_keep_len=args.last_keep)
-        runner = StreamRunner(model, strategy, settings)
-        runner.run(warmup)
-        _synchronize_all(model.device)
-        started = time.perf_counter()
-        trace = runner.run(conversation).trace
-        wall = time.perf_counter() - started
+    for name, strategy in strategies.items():
+        try:
+            runner = StreamRunner(model, strategy, settings)
+            runner.run(warmup)
+            _synchronize(model.device)
+            started = time.perf_counter()
+            trace = runner.run(conversation).trace
+            wall = time.perf_counter() - started
+        except Exception as error:  # recorded; the other strategies still run
+            rows[name] = {"error": f"{type(error).__name__}: {error}"}
+            log.error("%s failed: %s", name, rows[name]["error"])
+            continue
         reductions = [r for record in trace for r in record.get("reductions", [])]
         reduce_ms = sum(record["reduce_ms"] for record in trace)
         rows[name] = {
@@ -242,16 +260,14 @@ def run_zoo(args) -> dict:
     }
 
 
-def _synchronize_all(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def format_zoo(report: dict) -> str:
     lines = [f"{report['model']} ({report['dtype']}) on {report['device']}, {report['date']}; {report['video']['frames']} frames, "
              f"{report['video']['reference_turns']} replies of {report['video']['reply_tokens']} tokens; {report['budget']}",
              f"{'strategy':20} {'ms/frame':>9} {'reductions':>10} {'ms/reduction':>12} {'tokens before->after':>21} {'frame share':>11}"]
     for name, row in report["strategies"].items():
+        if "error" in row:
+            lines.append(f"{name:20} FAILED: {row['error']}")
+            continue
         lines.append(f"{name:20} {row['ms_per_frame']:9.2f} {row['reductions']:10d} {row['ms_per_reduction']:12.2f} "
                      f"{row['tokens_before_reduction']:10.0f}->{row['tokens_after_reduction']:<10.0f} {row['frame_share']:11.1%}")
     return "\n".join(lines)
@@ -288,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         report = run_grid(args)
         text = json.dumps(report, indent=1)
     elif args.mode == "zoo":
+        try:
+            zoo_strategies(args)
+        except ValueError as error:
+            print(f"prospect.bench: error: {error}", file=sys.stderr)
+            return 2
         report = run_zoo(args)
         text = format_zoo(report)
     else:

@@ -179,9 +179,13 @@ class PositionedCache(Cache):
         self.select_tokens(torch.empty(0, dtype=torch.long))
         self.next_position = 0
 
+    def frame_mask(self) -> torch.Tensor:
+        """True for each cached token of a frame (image or frame_text)."""
+        return (self.kinds == FRAME_KINDS[0]) | (self.kinds == FRAME_KINDS[1])
+
     def frame_tokens(self) -> int:
         """Cached tokens of frames (image + frame_text)."""
-        return int(((self.kinds == FRAME_KINDS[0]) | (self.kinds == FRAME_KINDS[1])).sum())
+        return int(self.frame_mask().sum())
 
     def layer_tensors(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """(keys, values) of each layer: views [batch, kv_heads, length, head_dim]."""

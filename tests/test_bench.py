@@ -65,3 +65,13 @@ def test_bench_zoo_times_every_bounded_strategy(tmp_path, model_cache_dir):
         assert row["reductions"] >= 1 and row["ms_per_reduction"] > 0 and row["ms_per_frame"] > 0
         assert row["max_cache"] <= 512
     assert "ms/reduction" in result.stdout and "snapkv" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategies", "drop_midle"], "--strategies drop_midle: strategy_type=drop_midle: choose one of"),
+    (["--strategies", "snapkv", "--last-keep", "4000"], "--strategies snapkv: last_keep_len=4000: last_keep_len + reserved_seq_len"),
+])
+def test_bench_zoo_rejects_bad_strategies_in_one_line(args, message):
+    result = subprocess.run([sys.executable, "-m", "prospect.bench", "zoo", *args], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"prospect.bench: error: {message}") and "\n" not in result.stderr.strip()

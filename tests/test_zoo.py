@@ -248,7 +248,7 @@ def test_tar_van_protects_the_newest_frame_and_splits_images_by_redundancy_and_v
 # ---- in a real stream (tiny SmolVLM2, fp32, CPU) ----------------------------------------------------
 
 
-def stream_with_checks(model, name, conversation, optimized=False, **params):
+def stream_with_checks(model, name, conversation, optimized=False, talk_policy="gt_turns", talk_threshold=0.5, **params):
     strategy = create_strategy(name, **{**SMALL, **params})
     calls = []
     original = strategy.handle_overflow
@@ -263,7 +263,7 @@ def stream_with_checks(model, name, conversation, optimized=False, **params):
         return cache, last_msg
 
     strategy.handle_overflow = handle_overflow
-    runner = StreamRunner(model, strategy, StreamSettings(max_new_tokens=6, optimized=optimized))
+    runner = StreamRunner(model, strategy, StreamSettings(max_new_tokens=6, optimized=optimized, talk_policy=talk_policy, talk_threshold=talk_threshold))
     result = runner.run(conversation)
     return strategy, runner, result, calls
 
@@ -319,6 +319,24 @@ def test_stream_provenance_matches_what_was_fed(tiny_model, synthetic_conversati
     text = tiny_model.decode(ids[cache.kinds == KIND["knowledge"]].tolist())
     assert "Task knowledge:" in text and (cache.kinds == KIND["user"]).any() and (cache.kinds == KIND["assistant"]).any()
     assert int(cache.kinds[0]) == KIND["system"] and (cache.kinds >= 0).all()
+
+
+@pytest.mark.parametrize("name", ["snapkv", "tar_van"])
+def test_threshold_policy_same_tokens_on_both_paths(tiny_model, synthetic_conversations, name):
+    """Under the threshold policy the probe is cropped when the model stays silent: the recorded queries
+    and provenance must follow on both paths."""
+    # the random tiny model's not-talk probabilities lie around 2.1e-5: this threshold makes it silent at some frames
+    policy = {"talk_policy": "threshold", "talk_threshold": 2.1e-5}
+    _, _, eager, eager_calls = stream_with_checks(tiny_model, name, synthetic_conversations[0], **policy)
+    _, _, fast, fast_calls = stream_with_checks(tiny_model, name, synthetic_conversations[0], optimized=True, **policy)
+    probed = [r for r in eager.trace if "not_talk_probability" in r]
+    assert 0 < len(eager.replies) < len(probed)  # it spoke at some frames and stayed silent (probe cropped) at others
+    assert len(eager_calls) == len(fast_calls) >= 1
+    for (_, a), (_, b) in zip(eager_calls, fast_calls):
+        for key in ("positions", "kinds", "frames", "patches"):
+            assert torch.equal(a[key], b[key])
+    assert eager.replies == fast.replies
+    assert [r["events"] for r in eager.trace] == [r["events"] for r in fast.trace]
 
 
 @pytest.mark.parametrize("mode", ["original", "contiguous", "cache_length"])

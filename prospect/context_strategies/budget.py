@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from prospect.cache import FRAME_KINDS, KIND, PositionedCache, cache_length
+from prospect.cache import KIND, PositionedCache, cache_length
 from prospect.context_strategies.base import BaseContextStrategy, check_last_keep_len
 
 
@@ -52,11 +52,6 @@ class BudgetKeep(BaseContextStrategy):
             raise RuntimeError(f"{self.name} chose {len(chosen)} tokens for a budget of {self.last_keep_len}")
         self.keep_index(past_key_values, torch.cat([torch.arange(prefix), torch.sort(chosen.long()).values]))
         return past_key_values, last_msg
-
-
-def is_frame_token(cache: PositionedCache, slots: torch.Tensor) -> torch.Tensor:
-    kinds = cache.kinds[slots]
-    return (kinds == FRAME_KINDS[0]) | (kinds == FRAME_KINDS[1])
 
 
 def orphan_frame_text(cache: PositionedCache, chosen: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -116,7 +111,7 @@ class TextFirstKeep(BudgetKeep):
     frame tokens the strategy picks for the rest of the budget."""
 
     def choose(self, cache: PositionedCache, candidates: torch.Tensor, budget: int) -> torch.Tensor:
-        frame = is_frame_token(cache, candidates)
+        frame = cache.frame_mask()[candidates]
         dialogue = candidates[~frame]
         if len(dialogue) >= budget:
             return dialogue[len(dialogue) - budget :]

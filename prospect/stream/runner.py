@@ -334,12 +334,9 @@ class StreamRunner:
         _synchronize(self.model.device)
         t0 = time.perf_counter()
         before = cache_length(self.cache)
-        own = self.cache
-        keys = next(iter(own.layer_tensors()), (None, None))[0]  # to find kept tokens again if a new cache comes back
-        previous = (own.provenance, None if keys is None else keys.clone())
         cache, last_msg = self.strategy.handle_overflow(self.cache, pending, **self._context(frame))
         if cache is not self.cache:
-            self._adopt(cache, *previous)
+            self._adopt(cache)
         self.cache.check()
         if last_msg and list(last_msg) != list(pending):  # a restart message (summary) replaces what was queued
             self._pending_kind = KIND["summary"] if self.strategy.event == "summary" else KIND["system"]
@@ -352,11 +349,12 @@ class StreamRunner:
         self._timing["reduce_ms"] += self._elapsed_ms(t0)
         return list(last_msg or [])
 
-    def _adopt(self, cache: Any, provenance: Provenance | None = None, keys_before: torch.Tensor | None = None) -> PositionedCache:
+    def _adopt(self, cache: Any) -> PositionedCache:
         """A strategy returned a cache other than the one it got (a custom, seed-style strategy): its
         contents move into the runner's cache, whose buffers (and CUDA graphs) stay in place. Provenance
         comes with a PositionedCache; for a plain transformers cache each kept token is found again among
-        the tokens before the reduction by its layer-0 key (bitwise), tokens not found are unknown."""
+        the runner's tokens (still those before the reduction: the strategy built a new cache) by its
+        layer-0 key, bitwise; tokens not found are unknown."""
         own = self.cache
         if cache is None:  # the seed's "drop everything"
             keep_spans(own, [])
@@ -372,7 +370,8 @@ class StreamRunner:
             labels = Provenance(*(t.clone() for t in cache.provenance))
         else:  # a plain transformers cache: positions are unknown, so they follow the cache length (seed behaviour)
             positions, next_position = torch.arange(length, dtype=torch.long), length
-            labels = recover_provenance(tensors[0][0] if tensors else None, keys_before, provenance)
+            own_keys = next(iter(own.layer_tensors()), (None, None))[0]
+            labels = recover_provenance(tensors[0][0] if tensors else None, own_keys, own.provenance)
         for layer in own.layers:
             layer.reset()
         for layer_index, (keys, values) in enumerate(tensors):
