@@ -351,11 +351,12 @@ def test_position_modes(tiny_model, synthetic_conversations, mode):
         assert bool((after["positions"][1:] > after["positions"][:-1]).all()) and after["positions"][-1] >= after["length"]
 
 
-def test_custom_strategy_returning_a_plain_cache_keeps_provenance(tiny_model, synthetic_conversations):
+@pytest.mark.parametrize("optimized", [False, True], ids=["eager", "optimized"])
+def test_custom_strategy_returning_a_plain_cache_keeps_provenance(tiny_model, synthetic_conversations, optimized):
     from seed_custom_strategy import KeepRecentHalf
 
     strategy = KeepRecentHalf(max_seq_len=400, reserved_seq_len=32)
-    runner = StreamRunner(tiny_model, strategy, StreamSettings(max_new_tokens=5))
+    runner = StreamRunner(tiny_model, strategy, StreamSettings(max_new_tokens=5, optimized=optimized))
     result = runner.run(synthetic_conversations[0])
     assert sum("compress" in r["events"] for r in result.trace) >= 2
     cache = runner.cache
