@@ -90,10 +90,20 @@ def wandb_env(tmp_path, monkeypatch) -> Path:
     return run_dir
 
 
-def wandb_log_of(run_dir: Path) -> dict:
+def wandb_log_of(run_dir: Path, wait_s: float = 15.0) -> dict:
+    """The run's records as W&B wrote them. W&B's service process writes the log asynchronously: after
+    `finish()` returns in this process, its last records (the exit record) can land a moment later, so read
+    again until the exit record is there (or wait_s passed)."""
+    import time
+
     logs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1, logs
-    return summarize_records(read_wandb_records(logs[0]))
+    deadline = time.monotonic() + wait_s
+    while True:
+        logged = summarize_records(read_wandb_records(logs[0]))
+        if logged.get("exit_code") is not None or time.monotonic() > deadline:
+            return logged
+        time.sleep(0.2)
 
 
 def mirror_warnings(caplog) -> list[str]:
