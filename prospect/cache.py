@@ -163,6 +163,12 @@ class PositionedCache(Cache):
         self.next_position += count
         return new
 
+    def write_queries(self, layer_index: int, queries: torch.Tensor) -> None:
+        """Keep a forward's pre-RoPE queries ([1, n, width]) at `write_slots`, if this cache records queries."""
+        buffer = self.layers[layer_index].query_buffer if self.query_width else None
+        if buffer is not None:
+            buffer.index_copy_(0, self.write_slots, queries[0].to(buffer.dtype))
+
     @property
     def provenance(self) -> Provenance:
         return Provenance(self.kinds, self.frames, self.patches)

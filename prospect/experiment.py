@@ -486,3 +486,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
                 stop.writing = False
         stop.check("after the run finished (its results are complete)")
     return document
+
+
+def run_lanes(cfgs: list[DictConfig], output_dirs: list[str | Path]) -> list[dict]:
+    """Run jobs that differ only in their strategy as lanes of one process (prospect.stream.lanes); each job
+    writes exactly the files `run` writes, into its own folder. Returns their results.json documents."""
+    return [run(cfg, output_dir) for cfg, output_dir in zip(cfgs, output_dirs)]  # placeholder: lanes come next

@@ -1,15 +1,21 @@
-"""The optimized language-model step: fixed shapes over the preallocated KV buffer, replayed as CUDA graphs.
+"""The optimized language-model step: fixed shapes over preallocated KV buffers, replayed as CUDA graphs,
+for one stream or for several lanes (jobs of a sweep streaming the same video) as one batch.
 
 The eager step (VisionLanguageModel.forward) attends over the cached tokens only, so every step has new
 shapes and pays Python and kernel-launch overhead (on an H200 a 2.2B decode step costs 20-28 ms for ~1 ms
-of GPU work). Here a chunk of n tokens always attends over the whole buffer of `capacity` slots with a
-boolean mask (slot j is visible to chunk token i when j <= length + i), and its keys/values are written
-with index_copy_ at slots length..length+n-1. Shapes then depend on n alone: on CUDA each chunk length
-is captured once as a CUDA graph and replayed; elsewhere the same computation runs directly (which is
-how the tests check, on CPU in fp32, that it reproduces the eager step).
+of GPU work). Here a chunk of n tokens always attends over the whole buffer with a boolean mask (slot j is
+visible to chunk token i when j <= length + i), and its keys/values are written at slots
+length..length+n-1. Shapes then depend on n alone: on CUDA each chunk length is captured once as a CUDA
+graph and replayed; elsewhere the same computation runs directly (which is how the tests check, on CPU in
+fp32, that it reproduces the eager step).
 
-The graphs are bound to one cache's buffers: use `cache()` (one PositionedCache per runner, reset between
-conversations). Strategies reduce it in place (keep_spans / make_contiguous move data inside the buffers).
+Lanes (DESIGN.md §11): every layer's keys and values live in one buffer [lanes, kv_heads, capacity + 1,
+head_dim]; lane l's PositionedCache sees row l, its first `capacities[l]` slots, so strategies reduce it in
+place as they reduce a cache of their own. A step runs all lanes as one batch, each at its own length,
+positions and mask; the lanes not in the call are inactive: they write into the extra last slot, which
+no active lane ever sees, so nothing of theirs changes. A single stream is the one-lane case.
+
+The graphs are bound to these buffers: use `caches()` / `cache()` (emptied per conversation).
 """
 
 from __future__ import annotations
@@ -20,91 +26,146 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache
 
-from prospect.cache import PositionedCache, Provenance
+from prospect.cache import BufferLayer, PositionedCache, Provenance
 from prospect.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
 
-class _SlotWriter(Cache):
-    """The cache the model sees inside a static step: writes keys/values at `slots`, returns whole buffers."""
+class _LaneWriter(Cache):
+    """The cache the model sees inside a static step over lanes `rows` (a slice of the lanes) and the first
+    `width` slots: lane l's keys/values (and queries, when recorded) go to its `slots[l]`; attention reads
+    those buffer rows whole."""
 
-    def __init__(self, cache: PositionedCache, slots: torch.Tensor):
-        super().__init__(layers=list(cache.layers))
-        self.slots = slots
+    def __init__(self, forward: "StaticForward", slots: torch.Tensor, rows: slice, width: int):
+        super().__init__(layers=list(forward._caches[0].layers))
+        self.forward, self.slots, self.rows, self.width = forward, slots, rows, width
+        self.lane_index = torch.arange(slots.shape[0], device=slots.device)[:, None]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        layer = self.layers[layer_idx]
-        layer.key_buffer.index_copy_(2, self.slots, key_states)
-        layer.value_buffer.index_copy_(2, self.slots, value_states)
-        return layer.key_buffer, layer.value_buffer
+        keys = self.forward.keys[layer_idx][self.rows, :, : self.width]
+        values = self.forward.values[layer_idx][self.rows, :, : self.width]
+        keys[self.lane_index, :, self.slots] = key_states.transpose(1, 2)  # [lanes, n, heads, dim] at (lane, slot)
+        values[self.lane_index, :, self.slots] = value_states.transpose(1, 2)
+        return keys, values
+
+    def write_queries(self, layer_index: int, queries: torch.Tensor) -> None:
+        if self.forward.queries:
+            buffer = self.forward.queries[layer_index][self.rows]
+            buffer[self.lane_index, self.slots] = queries.to(buffer.dtype)
 
 
 class _Step:
-    """Static inputs/outputs of one chunk shape (length, image or text-only), and its CUDA graph once captured.
+    """Static inputs/outputs of one chunk shape (length, image or text-only, all logits or the last), and its
+    CUDA graph once captured. Positions, write slots and the mask are computed inside the step from small
+    per-lane tensors (cache length, first position, active), so a replay needs only a few small copies."""
 
-    Positions, write slots and the mask are computed inside the step from two one-element tensors (the
-    cache length and the first position), and a text-only chunk embeds its ids inside the step too, so a
-    replay needs only a few small copies from the host."""
-
-    def __init__(self, n: int, with_image: bool, hidden: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, n: int, lanes: int, with_image: bool, hidden: int, device: torch.device, dtype: torch.dtype):
         self.n = n
         self.with_image = with_image
-        self.ids = torch.zeros(1, n, dtype=torch.long, device=device)
-        self.embeds = torch.zeros(1, n, hidden, device=device, dtype=dtype) if with_image else None
-        self.start = torch.zeros(1, dtype=torch.long, device=device)  # cache length = first write slot
-        self.first = torch.zeros(1, dtype=torch.long, device=device)  # position of the first token
+        self.ids = torch.zeros(lanes, n, dtype=torch.long, device=device)
+        self.embeds = torch.zeros(lanes, n, hidden, device=device, dtype=dtype) if with_image else None
+        self.start = torch.zeros(lanes, dtype=torch.long, device=device)  # cache length = first write slot
+        self.first = torch.zeros(lanes, dtype=torch.long, device=device)  # position of the first token
+        self.active = torch.zeros(lanes, dtype=torch.bool, device=device)
         self.offsets = torch.arange(n, device=device)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
 
 
 class StaticForward:
-    """Drop-in for VisionLanguageModel.forward: same arguments, same results (up to float rounding).
-    On CUDA the returned logits are the graph's output buffer: valid until the next call."""
+    """Drop-in for VisionLanguageModel.forward on its own caches: same arguments, same results (up to float
+    rounding); `forward_lanes` runs several lanes' chunks as one batch. On CUDA the returned logits are the
+    graph's output buffer: valid until the next call."""
 
     def __init__(
-        self, model: VisionLanguageModel, capacity: int, use_graphs: bool | None = None, max_graphs: int = 48,
-        record_queries: bool = False,
+        self, model: VisionLanguageModel, capacity: int | Sequence[int], use_graphs: bool | None = None, max_graphs: int = 48,
+        record_queries: bool = False, batch_lanes: bool | None = None,
     ):
         self.model = model
-        self.capacity = capacity
+        self.capacities = [int(capacity)] if isinstance(capacity, int) else [int(c) for c in capacity]
+        self.lanes = len(self.capacities)
+        self.capacity = max(self.capacities)
+        self.scratch = self.capacity  # the extra slot inactive lanes write into
         self.record_queries = record_queries
         self.device = model.device
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
+        # lanes as one batch (default with graphs); otherwise one lane after the other, bitwise as run alone
+        self.batch_lanes = self.use_graphs if batch_lanes is None else batch_lanes
+        if self.use_graphs and not self.batch_lanes:
+            raise ValueError("CUDA graphs replay all lanes as one batch: batch_lanes must be true with use_graphs")
         self.max_graphs = max_graphs
         self.steps: dict[tuple[int, bool, bool], _Step] = {}
-        self.slot_index = torch.arange(capacity, device=self.device)
-        self._cache: PositionedCache | None = None
+        self.slot_index = torch.arange(self.capacity + 1, device=self.device)
+        self.lane_index = torch.arange(self.lanes, device=self.device)[:, None]
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.queries: list[torch.Tensor] = []
+        self._caches: list[PositionedCache] = []
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.graphs_captured = 0
 
-    def cache(self) -> PositionedCache:
-        """The one cache the graphs are bound to, emptied (call once per conversation)."""
-        if self._cache is None:
-            self._cache = self.model.new_cache(self.capacity, record_queries=self.record_queries)
-            self.model.allocate(self._cache)
-        self._cache.reset()
-        return self._cache
+    def _allocate(self) -> None:
+        text = self.model.model.config.text_config
+        shape = (self.lanes, text.num_key_value_heads, self.capacity + 1, text.head_dim)
+        dtype, device = self.model.dtype, self.device
+        width = text.num_attention_heads * text.head_dim if self.record_queries else None
+        for _ in range(text.num_hidden_layers):
+            self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.values.append(torch.zeros(shape, dtype=dtype, device=device))
+            if width:
+                self.queries.append(torch.zeros(self.lanes, self.capacity + 1, width, dtype=dtype, device=device))
+        if width:
+            self.model.new_cache(1, record_queries=True)  # installs the query hooks
+        for lane, capacity in enumerate(self.capacities):
+            cache = self.model.new_cache(capacity)
+            cache.query_width = width
+            for layer_index in range(text.num_hidden_layers):  # layers whose buffers are views of the shared ones
+                layer = BufferLayer(capacity, width)
+                layer.key_buffer = self.keys[layer_index][lane : lane + 1, :, :capacity]
+                layer.value_buffer = self.values[layer_index][lane : lane + 1, :, :capacity]
+                layer.query_buffer = self.queries[layer_index][lane, :capacity] if width else None
+                layer.dtype, layer.device, layer.is_initialized = dtype, device, True
+                cache.layers.append(layer)
+            self._caches.append(cache)
 
-    def _body(self, step: _Step, cache: PositionedCache, all_logits: bool) -> torch.Tensor:
-        embeds = step.embeds if step.with_image else self.model.model.get_input_embeddings()(step.ids)
-        slots = step.offsets + step.start
-        positions = (step.offsets + step.first)[None]
-        mask = (self.slot_index[None, :] <= slots[:, None])[None, None]  # slot j visible to token i: j <= length + i
-        cache.write_slots = slots  # query recording (if on) writes here, inside the graph
-        self.model.writing_cache = cache
+    def caches(self) -> list[PositionedCache]:
+        """One cache per lane, bound to the graphs, emptied (call once per conversation)."""
+        if not self._caches:
+            self._allocate()
+        for cache in self._caches:
+            cache.reset()
+        return list(self._caches)
+
+    def cache(self) -> PositionedCache:
+        """The first lane's cache, emptied (a single stream's cache)."""
+        return self.caches()[0]
+
+    def _body(self, step: _Step, all_logits: bool, rows: slice | None = None, width: int | None = None) -> torch.Tensor:
+        """The step for the lanes `rows` (default all) over their first `width` slots (default all)."""
+        rows = rows or slice(None)
+        width = width or self.capacity + 1
+        embeds = step.embeds[rows] if step.with_image else self.model.model.get_input_embeddings()(step.ids[rows])
+        start, first, active = step.start[rows], step.first[rows], step.active[rows]
+        slots = torch.where(active[:, None], start[:, None] + step.offsets[None], self.scratch)  # [lanes, n]
+        positions = first[:, None] + step.offsets[None]
+        mask = (self.slot_index[None, None, :width] <= slots[:, :, None])[:, None]  # [lanes, 1, n, width]
+        writer = _LaneWriter(self, slots, rows, width)
+        self.model.writing_cache = writer  # query recording (if on) writes through it, inside the graph
         try:
             hidden = self.model.model.model.text_model(
-                inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                past_key_values=_SlotWriter(cache, slots), use_cache=True,
+                inputs_embeds=embeds, position_ids=positions, attention_mask=mask, past_key_values=writer, use_cache=True,
             ).last_hidden_state
         finally:
             self.model.writing_cache = None
-        hidden = hidden[0] if all_logits else hidden[0, -1]
-        return self.model.model.lm_head(hidden).float()
+        return self.model.model.lm_head(hidden if all_logits else hidden[:, -1]).float()
 
-    @torch.no_grad()
+    def _one_lane_at_a_time(self, step: _Step, all_logits: bool, lanes: list[int]) -> torch.Tensor:
+        """The step lane by lane, each over its own capacity + 1 slots: the arithmetic of a stream run alone,
+        bitwise (on CPU, a matrix product's rounding depends on how many rows it has)."""
+        out = [self._body(step, all_logits, slice(lane, lane + 1), self.capacities[lane] + 1) for lane in lanes]
+        return torch.cat(out)
+
     def __call__(
         self,
         input_ids: Sequence[int],
@@ -113,50 +174,87 @@ class StaticForward:
         all_logits: bool = False,
         provenance: Provenance | None = None,
     ) -> torch.Tensor:
-        if cache is not self._cache:
-            raise ValueError("StaticForward runs on the cache from its cache() method only")
-        ids = list(input_ids)
-        n = len(ids)
-        length = cache.get_seq_length()
-        if length + n > self.capacity:
-            raise RuntimeError(f"KV buffer full: {length} + {n} tokens > capacity {self.capacity}")
-        with_image = image_features is not None or self.model.image_token_id in ids
+        """One lane's chunk (the others inactive): logits [vocab], or [n, vocab] with all_logits."""
+        return self.forward_lanes([cache], [input_ids], image_features, all_logits, [provenance])[0]
+
+    @torch.no_grad()
+    def forward_lanes(
+        self,
+        caches: Sequence[PositionedCache],
+        input_ids: Sequence[Sequence[int]],
+        image_features: torch.Tensor | None = None,
+        all_logits: bool = False,
+        provenances: Sequence[Provenance | None] | None = None,
+    ) -> torch.Tensor:
+        """Append each lane's chunk (`input_ids[i]` to `caches[i]`, all of one length) as one batch; returns
+        the logits of those lanes, in order: [len(caches), vocab] (or [len(caches), n, vocab]). A chunk with
+        image tokens is the same ids for every lane (a frame), with `image_features` filling them."""
+        ids = [list(chunk) for chunk in input_ids]
+        n = len(ids[0]) if ids else 0
+        provenances = list(provenances) if provenances is not None else [None] * len(caches)
+        lanes = []
+        for cache, chunk in zip(caches, ids):
+            lane = next((i for i, own in enumerate(self._caches) if own is cache), None)
+            if lane is None:
+                raise ValueError("StaticForward runs on the caches from its caches() method only")
+            if len(chunk) != n:
+                raise ValueError(f"lanes of one step feed chunks of one length ({len(chunk)} != {n})")
+            if cache.get_seq_length() + n > self.capacities[lane]:
+                raise RuntimeError(f"KV buffer full: {cache.get_seq_length()} + {n} tokens > capacity {self.capacities[lane]}")
+            lanes.append(lane)
+        if len(set(lanes)) != len(lanes):
+            raise ValueError("a lane appears twice in one step")
+        with_image = image_features is not None or any(self.model.image_token_id in chunk for chunk in ids)
+        if with_image and any(chunk != ids[0] for chunk in ids):
+            raise ValueError("a step with image tokens feeds the same ids to every lane")
         key = (n, all_logits, with_image)
         step = self.steps.get(key)
         if step is None:
             hidden = self.model.model.config.text_config.hidden_size
-            step = self.steps[key] = _Step(n, with_image, hidden, self.device, self.model.dtype)
+            step = self.steps[key] = _Step(n, self.lanes, with_image, hidden, self.device, self.model.dtype)
+        start, first, active = [0] * self.lanes, [0] * self.lanes, [False] * self.lanes
+        rows = [[0] * n for _ in range(self.lanes)]
+        for lane, cache, chunk, provenance in zip(lanes, caches, ids, provenances):
+            start[lane] = cache.get_seq_length()
+            first[lane] = int(cache.take_positions(n, provenance)[0])
+            active[lane] = True
+            rows[lane] = chunk
         if with_image:
-            step.embeds.copy_(self.model.embed(ids, image_features))
-        elif n == 1:
-            step.ids.fill_(ids[0])
+            step.embeds.copy_(self.model.embed(ids[0], image_features).expand(self.lanes, -1, -1))
         else:
-            step.ids.copy_(torch.tensor([ids]), non_blocking=True)
-        step.start.fill_(length)
-        step.first.fill_(int(cache.take_positions(n, provenance)[0]))
-        if not self.use_graphs:
-            logits = self._body(step, cache, all_logits)
-        elif step.graph is not None:
-            step.graph.replay()
-            logits = step.logits
+            step.ids.copy_(torch.tensor(rows), non_blocking=True)
+        step.start.copy_(torch.tensor(start), non_blocking=True)
+        step.first.copy_(torch.tensor(first), non_blocking=True)
+        step.active.copy_(torch.tensor(active), non_blocking=True)
+        if not self.batch_lanes:
+            logits = self._one_lane_at_a_time(step, all_logits, lanes)
         else:
-            logits = self._capture(step, cache, all_logits)
-        for layer in cache.layers:
-            layer.length += n
+            if not self.use_graphs:
+                logits = self._body(step, all_logits)
+            elif step.graph is not None:
+                step.graph.replay()
+                logits = step.logits
+            else:
+                logits = self._capture(step, all_logits)
+            logits = logits[lanes] if lanes != list(range(self.lanes)) else logits
+        for cache in caches:
+            for layer in cache.layers:
+                layer.length += n
         return logits
-    def _capture(self, step: _Step, cache: PositionedCache, all_logits: bool) -> torch.Tensor:
+
+    def _capture(self, step: _Step, all_logits: bool) -> torch.Tensor:
         """Run the step for real (warm-up on a side stream), then capture it; returns the real logits."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            logits = self._body(step, cache, all_logits)
+            logits = self._body(step, all_logits)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if len(self.steps) > self.max_graphs:  # an unusual length: stay eager-static for it
             return logits
         result = logits.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            step.logits = self._body(step, cache, all_logits)
+            step.logits = self._body(step, all_logits)
         step.graph = graph
         self.graphs_captured += 1
         return result

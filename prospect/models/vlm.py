@@ -134,20 +134,16 @@ class VisionLanguageModel:
                 cache.update(empty, empty, layer_index)
 
     def _install_query_hooks(self) -> None:
-        """Hooks on each layer's query projection: they write its output (pre-RoPE queries) into the query
-        buffer of the cache being filled (`writing_cache`) at its `write_slots`, if that cache keeps queries.
-        They also run inside CUDA-graph capture, so replays record too."""
+        """Hooks on each layer's query projection: they hand its output (pre-RoPE queries) to the cache being
+        filled (`writing_cache.write_queries`), which keeps them if it records queries. They also run inside
+        CUDA-graph capture, so replays record too."""
         if getattr(self, "_query_hooks", None) is not None:
             return
 
         def hook(layer_index: int):
             def write(module, inputs, output):
-                cache = self.writing_cache
-                if cache is None or not cache.query_width:
-                    return
-                buffer = cache.layers[layer_index].query_buffer
-                if buffer is not None:
-                    buffer.index_copy_(0, cache.write_slots, output[0].to(buffer.dtype))
+                if self.writing_cache is not None:
+                    self.writing_cache.write_queries(layer_index, output)
 
             return write
 

@@ -139,7 +139,10 @@ def frames_to_feed(conversation: Conversation, stride: int) -> list[tuple[Stream
 
 
 class StreamRunner:
-    """Streams conversations through one model under one context strategy."""
+    """Streams conversations through one model under one context strategy (one lane of `stream_lanes`).
+
+    `static` / `lane`: run on lane `lane` of a shared StaticForward (prospect.stream.lanes builds them);
+    by default an optimized runner makes its own one-lane StaticForward."""
 
     def __init__(
         self,
@@ -147,6 +150,8 @@ class StreamRunner:
         strategy: BaseContextStrategy,
         settings: StreamSettings | None = None,
         on_forward: Callable[[list[int], torch.Tensor | None, torch.Tensor, torch.Tensor], None] | None = None,
+        static: Any = None,
+        lane: int = 0,
     ):
         self.model = model
         self.strategy = strategy
@@ -166,8 +171,15 @@ class StreamRunner:
         self._bias_early = suppression_bias(vocab, model.suppressed_ids + model.stop_ids, model.device)  # before min_new_tokens
         self._bias_late = suppression_bias(vocab, model.suppressed_ids, model.device)
         self.record_queries = bool(getattr(strategy, "records_queries", False))  # SnapKV-style scores read them
-        self.static = None
-        if self.optimized:
+        self.lane = lane
+        self.static = static
+        if static is not None:
+            self.optimized = True
+            if static.capacities[lane] != self.capacity:
+                raise ValueError(f"lane {lane} holds {static.capacities[lane]} tokens, strategy {strategy.name} needs {self.capacity}")
+            if self.record_queries and not static.record_queries:
+                raise ValueError(f"strategy {strategy.name} reads queries: the shared StaticForward must record them")
+        elif self.optimized:
             from prospect.models.static_forward import StaticForward
 
             self.static = StaticForward(model, self.capacity, record_queries=self.record_queries)
@@ -187,97 +199,19 @@ class StreamRunner:
         its reply in `result.replies`: the safe point between frames. Whatever it raises stops the stream
         there (prospect.experiment streams the trace to disk and stops on signals through it)."""
         result = result or ConversationResult(conversation)
-        model, strategy, settings = self.model, self.strategy, self.settings
-        device = model.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        generator = torch.Generator().manual_seed(settings.seed)
-        self.cache = self.static.cache() if self.static is not None else model.new_cache(self.capacity, self.record_queries)
-        self._generator = generator
+        stream_lanes([self], conversation, [result], progress, [on_frame], isolate=False)
+        return result
+
+    def _start(self, conversation: Conversation, cache: PositionedCache) -> None:
+        """Begin a conversation on an empty `cache`."""
+        self._generator = torch.Generator().manual_seed(self.settings.seed)
+        self.cache = cache
         self._knowledge = ""
         self._conversation = conversation
         self._cache_max = 0
-        started = time.perf_counter()
-
-        system = model.chat.stream_start
-        if conversation.system_prompt:
-            system += model.chat.text_turn("system", conversation.system_prompt)
-        if system:
-            self._forward(model.encode(system), kind=KIND["system"])
-        strategy.start_stream(prompt_len=cache_length(self.cache))
-        pending: list[int] = []
+        self._pending: list[int] = []
         self._pending_kind = KIND["system"]
-        initial_captured = False
-
-        schedule = frames_to_feed(conversation, settings.frame_stride)
-        features = self._frame_features(conversation, [frame for frame, _, _ in schedule])
-        iterator = schedule
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(schedule, desc=conversation.id, unit="frame", leave=False)
-        for frame, turns, reference_due in iterator:
-            _synchronize(device)
-            frame_start = time.perf_counter()
-            record: dict[str, Any] = {
-                "conversation": conversation.id,
-                "index": frame.index,
-                "time": frame.time,
-                "cache_before": cache_length(self.cache),
-                "events": ["frame"],
-            }
-            timing = {"vision_ms": 0.0, "frame_prefill_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "reduce_ms": 0.0}
-            self._cache_max = cache_length(self.cache)
-            self._timing = timing
-            for turn in turns:
-                if turn.role == "system" and turn.content.startswith(KNOWLEDGE_PREFIX):
-                    self._knowledge = turn.content
-            pieces = [(model.chat.text_turn(t.role, t.content), turn_kind(t), -1) for t in turns]
-            pieces.append((model.chat.frame(model.image_tokens, frame.time), KIND["frame_text"], frame.index))
-            text_ids, text_provenance = model.encode_labeled(pieces)
-            pending = self._make_room(len(pending) + len(text_ids), pending, record, frame)
-            image = next(features)
-            _synchronize(device)
-            t0 = time.perf_counter()
-            provenance = Provenance.concat([Provenance.of(len(pending), self._pending_kind), text_provenance])
-            self._forward(pending + text_ids, image, provenance=provenance)
-            _synchronize(device)
-            timing["frame_prefill_ms"] = self._elapsed_ms(t0)
-            timing["prefill_ms"] += timing["frame_prefill_ms"]
-            record["chunk_tokens"] = len(pending) + len(text_ids)
-            pending = []
-
-            speak = reference_due if settings.talk_policy == "gt_turns" else None
-            reply_ids = self._reply(speak, record, frame)
-            if reply_ids is not None:
-                reply = model.decode(reply_ids)
-                result.replies[frame.index] = reply
-                record["reply"] = reply
-                record["events"].append("speak")
-            record["generated_tokens"] = len(reply_ids or [])
-
-            if not initial_captured and any(t.role == "user" for t in turns):
-                strategy.set_initial_cache(self.cache)
-                initial_captured = True
-            if strategy.should_reduce_cache(cache_length(self.cache)):
-                pending = self._reduce(pending, record, frame)
-            _synchronize(device)
-            record.update(timing)
-            record["cache_after"] = cache_length(self.cache)
-            record["cache_frame_tokens"] = self.cache.frame_tokens()
-            record["cache_dialogue_tokens"] = record["cache_after"] - record["cache_frame_tokens"]
-            record["cache_max"] = self._cache_max  # the most tokens held during this frame step
-            record["next_position"] = self.cache.next_position
-            record["pending_tokens"] = len(pending)
-            record["wall_ms"] = self._elapsed_ms(frame_start)
-            result.trace.append(record)
-            if on_frame is not None:
-                on_frame(record)
-            if cache_length(self.cache) > self.capacity:  # the invariant; a bug if it ever fires
-                raise ContextOverflowError(f"cache holds {cache_length(self.cache)} tokens > capacity {self.capacity}")
-        result.wall_s = time.perf_counter() - started
-        result.peak_memory_mb = peak_memory_mb(device)
-        return result
+        self._initial_captured = False
 
     # ---- pieces ----------------------------------------------------------------------------------
 
@@ -299,22 +233,6 @@ class StreamRunner:
         if self.on_forward is not None:
             self.on_forward(ids, image, torch.arange(first, first + len(ids)), logits)
         return logits
-
-    def _frame_features(self, conversation: Conversation, frames: list[StreamFrame]):
-        """Image features of the fed frames, in order, computed `vision_batch_size` frames at a time."""
-        batch = self.vision_batch_size
-        device = self.model.device
-        for start in range(0, len(frames), batch):
-            chunk = frames[start : start + batch]
-            images = [conversation.image(frame.index) for frame in chunk]
-            _synchronize(device)
-            t0 = time.perf_counter()
-            encoded = self.model.image_features(images)
-            _synchronize(device)
-            per_frame = self._elapsed_ms(t0) / len(chunk)
-            for row in encoded:
-                self._timing["vision_ms"] = per_frame
-                yield row
 
     def _context(self, frame: StreamFrame) -> dict[str, Any]:
         chat = self.model.chat
@@ -393,55 +311,9 @@ class StreamRunner:
             )
         return pending
 
-    def _reply(self, speak: bool | None, record: dict, frame: StreamFrame) -> list[int] | None:
-        """Prompt an assistant turn and decode it; None when the assistant stays silent.
-
-        speak=None asks the threshold policy (ProAssist's not-talk probability on the first token).
-        """
-        settings = self.settings
-        if speak is False:
-            return None
-        budget = len(self.prompt_ids) + settings.max_new_tokens + len(self.closing_ids)
-        pending = self._make_room(budget, [], record, frame)
-        if pending:  # a reduction (summary) just queued a new context: feed it before the prompt
-            self._forward(pending, kind=self._pending_kind)
-        t0 = time.perf_counter()
-        logits = self._forward(self.prompt_ids, kind=KIND["assistant"])
-        self._timing["prefill_ms"] += self._elapsed_ms(t0)
-        if speak is None:
-            probability = not_talk_probability(logits, self.model.stop_ids)
-            record["not_talk_probability"] = probability
-            if probability > settings.talk_threshold:
-                crop_end(self.cache, len(self.prompt_ids))
-                return None
-        return self._decode(logits, settings.max_new_tokens)
-
     def _decode(self, logits: torch.Tensor, max_new_tokens: int, timing_key: str = "decode_ms", kind: int = KIND["assistant"]) -> list[int]:
-        """Decode after an assistant prompt until end of turn or max_new_tokens; the reply and its closing
-        tokens stay in the cache. The end-of-turn token is excluded for the first min_new_tokens steps.
-
-        Timing: `timing_key` (decode_ms for replies, summary_ms for summaries) covers choosing every token and
-        feeding all but the last; the last token is fed with the closing tokens (counted in prefill_ms)."""
-        settings, model = self.settings, self.model
-        tokens: list[int] = []
-        stopped = False
-        t0 = time.perf_counter()
-        for step in range(max_new_tokens):
-            bias = self._bias_early if step < settings.min_new_tokens else self._bias_late
-            token = pick_token(logits, bias, settings.temperature, settings.top_p, self._generator)
-            if token in model.stop_ids:
-                stopped = True
-                break
-            tokens.append(token)
-            if step == max_new_tokens - 1:
-                break
-            logits = self._forward([token], kind=kind)
-        self._timing[timing_key] = self._timing.get(timing_key, 0.0) + self._elapsed_ms(t0)
-        t0 = time.perf_counter()
-        tail = [] if stopped or not tokens else [tokens[-1]]
-        self._forward(tail + self.closing_ids, kind=kind)
-        self._timing["prefill_ms"] += self._elapsed_ms(t0)
-        return tokens
+        """Decode after an assistant prompt (one lane; see decode_lanes)."""
+        return decode_lanes([self], logits[None], max_new_tokens, timing_key, kind)[0]
 
     def _summarize(self, prompt: str, max_new_tokens: int) -> str:
         """Ask `prompt` as a system turn on top of the current cache and decode the answer (bounded by room)."""
@@ -455,3 +327,315 @@ class StreamRunner:
         tokens = self._decode(logits, min(max_new_tokens, room), timing_key="summary_ms", kind=KIND["summary"])
         self._timing["summary_tokens"] = self._timing.get("summary_tokens", 0) + len(tokens)
         return self.model.decode(tokens)
+
+
+# ---- the frame loop over lanes ---------------------------------------------------------------------
+# One job is one lane. Several lanes (jobs of a sweep that differ only in their strategy, see
+# prospect.stream.lanes) stream the same conversation together: the frames, their vision features and the
+# text turns are shared; each lane has its own strategy, cache, positions, provenance, trace and replies.
+# Chunks that are the same for several lanes (a frame, the reply prompt, decode steps, closing tokens) go
+# through the model as one step (StaticForward.forward_lanes); reductions, summaries and a summary's restart
+# text touch their lane only. Every lane runs exactly the operations it runs alone, in the same order.
+
+
+def frame_features(model: VisionLanguageModel, conversation: Conversation, frames: list[StreamFrame], batch: int):
+    """(image features, vision ms per frame) of the fed frames, in order, `batch` frames per vision call."""
+    device = model.device
+    for start in range(0, len(frames), batch):
+        chunk = frames[start : start + batch]
+        images = [conversation.image(frame.index) for frame in chunk]
+        _synchronize(device)
+        t0 = time.perf_counter()
+        encoded = model.image_features(images)
+        _synchronize(device)
+        per_frame = (time.perf_counter() - t0) * 1000 / len(chunk)
+        for row in encoded:
+            yield row, per_frame
+
+
+def forward_lanes(
+    lanes: list[StreamRunner],
+    ids: list[list[int]],
+    image: torch.Tensor | None = None,
+    kind: int | None = None,
+    provenances: list[Provenance] | None = None,
+) -> list[torch.Tensor]:
+    """Feed `ids[i]` to lane i (one step for lanes on one StaticForward, else one after the other); returns each
+    lane's last logits."""
+    if not lanes:
+        return []
+    if provenances is None:
+        provenances = [Provenance.of(len(chunk), KIND["assistant"] if kind is None else kind) for chunk in ids]
+    static = lanes[0].static
+    if len(lanes) == 1 or static is None or any(lane.static is not static for lane in lanes) or len({len(c) for c in ids}) > 1:
+        return [lane._forward(chunk, image, provenance=p) for lane, chunk, p in zip(lanes, ids, provenances)]
+    firsts = [lane.cache.next_position for lane in lanes]
+    logits = static.forward_lanes([lane.cache for lane in lanes], ids, image, provenances=provenances)
+    for row, lane, chunk, first in zip(logits, lanes, ids, firsts):
+        lane._cache_max = max(lane._cache_max, cache_length(lane.cache))
+        if lane.on_forward is not None:
+            lane.on_forward(chunk, image, torch.arange(first, first + len(chunk)), row)
+    return list(logits)
+
+
+class _LaneFailures:
+    """Per-lane error handling of `stream_lanes`: with `isolate`, a lane that raises is recorded failed (its
+    result's error) and leaves this conversation while the others go on; without, the error propagates."""
+
+    def __init__(self, lanes: list[StreamRunner], results: list[ConversationResult], isolate: bool):
+        self.results = {id(lane): result for lane, result in zip(lanes, results)}
+        self.isolate = isolate
+        self.alive = list(lanes)
+
+    def fail(self, lanes: list[StreamRunner], error: Exception) -> None:
+        if not self.isolate:
+            raise error
+        for lane in lanes:
+            if lane in self.alive:
+                self.alive.remove(lane)
+                result = self.results[id(lane)]
+                result.error = f"{type(error).__name__}: {error}"
+                log.error("lane %s (%s): conversation %s failed after %d frames: %s", lane.lane, lane.strategy.name,
+                          result.conversation.id, len(result.trace), result.error)
+
+    def each(self, lanes: list[StreamRunner], action: Callable[[StreamRunner], Any]) -> dict[int, Any]:
+        """action(lane) for each live lane of `lanes`; returns {id(lane): value} of those that did not fail."""
+        values = {}
+        for lane in [lane for lane in lanes if lane in self.alive]:
+            try:
+                values[id(lane)] = action(lane)
+            except Exception as error:
+                self.fail([lane], error)
+        return values
+
+    def together(self, lanes: list[StreamRunner], action: Callable[[list[StreamRunner]], Any]) -> Any:
+        """action(live lanes) once; if it raises, every one of them failed. Returns its value or None."""
+        lanes = [lane for lane in lanes if lane in self.alive]
+        try:
+            return action(lanes) if lanes else None
+        except Exception as error:
+            self.fail(lanes, error)
+            return None
+
+
+def stream_lanes(
+    lanes: list[StreamRunner],
+    conversation: Conversation,
+    results: list[ConversationResult],
+    progress: bool = False,
+    on_frames: list[Callable[[dict], None] | None] | None = None,
+    on_step: Callable[[], None] | None = None,
+    isolate: bool = True,
+) -> list[ConversationResult]:
+    """Stream one conversation through `lanes` (one result each, filled frame by frame).
+
+    After each frame, lane i's record is in `results[i].trace` and `on_frames[i](record)` is called, then
+    `on_step()` once: the safe points between frames (whatever they raise stops every lane). A lane that
+    raises is handled by `isolate` (see _LaneFailures)."""
+    model = lanes[0].model
+    settings = lanes[0].settings
+    for lane in lanes[1:]:
+        if lane.model is not model or (lane.settings.frame_stride, lane.vision_batch_size) != (settings.frame_stride, lanes[0].vision_batch_size):
+            raise ValueError("lanes share the model, frame_stride and vision_batch_size")
+    on_frames = on_frames or [None] * len(lanes)
+    callbacks = {id(lane): callback for lane, callback in zip(lanes, on_frames)}
+    failures = _LaneFailures(lanes, results, isolate)
+    device = model.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    shared: dict[int, list[PositionedCache]] = {}
+    for lane in lanes:
+        if lane.static is not None:
+            caches = shared.setdefault(id(lane.static), lane.static.caches())
+            lane._start(conversation, caches[lane.lane])
+        else:
+            lane._start(conversation, model.new_cache(lane.capacity, lane.record_queries))
+    started = time.perf_counter()
+
+    system = model.chat.stream_start
+    if conversation.system_prompt:
+        system += model.chat.text_turn("system", conversation.system_prompt)
+    if system:
+        ids = model.encode(system)
+        failures.together(lanes, lambda live: forward_lanes(live, [ids] * len(live), kind=KIND["system"]))
+    failures.each(lanes, lambda lane: lane.strategy.start_stream(prompt_len=cache_length(lane.cache)))
+
+    schedule = frames_to_feed(conversation, settings.frame_stride)
+    features = frame_features(model, conversation, [frame for frame, _, _ in schedule], lanes[0].vision_batch_size)
+    iterator = schedule
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(schedule, desc=conversation.id, unit="frame", leave=False)
+    records: dict[int, dict] = {}
+    for frame, turns, reference_due in iterator:
+        if not failures.alive:
+            break
+        _synchronize(device)
+        frame_start = time.perf_counter()
+        for lane in failures.alive:
+            records[id(lane)] = {
+                "conversation": conversation.id,
+                "index": frame.index,
+                "time": frame.time,
+                "cache_before": cache_length(lane.cache),
+                "events": ["frame"],
+            }
+            lane._timing = {"vision_ms": 0.0, "frame_prefill_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "reduce_ms": 0.0}
+            lane._cache_max = cache_length(lane.cache)
+            for turn in turns:
+                if turn.role == "system" and turn.content.startswith(KNOWLEDGE_PREFIX):
+                    lane._knowledge = turn.content
+        pieces = [(model.chat.text_turn(t.role, t.content), turn_kind(t), -1) for t in turns]
+        pieces.append((model.chat.frame(model.image_tokens, frame.time), KIND["frame_text"], frame.index))
+        text_ids, text_provenance = model.encode_labeled(pieces)
+
+        def make_room(lane: StreamRunner) -> None:
+            lane._pending = lane._make_room(len(lane._pending) + len(text_ids), lane._pending, records[id(lane)], frame)
+
+        failures.each(lanes, make_room)
+        image, vision_ms = next(features)
+        for lane in failures.alive:
+            lane._timing["vision_ms"] = vision_ms
+        # the frame chunk: one step for the lanes with nothing pending, alone for a lane with a restart text
+        plain = [lane for lane in failures.alive if not lane._pending]
+        for group in [plain] + [[lane] for lane in failures.alive if lane._pending]:
+            _synchronize(device)
+            t0 = time.perf_counter()
+
+            def feed(live: list[StreamRunner]) -> None:
+                chunks = [lane._pending + text_ids for lane in live]
+                provenances = [Provenance.concat([Provenance.of(len(lane._pending), lane._pending_kind), text_provenance]) for lane in live]
+                forward_lanes(live, chunks, image, provenances=provenances)
+
+            failures.together(group, feed)
+            _synchronize(device)
+            for lane in [lane for lane in group if lane in failures.alive]:
+                lane._timing["frame_prefill_ms"] = (time.perf_counter() - t0) * 1000
+                lane._timing["prefill_ms"] += lane._timing["frame_prefill_ms"]
+                records[id(lane)]["chunk_tokens"] = len(lane._pending) + len(text_ids)
+                lane._pending = []
+
+        speak = reference_due if settings.talk_policy == "gt_turns" else None
+        replies = reply_lanes(failures, speak, records, frame)
+
+        def finish_frame(lane: StreamRunner) -> None:
+            record, result = records[id(lane)], failures.results[id(lane)]
+            reply_ids = replies.get(id(lane))
+            if reply_ids is not None:
+                reply = model.decode(reply_ids)
+                result.replies[frame.index] = reply
+                record["reply"] = reply
+                record["events"].append("speak")
+            record["generated_tokens"] = len(reply_ids or [])
+            if not lane._initial_captured and any(t.role == "user" for t in turns):
+                lane.strategy.set_initial_cache(lane.cache)
+                lane._initial_captured = True
+            if lane.strategy.should_reduce_cache(cache_length(lane.cache)):
+                lane._pending = lane._reduce(lane._pending, record, frame)
+            _synchronize(device)
+            record.update(lane._timing)
+            record["cache_after"] = cache_length(lane.cache)
+            record["cache_frame_tokens"] = lane.cache.frame_tokens()
+            record["cache_dialogue_tokens"] = record["cache_after"] - record["cache_frame_tokens"]
+            record["cache_max"] = lane._cache_max  # the most tokens held during this frame step
+            record["next_position"] = lane.cache.next_position
+            record["pending_tokens"] = len(lane._pending)
+            record["wall_ms"] = (time.perf_counter() - frame_start) * 1000
+            if cache_length(lane.cache) > lane.capacity:  # the invariant; a bug if it ever fires
+                raise ContextOverflowError(f"cache holds {cache_length(lane.cache)} tokens > capacity {lane.capacity}")
+
+        failures.each(lanes, finish_frame)
+        for lane in list(failures.alive):
+            failures.results[id(lane)].trace.append(records[id(lane)])
+            callback = callbacks[id(lane)]
+            if callback is not None:
+                callback(records[id(lane)])
+        if on_step is not None:
+            on_step()
+    wall = time.perf_counter() - started
+    peak = peak_memory_mb(device)
+    for lane in lanes:
+        result = failures.results[id(lane)]
+        result.wall_s, result.peak_memory_mb = wall, peak
+    return results
+
+
+def reply_lanes(failures: _LaneFailures, speak: bool | None, records: dict[int, dict], frame: StreamFrame) -> dict[int, list[int]]:
+    """Prompt an assistant turn in every live lane and decode the replies together: {id(lane): reply ids} of
+    the lanes that spoke. speak=None asks the threshold policy (ProAssist's not-talk probability on the first
+    token) in each lane; False: nobody speaks."""
+    if speak is False:
+        return {}
+    lanes = list(failures.alive)
+
+    def make_room(lane: StreamRunner) -> None:
+        budget = len(lane.prompt_ids) + lane.settings.max_new_tokens + len(lane.closing_ids)
+        pending = lane._make_room(budget, [], records[id(lane)], frame)
+        if pending:  # a reduction (summary) just queued a new context: feed it before the prompt
+            lane._forward(pending, kind=lane._pending_kind)
+
+    failures.each(lanes, make_room)
+    t0 = time.perf_counter()
+    prompts = failures.together(lanes, lambda live: dict(zip(map(id, live), forward_lanes(live, [lane.prompt_ids for lane in live], kind=KIND["assistant"]))))
+    speakers = []
+    for lane in [lane for lane in lanes if lane in failures.alive]:
+        lane._timing["prefill_ms"] += (time.perf_counter() - t0) * 1000
+        if speak is None:
+            probability = not_talk_probability(prompts[id(lane)], lane.model.stop_ids)
+            records[id(lane)]["not_talk_probability"] = probability
+            if probability > lane.settings.talk_threshold:
+                crop_end(lane.cache, len(lane.prompt_ids))
+                continue
+        speakers.append(lane)
+    if not speakers:
+        return {}
+    replies = failures.together(
+        speakers,
+        lambda live: dict(zip(map(id, live), decode_lanes(live, torch.stack([prompts[id(lane)] for lane in live]), live[0].settings.max_new_tokens))),
+    )
+    return replies or {}
+
+
+def decode_lanes(
+    lanes: list[StreamRunner], logits: torch.Tensor, max_new_tokens: int, timing_key: str = "decode_ms", kind: int = KIND["assistant"]
+) -> list[list[int]]:
+    """Decode each lane's reply from its prompt logits (`logits[i]`) until its end of turn or max_new_tokens,
+    the lanes still speaking as one step; each reply and its closing tokens stay in its lane's cache. The
+    end-of-turn token is excluded for the first min_new_tokens steps.
+
+    Timing: `timing_key` (decode_ms for replies, summary_ms for summaries) covers choosing every token and
+    feeding all but the last; the last token is fed with the closing tokens (counted in prefill_ms)."""
+    tokens: dict[int, list[int]] = {id(lane): [] for lane in lanes}
+    stopped: dict[int, bool] = {id(lane): False for lane in lanes}
+    t0 = time.perf_counter()
+    active, rows = list(lanes), list(logits)
+    for step in range(max_new_tokens):
+        going = []
+        for lane, row in zip(active, rows):
+            settings = lane.settings
+            bias = lane._bias_early if step < settings.min_new_tokens else lane._bias_late
+            token = pick_token(row, bias, settings.temperature, settings.top_p, lane._generator)
+            if token in lane.model.stop_ids:
+                stopped[id(lane)] = True
+                continue
+            tokens[id(lane)].append(token)
+            going.append(lane)
+        if step == max_new_tokens - 1 or not going:
+            break
+        rows = forward_lanes(going, [[tokens[id(lane)][-1]] for lane in going], kind=kind)
+        active = going
+    elapsed = (time.perf_counter() - t0) * 1000
+    t0 = time.perf_counter()
+    closings: dict[int, list[StreamRunner]] = {}
+    for lane in lanes:
+        lane._timing[timing_key] = lane._timing.get(timing_key, 0.0) + elapsed
+        reply = tokens[id(lane)]
+        tail = [] if stopped[id(lane)] or not reply else [reply[-1]]
+        closings.setdefault(len(tail), []).append(lane)
+    for tail_len, group in closings.items():
+        forward_lanes(group, [tokens[id(lane)][-1:][:tail_len] + lane.closing_ids for lane in group], kind=kind)
+    elapsed = (time.perf_counter() - t0) * 1000
+    for lane in lanes:
+        lane._timing["prefill_ms"] += elapsed
+    return [tokens[id(lane)] for lane in lanes]

@@ -1,0 +1,62 @@
+"""Lanes (DESIGN.md §11): the jobs of a sweep that differ only in their context strategy stream one
+conversation together through one model.
+
+A lane is one job's strategy with its own cache, positions, provenance, trace and replies; the model, the
+frames, each frame's vision features (computed once) and the text turns are shared. The lanes' caches are
+rows of one [lanes, kv_heads, capacity + 1, head_dim] buffer per layer (prospect/models/static_forward.py),
+and the chunks several lanes feed alike (a frame, the reply prompt, decode steps, closing tokens) are one
+batched step; each lane's reductions, summaries and restart text touch that lane only
+(prospect.stream.runner.stream_lanes). A lane that raises is recorded failed and the others go on.
+
+Equality: every lane runs exactly the operations of its job run alone on the optimized path. With
+`batch_lanes` false (the default off CUDA) a step computes the lanes one after the other, and each lane's
+replies and trace are bitwise those of the job alone; batched (the default on CUDA, where the graphs replay
+all lanes at once), a matrix product's rounding depends on how many lanes it holds, so results agree up to
+that rounding (README "Fused sweeps" gives the measured agreement).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from prospect.context_strategies import BaseContextStrategy
+from prospect.data.types import Conversation
+from prospect.models.static_forward import StaticForward
+from prospect.models.vlm import VisionLanguageModel
+from prospect.stream.runner import ConversationResult, StreamRunner, StreamSettings, stream_lanes
+
+
+class LaneRunner:
+    """Streams conversations through one model under several context strategies at once, one lane each."""
+
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        strategies: Sequence[BaseContextStrategy],
+        settings: StreamSettings | None = None,
+        batch_lanes: bool | None = None,
+    ):
+        if not strategies:
+            raise ValueError("LaneRunner needs at least one strategy")
+        settings = settings or StreamSettings()
+        if settings.optimized is False:
+            raise ValueError("optimized=false: lanes run the optimized (static) step; run the jobs alone for the eager one")
+        capacities = [strategy.capacity(model.max_positions) for strategy in strategies]
+        record = any(getattr(strategy, "records_queries", False) for strategy in strategies)
+        self.model = model
+        self.static = StaticForward(model, capacities, record_queries=record, batch_lanes=batch_lanes)
+        self.lanes = [StreamRunner(model, strategy, settings, static=self.static, lane=i) for i, strategy in enumerate(strategies)]
+
+    def run(
+        self,
+        conversation: Conversation,
+        results: list[ConversationResult] | None = None,
+        progress: bool = False,
+        on_frames: list[Callable[[dict], None] | None] | None = None,
+        on_step: Callable[[], None] | None = None,
+    ) -> list[ConversationResult]:
+        """Stream one conversation through every lane; one result per lane (pass `results` to keep partial
+        output if this raises). `on_frames[i](record)` follows each of lane i's frames, `on_step()` each
+        frame of all lanes: the safe points (what they raise stops every lane)."""
+        results = results if results is not None else [ConversationResult(conversation) for _ in self.lanes]
+        return stream_lanes(self.lanes, conversation, results, progress, on_frames, on_step, isolate=True)

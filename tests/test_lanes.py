@@ -1,0 +1,127 @@
+"""Lanes: jobs that differ only in their strategy stream one conversation together (DESIGN.md §11).
+
+Each lane must give exactly what its job gives alone on the optimized path: bitwise replies and trace
+(timings aside) on CPU in fp32, for every strategy, under both talk policies, with lanes of different
+strategies and capacities side by side."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prospect.cache import cache_length
+from prospect.context_strategies import STRATEGIES, create_strategy
+from prospect.models.static_forward import StaticForward
+from prospect.stream.lanes import LaneRunner
+from prospect.stream.runner import StreamRunner, StreamSettings
+
+SMALL = dict(max_seq_len=384, reserved_seq_len=32, last_keep_len=64, summary_max_new_tokens=24)
+TIMING = {"vision_ms", "frame_prefill_ms", "prefill_ms", "decode_ms", "reduce_ms", "summary_ms", "wall_ms"}
+# the random tiny model's not-talk probabilities lie around 2.1e-5: this threshold makes it silent at some frames
+POLICIES = {"gt_turns": {}, "threshold": {"talk_policy": "threshold", "talk_threshold": 2.1e-5}}
+
+
+def lane_strategies():
+    """Every built-in strategy, small enough to reduce several times; drop_middle twice (another budget and
+    capacity), so lanes of one step hold different lengths and capacities."""
+    strategies = [create_strategy(name, **SMALL) for name in STRATEGIES]
+    strategies.append(create_strategy("drop_middle", **{**SMALL, "max_seq_len": 448, "last_keep_len": 128}))
+    return strategies
+
+
+def comparable(trace):
+    return [{k: v for k, v in record.items() if k not in TIMING} for record in trace]
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_every_lane_equals_its_job_run_alone(tiny_model, synthetic_conversations, policy):
+    settings = StreamSettings(max_new_tokens=8, optimized=True, **POLICIES[policy])
+    lanes = LaneRunner(tiny_model, lane_strategies(), settings)
+    assert len(lanes.lanes) >= 3
+    steps = []
+    original = lanes.static.forward_lanes
+    lanes.static.forward_lanes = lambda caches, *args, **kwargs: steps.append(len(caches)) or original(caches, *args, **kwargs)
+    conversations = synthetic_conversations if policy == "gt_turns" else synthetic_conversations[:1]
+    for conversation in conversations:
+        together = lanes.run(conversation)
+        for strategy_lane, result in zip(lanes.lanes, together):
+            alone = StreamRunner(tiny_model, create_strategy(strategy_lane.strategy.name, **_params(strategy_lane.strategy)), settings)
+            expected = alone.run(conversation)
+            name = strategy_lane.strategy.name
+            assert result.error is None, name
+            assert result.replies == expected.replies, name
+            assert comparable(result.trace) == comparable(expected.trace), name
+            assert result.summaries == expected.summaries, name
+            # the lane's cache holds exactly the job's tokens: keys, values, positions and provenance
+            mine, theirs = strategy_lane.cache, alone.cache
+            for name_ in ("positions", "kinds", "frames", "patches"):
+                assert torch.equal(getattr(mine, name_), getattr(theirs, name_)), (name, name_)
+            for (k1, v1), (k2, v2) in zip(mine.layer_tensors(), theirs.layer_tensors()):
+                assert torch.equal(k1, k2) and torch.equal(v1, v2), name
+    assert max(steps) == len(lanes.lanes) and min(steps) == 1  # frames went as one step of all lanes; restarts alone
+    events = {event for lane, result in zip(lanes.lanes, together) for r in result.trace for event in r["events"]}
+    assert {"compress", "summary", "speak"} <= events  # reductions and a summary restart happened inside lanes
+    if policy == "threshold":
+        probed = [r for r in together[0].trace if "not_talk_probability" in r]
+        assert 0 < len(together[0].replies) < len(probed)  # some lanes spoke at some frames and not at others
+
+
+def _params(strategy):
+    import dataclasses
+
+    return {f.name: getattr(strategy, f.name) for f in dataclasses.fields(strategy) if f.init}
+
+
+def test_a_failing_lane_is_recorded_and_the_others_go_on(tiny_model, synthetic_conversations):
+    class Broken(type(create_strategy("drop_middle"))):
+        def handle_overflow(self, past_key_values, last_msg, **context):
+            raise RuntimeError("broken strategy")
+
+    settings = StreamSettings(max_new_tokens=8, optimized=True)
+    strategies = [create_strategy("drop_middle", **SMALL), Broken(**{k: SMALL[k] for k in ("max_seq_len", "reserved_seq_len", "last_keep_len")}),
+                  create_strategy("key_norm", **SMALL)]
+    conversation = synthetic_conversations[0]
+    together = LaneRunner(tiny_model, strategies, settings).run(conversation)
+    assert together[1].error == "RuntimeError: broken strategy"
+    assert 0 < len(together[1].trace) < len(together[0].trace)  # it stopped at its first reduction
+    for index in (0, 2):
+        alone = StreamRunner(tiny_model, create_strategy(strategies[index].name, **SMALL), settings).run(conversation)
+        assert together[index].error is None
+        assert together[index].replies == alone.replies
+        assert comparable(together[index].trace) == comparable(alone.trace)
+
+
+def test_batched_lanes_match_lanes_one_at_a_time(tiny_model, synthetic_conversations):
+    """The batched step (what CUDA graphs replay) on CPU: the same tokens kept and replies, logits within fp32
+    rounding of the lane-by-lane step."""
+    settings = StreamSettings(max_new_tokens=8, optimized=True)
+    conversation = synthetic_conversations[0]
+    names = ["drop_middle", "snapkv", "summarize_and_drop"]
+    one_by_one = LaneRunner(tiny_model, [create_strategy(n, **SMALL) for n in names], settings, batch_lanes=False)
+    batched = LaneRunner(tiny_model, [create_strategy(n, **SMALL) for n in names], settings, batch_lanes=True)
+    a, b = one_by_one.run(conversation), batched.run(conversation)
+    for x, y, name in zip(a, b, names):
+        assert x.replies == y.replies, name
+        assert [r["events"] for r in x.trace] == [r["events"] for r in y.trace], name
+    for lane_a, lane_b in zip(one_by_one.lanes, batched.lanes):
+        assert torch.equal(lane_a.cache.positions, lane_b.cache.positions)
+        for (k1, _), (k2, _) in zip(lane_a.cache.layer_tensors(), lane_b.cache.layer_tensors()):
+            torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)
+
+
+def test_inactive_lanes_are_untouched_by_a_step(tiny_model):
+    """A step for some lanes writes nothing into the others (their writes go to the scratch slot)."""
+    static = StaticForward(tiny_model, [64, 80, 48], batch_lanes=True)
+    caches = static.caches()
+    static.forward_lanes(caches, [[300, 301, 302]] * 3)
+    before = [[(k.clone(), v.clone()) for k, v in cache.layer_tensors()] for cache in caches]
+    static.forward_lanes([caches[1]], [[400, 401]])
+    for lane in (0, 2):
+        assert cache_length(caches[lane]) == 3
+        for (k, v), (k0, v0) in zip(caches[lane].layer_tensors(), before[lane]):
+            assert torch.equal(k, k0) and torch.equal(v, v0)
+    assert cache_length(caches[1]) == 5 and caches[1].positions.tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(RuntimeError, match="KV buffer full: 3 \\+ 46 tokens > capacity 48"):
+        static.forward_lanes([caches[2]], [[5] * 46])
+    with pytest.raises(ValueError, match="chunks of one length"):
+        static.forward_lanes(caches[:2], [[1], [1, 2]])
