@@ -208,6 +208,43 @@ def _takes_on_frame(runner: Any) -> bool:
         return False
 
 
+class JobFiles:
+    """A job's streamed outputs: trace.jsonl gets each frame's record as soon as the frame is processed
+    (appended and flushed) and `on_record(record)` follows (the W&B mirror); predictions.json is rewritten
+    after each conversation, and when anything stops the stream with the replies of the conversation in
+    progress, marked partial."""
+
+    def __init__(self, output_dir: Path, results: list[ConversationResult], on_record: Callable[[dict], None] | None = None):
+        self.output_dir, self.results, self.on_record = output_dir, results, on_record
+        self.trace = (output_dir / "trace.jsonl").open("w", encoding="utf-8")
+
+    def record(self, record: dict) -> None:
+        self.trace.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.trace.flush()
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def predictions(self) -> None:
+        write_json(self.output_dir / "predictions.json", predictions_document(self.results))
+
+    def conversation_done(self, result: ConversationResult) -> None:
+        self.predictions()
+        for index, reply in sorted(result.replies.items()):
+            log.info("%s @%.1fs: %s", result.conversation.id, result.conversation.frames[index].time, reply)
+
+    def stopped(self, result: StreamedConversation, runner: Any, error: BaseException) -> None:
+        _mark_partial(result, runner, error)
+        self.predictions()
+
+    def close(self) -> None:
+        self.trace.close()
+
+
+def _conversation_failed(result: ConversationResult, error: Exception) -> None:
+    result.error = f"{type(error).__name__}: {error}"
+    log.error("conversation %s failed after %d frames: %s", result.conversation.id, len(result.trace), result.error)
+
+
 def stream_conversations(
     runner: Any,
     conversations: Iterable[Conversation],
@@ -217,29 +254,20 @@ def stream_conversations(
     on_record: Callable[[dict], None] | None = None,
     stop: StopSignals | None = None,
 ) -> list[ConversationResult]:
-    """Stream each conversation into `results` (appended as they start, so an interrupted run keeps them).
-
-    trace.jsonl gets each frame's record as soon as the frame is processed (appended and flushed), then
-    `on_record(record)` is called (the W&B mirror) and `stop.check()` may end the run there with
-    `Interrupted`. predictions.json is rewritten after each conversation, and when anything stops the
-    stream (Interrupted, KeyboardInterrupt) with the replies of the conversation in progress, marked
-    partial, before the exception goes on. A failing conversation is recorded (error) and the others
-    still run. A runner whose run() takes no `on_frame` gets its records written after each conversation."""
+    """Stream each conversation into `results` (appended as they start, so an interrupted run keeps them),
+    writing the job's files as it goes (JobFiles). After each frame `stop.check()` may end the run with
+    `Interrupted`. A failing conversation is recorded (error) and the others still run. A runner whose run()
+    takes no `on_frame` gets its records written after each conversation."""
     results = [] if results is None else results
     per_frame = _takes_on_frame(runner)
-    with (output_dir / "trace.jsonl").open("w", encoding="utf-8") as trace:
+    files = JobFiles(output_dir, results, on_record)
 
-        def write(record: dict) -> None:
-            trace.write(json.dumps(record, ensure_ascii=False) + "\n")
-            trace.flush()
-            if on_record is not None:
-                on_record(record)
+    def on_frame(record: dict) -> None:  # the safe point between frames
+        files.record(record)
+        if stop is not None:
+            stop.check(f"at frame {record['index']} of conversation {record['conversation']}")
 
-        def on_frame(record: dict) -> None:  # the safe point between frames
-            write(record)
-            if stop is not None:
-                stop.check(f"at frame {record['index']} of conversation {record['conversation']}")
-
+    try:
         for conversation in conversations:
             result = StreamedConversation(conversation)
             results.append(result)
@@ -249,25 +277,23 @@ def stream_conversations(
                 else:
                     runner.run(conversation, result, progress=True)
             except Exception as error:  # recorded per conversation; the others still run
-                result.error = f"{type(error).__name__}: {error}"
-                log.error("conversation %s failed after %d frames: %s", conversation.id, len(result.trace), result.error)
+                _conversation_failed(result, error)
             except BaseException as error:  # interrupted: keep what this conversation made, then stop
                 if not per_frame:
                     for record in result.trace:
-                        write(record)
-                _mark_partial(result, runner, error)
-                write_json(output_dir / "predictions.json", predictions_document(results))
+                        files.record(record)
+                files.stopped(result, runner, error)
                 raise
             if not per_frame:
                 for record in result.trace:
-                    write(record)
-            write_json(output_dir / "predictions.json", predictions_document(results))
-            for index, reply in sorted(result.replies.items()):
-                log.info("%s @%.1fs: %s", conversation.id, conversation.frames[index].time, reply)
+                    files.record(record)
+            files.conversation_done(result)
             if on_result is not None:
                 on_result(result)
             if stop is not None:
                 stop.check(f"after conversation {conversation.id}")
+    finally:
+        files.close()
     return results
 
 
@@ -389,7 +415,7 @@ def console_summary(strategy: str, report: RunReport, metrics: dict, output_dir:
 
 def finish_run(
     report: RunReport, output_dir: Path, config: dict, env: dict, key: str, strategy_name: str, max_seq_len: int | None = None,
-    mirror: Any = None,
+    mirror: Any = None, extra: dict | None = None,
 ) -> dict:
     """Write results.json, the plot and the timeline, print the summary, close the W&B mirror (always)."""
     failed = [r for r in report.results if r.error]
@@ -405,7 +431,7 @@ def finish_run(
     document: dict = {}
     try:
         metrics = summarize(report)
-        extra = {"started_at": report.started_at, "finished_at": time.time()}
+        extra = {**(extra or {}), "started_at": report.started_at, "finished_at": time.time()}
         if report.evaluation:
             extra.update({k: report.evaluation[k] for k in ("per_subset", "skipped") if k in report.evaluation})
         document = results_document(report.status, report.error, metrics, per_conversation_metrics(report), config, env, key, extra)
@@ -488,7 +514,119 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     return document
 
 
+
+def _lane_stream(runner: Any, conversations: Iterable[Conversation], files: list["JobFiles"], results: list[list], stop: StopSignals) -> None:
+    """stream_conversations for the lanes of a LaneRunner: each lane's files are written as its job's."""
+    for conversation in conversations:
+        lane_results = [StreamedConversation(conversation) for _ in files]
+        for job_results, result in zip(results, lane_results):
+            job_results.append(result)
+        try:
+            runner.run(conversation, lane_results, progress=True, on_frames=[f.record for f in files],
+                       on_step=lambda index: stop.check(f"at frame {index} of conversation {conversation.id}"))
+        except Exception as error:  # a failure of what the lanes share (frames, vision): every lane's conversation
+            for result in lane_results:
+                result.error = result.error or f"{type(error).__name__}: {error}"
+            log.error("conversation %s failed in every lane: %s: %s", conversation.id, type(error).__name__, error)
+        except BaseException as error:  # interrupted: keep what each lane made, then stop
+            for job_files, result in zip(files, lane_results):
+                job_files.stopped(result, runner, error)
+            raise
+        for job_files, result in zip(files, lane_results):
+            job_files.conversation_done(result)
+        stop.check(f"after conversation {conversation.id}")
+
+
 def run_lanes(cfgs: list[DictConfig], output_dirs: list[str | Path]) -> list[dict]:
-    """Run jobs that differ only in their strategy as lanes of one process (prospect.stream.lanes); each job
-    writes exactly the files `run` writes, into its own folder. Returns their results.json documents."""
-    return [run(cfg, output_dir) for cfg, output_dir in zip(cfgs, output_dirs)]  # placeholder: lanes come next
+    """Run jobs that differ only in their strategy as lanes of one process (prospect.stream.lanes): the
+    dataset and model are loaded once, each frame's vision features computed once, and each job writes
+    exactly the files `run` writes (results.json with its job key, predictions, trace, plots, its own W&B
+    run) into its own folder. A job whose strategy cannot be built, or whose lane raises, is recorded failed
+    and the others go on. Lanes run the optimized step: `stream.optimized: auto` is settled to true before the
+    job keys are computed. Signals stop every lane at the next frame, as `run` stops (module docstring).
+    Returns the results.json documents, in order."""
+    from omegaconf import open_dict
+
+    if len(cfgs) != len(output_dirs) or not cfgs:
+        raise ValueError(f"run_lanes: {len(cfgs)} configs for {len(output_dirs)} output folders")
+    if any(cfg.model.get("oracle") for cfg in cfgs):  # no model, nothing to share
+        return [run(cfg, output_dir) for cfg, output_dir in zip(cfgs, output_dirs)]
+    for cfg in cfgs:
+        if cfg.stream.optimized == "auto":
+            with open_dict(cfg):
+                cfg.stream.optimized = True
+    dirs = [Path(d) for d in output_dirs]
+    for folder in dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+    configs = [OmegaConf.to_container(cfg, resolve=True) for cfg in cfgs]
+    keys = [job_key(config) for config in configs]
+    shared_parts = [{k: v for k, v in config.items() if k not in ("strategy", "logger")} for config in configs]
+    reports = [RunReport() for _ in cfgs]
+    shared = RunReport()  # a failure of what the lanes share is every job's failure
+    mirrors: list[Any] = [None] * len(cfgs)
+    device = None
+    lanes_info: dict[str, Any] = {"jobs": len(cfgs), "job_keys": keys}
+    with StopSignals.current() as stop:
+        for index, cfg in enumerate(cfgs):
+            if cfg.logger.name == "wandb":
+                from prospect.tracking.wandb_mirror import WandbMirror
+
+                mirrors[index] = WandbMirror()
+                mirrors[index].start(cfg.logger, dirs[index], configs[index], name=run_name(cfg), concurrent=True)
+        try:
+            with recording_failure(shared):
+                if any(part != shared_parts[0] for part in shared_parts):
+                    raise ValueError("run_lanes: the jobs differ in more than their strategy (and logger)")
+                loaded = load_dataset(cfgs[0].dataset)
+                stop.check("while loading the dataset, before the stream started")
+                if not loaded.conversations:
+                    raise RuntimeError(f"dataset {cfgs[0].dataset.name}: no conversation to run ({len(loaded.skipped)} skipped)")
+                from prospect.context_strategies import strategy_from_config
+                from prospect.models.vlm import load_model
+                from prospect.stream.lanes import LaneRunner
+
+                settings = stream_settings(cfgs[0])
+                model = load_model(cfgs[0].model, cfgs[0].paths.cache_dir, seed=int(cfgs[0].seed))
+                device = str(model.device)
+                stop.check("while loading the model, before the stream started")
+                from prospect.validation import validate
+
+                strategies, live = [], []
+                for index, cfg in enumerate(cfgs):
+                    reports[index].kv_bytes_per_token = model.kv_bytes_per_token
+                    with recording_failure(reports[index]):  # a job whose config is bad fails alone
+                        validate(cfg)
+                        strategies.append(strategy_from_config(cfg.strategy))
+                        live.append(index)
+                if not live:
+                    raise RuntimeError("no job of this lane set could start (see each job's error)")
+                runner = LaneRunner(model, strategies, settings)
+                lanes_info.update(lanes=len(live), batched=runner.static.batch_lanes)
+                log.info("%d lanes (%s) on %s, %d conversations", len(live), ", ".join(s.name for s in strategies), device,
+                         len(loaded.conversations))
+                files = [JobFiles(dirs[i], reports[i].results,
+                                  (lambda record, m=mirrors[i]: m.log_trace([record])) if mirrors[i] is not None else None) for i in live]
+                try:
+                    _lane_stream(runner, loaded.conversations, files, [reports[i].results for i in live], stop)
+                finally:
+                    for job_files in files:
+                        job_files.close()
+                for index in live:
+                    with recording_failure(reports[index]):
+                        score(reports[index], cfgs[index].eval)
+        finally:  # also when interrupted: what was computed is written, job by job
+            stop.writing = True
+            documents = []
+            try:
+                for index, cfg in enumerate(cfgs):
+                    report = reports[index]
+                    if shared.status != "ok" and report.status == "ok":
+                        report.status, report.error, report.exit_code = shared.status, shared.error, shared.exit_code
+                    documents.append(finish_run(
+                        report, dirs[index], configs[index], environment(device), keys[index], str(cfg.strategy.name),
+                        int(cfg.strategy.max_seq_len), mirrors[index], extra={"lanes": {**lanes_info, "job": index}},
+                    ))
+            finally:
+                stop.writing = False
+        stop.check("after the run finished (its results are complete)")
+    return documents

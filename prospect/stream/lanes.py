@@ -53,10 +53,10 @@ class LaneRunner:
         results: list[ConversationResult] | None = None,
         progress: bool = False,
         on_frames: list[Callable[[dict], None] | None] | None = None,
-        on_step: Callable[[], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> list[ConversationResult]:
         """Stream one conversation through every lane; one result per lane (pass `results` to keep partial
-        output if this raises). `on_frames[i](record)` follows each of lane i's frames, `on_step()` each
-        frame of all lanes: the safe points (what they raise stops every lane)."""
+        output if this raises). `on_frames[i](record)` follows each of lane i's frames, `on_step(frame index)`
+        each frame of all lanes: the safe points (what they raise stops every lane)."""
         results = results if results is not None else [ConversationResult(conversation) for _ in self.lanes]
         return stream_lanes(self.lanes, conversation, results, progress, on_frames, on_step, isolate=True)

@@ -424,13 +424,13 @@ def stream_lanes(
     results: list[ConversationResult],
     progress: bool = False,
     on_frames: list[Callable[[dict], None] | None] | None = None,
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
     isolate: bool = True,
 ) -> list[ConversationResult]:
     """Stream one conversation through `lanes` (one result each, filled frame by frame).
 
     After each frame, lane i's record is in `results[i].trace` and `on_frames[i](record)` is called, then
-    `on_step()` once: the safe points between frames (whatever they raise stops every lane). A lane that
+    `on_step(frame index)` once: the safe points between frames (whatever they raise stops every lane). A lane that
     raises is handled by `isolate` (see _LaneFailures)."""
     model = lanes[0].model
     settings = lanes[0].settings
@@ -552,7 +552,7 @@ def stream_lanes(
             if callback is not None:
                 callback(records[id(lane)])
         if on_step is not None:
-            on_step()
+            on_step(frame.index)
     wall = time.perf_counter() - started
     peak = peak_memory_mb(device)
     for lane in lanes:

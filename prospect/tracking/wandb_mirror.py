@@ -99,8 +99,12 @@ class WandbMirror:
     def active(self) -> bool:
         return self.run is not None
 
-    def start(self, logger_cfg: Mapping[str, Any] | None, run_dir: str | Path, config: Mapping[str, Any], name: str | None = None) -> None:
-        """Open the W&B run, with its files under `run_dir`/wandb.
+    def start(
+        self, logger_cfg: Mapping[str, Any] | None, run_dir: str | Path, config: Mapping[str, Any], name: str | None = None,
+        concurrent: bool = False,
+    ) -> None:
+        """Open the W&B run, with its files under `run_dir`/wandb. `concurrent`: other runs of this process stay
+        open beside it (the lanes of a fused sweep, one run per job).
 
         Mode: logger `mode` if set, else WANDB_MODE, else offline when no API key is configured.
         Name: logger `job_name` if set, else `name`. Group and tags come from the logger config.
@@ -122,7 +126,8 @@ class WandbMirror:
                 tags=list(logger_cfg.get("tags") or []),
                 name=logger_cfg.get("job_name") or name,
                 config=_plain(config),
-                reinit="finish_previous",  # a job never writes into a run a previous job left open
+                # a job never writes into a run a previous job left open; lanes each open their own
+                reinit="create_new" if concurrent else "finish_previous",
             )
             if forced_offline:
                 sync_dir = self.run.settings.sync_dir
