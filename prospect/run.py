@@ -153,9 +153,10 @@ def cli() -> None:
     if problem:
         _print_error(problem)
         sys.exit(2)
-    from prospect.sweep.gpu_pool import register
+    from prospect.sweep import fused, gpu_pool
 
-    register()
+    gpu_pool.register()  # hydra/launcher=gpu_pool
+    fused.register()  # hydra/launcher=fused
     try:
         main()
     except BaseException as error:  # Interrupted lives in prospect.experiment, imported once a job started

@@ -69,6 +69,8 @@ class PoolJob:
     task_overrides: list[str] = field(default_factory=list)  # what Hydra writes to the job's .hydra/overrides.yaml
     config_yaml: str = ""  # ... and to .hydra/config.yaml (the job's config, unresolved)
     output_subdir: str | None = ".hydra"
+    override_dirname: str = ""  # hydra.job.override_dirname (the folder name's overrides part)
+    job_name: str = "run"  # hydra.job.name (the job's log file is JOB_NAME.log)
     process: subprocess.Popen | None = None
     gpu: str | None = None
     result: JobReturn | None = None
@@ -124,6 +126,13 @@ class SweepStop:
         return signal.SIGUSR2 if signal.SIGUSR2 in self.received else self.received[0]
 
 
+def refuse(message: str) -> None:
+    """A bad launcher setting: one line on stderr, exit 2 (as prospect.run's other command-line errors).
+    SystemExit passes through Hydra's instantiate and error reporting, which would print three lines."""
+    print(f"prospect: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def _signal_name(code: int | None) -> str | None:
     """'SIGTERM' for a process's return code -15 (killed by that signal), else None."""
     if code is None or code >= 0:
@@ -134,11 +143,26 @@ def _signal_name(code: int | None) -> str | None:
         return f"signal {-code}"
 
 
+def check_launcher_settings(gpus: Any, poll_s: Any, **counts: Any) -> list[str] | None:
+    """Refuse (one line, exit 2) a bad hydra.launcher setting: gpus a list of GPU ids (or null), each count of
+    `counts` (e.g. jobs_per_gpu) an integer >= 1, poll_s a number > 0. Returns the GPU ids as strings."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            refuse(f"hydra.launcher.{name}={value}: must be an integer >= 1")
+    if isinstance(poll_s, bool) or not isinstance(poll_s, (int, float)) or not poll_s > 0:
+        refuse(f"hydra.launcher.poll_s={poll_s}: must be a number of seconds > 0")
+    if gpus is None:
+        return None
+    if isinstance(gpus, (str, int)) or not all(isinstance(g, (str, int)) and not isinstance(g, bool) and str(g).strip() for g in gpus):
+        refuse(f"hydra.launcher.gpus={gpus}: must be a list of GPU ids, e.g. [0,1], or null for every visible GPU")
+    return [str(g).strip() for g in gpus] or None
+
+
 class GpuPoolLauncher(Launcher):
+    process_name = "job process"  # what a job's failure message calls the process that died
+
     def __init__(self, gpus: Sequence[Any] | None = None, jobs_per_gpu: int = 1, poll_s: float = 0.2) -> None:
-        if jobs_per_gpu < 1:
-            raise ValueError(f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}: must be >= 1")
-        self.gpus = [str(g) for g in gpus] if gpus else None
+        self.gpus = check_launcher_settings(gpus, poll_s, jobs_per_gpu=jobs_per_gpu)
         self.jobs_per_gpu = jobs_per_gpu
         self.poll_s = poll_s
         self.config: DictConfig | None = None
@@ -157,14 +181,20 @@ class GpuPoolLauncher(Launcher):
         folder = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
         job = OmegaConf.to_container(sweep_config, resolve=False)
         job.pop("hydra", None)
-        resolved = OmegaConf.to_container(OmegaConf.create(job), resolve=True)
+        resolved = self._settle(OmegaConf.to_container(OmegaConf.create(job), resolve=True))
         wandb = resolved["logger"].get("name") == "wandb" and not resolved["logger"].get("group")
         group = sweep_group(str(sweep_config.hydra.sweep.dir)) if wandb else None
         subdir = sweep_config.hydra.get("output_subdir")
         return PoolJob(index, overrides, folder, job_key(resolved), bool(resolved.get("cache", True)),
                        str(resolved.get("cache_root", "multirun")), group, resolved,
                        task_overrides=[str(o) for o in sweep_config.hydra.overrides.task],
-                       config_yaml=OmegaConf.to_yaml(OmegaConf.create(job)), output_subdir=str(subdir) if subdir else None)
+                       config_yaml=OmegaConf.to_yaml(OmegaConf.create(job)), output_subdir=str(subdir) if subdir else None,
+                       override_dirname=str(sweep_config.hydra.job.override_dirname or ""),
+                       job_name=str(sweep_config.hydra.job.name or "run"))
+
+    def _settle(self, resolved: dict) -> dict:
+        """The job's resolved config as the launcher will run it, before its job key is computed (here: as is)."""
+        return resolved
 
     @staticmethod
     def _write_hydra_files(job: PoolJob) -> None:
@@ -202,7 +232,7 @@ class GpuPoolLauncher(Launcher):
             else:  # the process died before writing its results (killed, out of memory): record it
                 killed = _signal_name(code)
                 how = f"was killed by {killed}" if killed else f"exited with code {code}"
-                document = {"status": "failed", "error": f"job process {how} before writing results.json "
+                document = {"status": "failed", "error": f"{self.process_name} {how} before writing results.json "
                             f"(see {job.folder / 'launcher.log'})", "job_key": job.key}
                 results.write_text(json.dumps(document, indent=1) + "\n")
         ret = JobReturn(overrides=job.overrides, working_dir=str(job.folder), task_name="prospect.run", status=JobStatus.COMPLETED)
@@ -233,13 +263,17 @@ class GpuPoolLauncher(Launcher):
             stop.uninstall()
             if running:  # an error in the launcher itself: leave no job running without it
                 self._terminate(running)
+        self._raise_if_stopped(stop)
+        return [job.result for job in jobs]
+
+    def _raise_if_stopped(self, stop: SweepStop) -> None:
+        """After a stop signal: raise Interrupted, for prospect.run's cli() to write the summary and exit 128 + signal."""
         if stop.received:
-            from prospect.experiment import Interrupted  # prospect.run's cli() writes the summary and exits 128 + signal
+            from prospect.experiment import Interrupted
 
             interrupted = Interrupted(stop.signum)
             interrupted.sweep_dir = str(self.config.hydra.sweep.dir)
             raise interrupted
-        return [job.result for job in jobs]
 
     def _schedule(self, waiting: list[PoolJob], running: list[PoolJob], gpus: list[str | None], stop: SweepStop) -> None:
         """Reuse or start the waiting jobs that can go now (at most jobs_per_gpu running on each GPU)."""
@@ -252,11 +286,7 @@ class GpuPoolLauncher(Launcher):
             source = find_result(job.cache_root, job.key, prefer=job.folder) if job.cache else None
             if source is not None:
                 waiting.remove(job)
-                log.info("\t#%d reuses %s (job key %s)", job.index, source, job.key)
-                document = reuse_result(source, job.folder, job.config)
-                if source.resolve() != job.folder.resolve():  # resumed in place: the job's own .hydra stands
-                    self._write_hydra_files(job)
-                self._finish(job, document)
+                self._reuse(job, source)
                 continue
             load = {gpu: sum(1 for j in running if j.gpu == gpu) for gpu in gpus}
             gpu = min(gpus, key=lambda g: load[g])
@@ -266,6 +296,14 @@ class GpuPoolLauncher(Launcher):
             self._start(job, gpu)
             running.append(job)
             busy_keys.add(job.key)
+
+    def _reuse(self, job: PoolJob, source: Path) -> None:
+        """Finish `job` with the ok result of the same job key found in `source` (copied into its folder)."""
+        log.info("\t#%d reuses %s (job key %s)", job.index, source, job.key)
+        document = reuse_result(source, job.folder, job.config)
+        if source.resolve() != job.folder.resolve():  # resumed in place: the job's own .hydra stands
+            self._write_hydra_files(job)
+        self._finish(job, document)
 
     @staticmethod
     def _forward(stop: SweepStop, forwarded: int, running: list[PoolJob]) -> int:
@@ -307,23 +345,28 @@ class GpuPoolLauncher(Launcher):
 PLUGIN_MODULE = "hydra_plugins.prospect_gpu_pool"
 
 
-def register() -> None:
-    """Make the launcher known to Hydra as hydra_plugins.prospect_gpu_pool.GpuPoolLauncher."""
+def register_launcher(launcher: type, module_name: str, doc: str) -> None:
+    """File a launcher class as hydra_plugins.<module_name>.<class name> and register it with Hydra."""
     import importlib
     import types
 
     from hydra.core.plugins import Plugins
 
-    if PLUGIN_MODULE not in sys.modules:
+    if module_name not in sys.modules:
         try:
             namespace = importlib.import_module("hydra_plugins")
         except ImportError:  # no other Hydra plugin installed: the namespace does not exist yet
             namespace = types.ModuleType("hydra_plugins")
             namespace.__path__ = []
             sys.modules["hydra_plugins"] = namespace
-        module = types.ModuleType(PLUGIN_MODULE, "prospect's GPU-pool launcher (see prospect.sweep.gpu_pool)")
-        module.GpuPoolLauncher = GpuPoolLauncher
-        sys.modules[PLUGIN_MODULE] = module
-        namespace.prospect_gpu_pool = module
-        GpuPoolLauncher.__module__ = PLUGIN_MODULE
-    Plugins.instance().register(GpuPoolLauncher)
+        module = types.ModuleType(module_name, doc)
+        setattr(module, launcher.__name__, launcher)
+        sys.modules[module_name] = module
+        setattr(namespace, module_name.rpartition(".")[2], module)
+        launcher.__module__ = module_name
+    Plugins.instance().register(launcher)
+
+
+def register() -> None:
+    """Make the launcher known to Hydra as hydra_plugins.prospect_gpu_pool.GpuPoolLauncher."""
+    register_launcher(GpuPoolLauncher, PLUGIN_MODULE, "prospect's GPU-pool launcher (see prospect.sweep.gpu_pool)")
