@@ -125,3 +125,53 @@ def test_inactive_lanes_are_untouched_by_a_step(tiny_model):
         static.forward_lanes([caches[2]], [[5] * 46])
     with pytest.raises(ValueError, match="chunks of one length"):
         static.forward_lanes(caches[:2], [[1], [1, 2]])
+
+
+def test_the_device_decode_chooses_the_host_loops_tokens(tiny_model, synthetic_conversations):
+    """Greedy replies chosen on the device (StaticForward.decode_greedy, in chains of 3 steps) are the host
+    loop's: same replies, trace and caches, with a stop id ending replies mid-chain and min_new_tokens holding
+    it off at first. A lane with an on_forward hook takes the host loop (it sees every step)."""
+    conversation = synthetic_conversations[0]
+    settings = StreamSettings(max_new_tokens=8, min_new_tokens=2, optimized=True)
+    strategies = [create_strategy(name, **SMALL) for name in ("none", "drop_middle", "summarize_and_drop")]
+
+    def run(on_device: bool) -> tuple[list, list]:
+        lanes = LaneRunner(tiny_model, [create_strategy(s.name, **_params(s)) for s in strategies], settings)
+        lanes.static.chain = 3
+        chosen = []
+        original = lanes.static.decode_greedy
+        lanes.static.decode_greedy = lambda *args, **kwargs: chosen.append(original(*args, **kwargs)) or chosen[-1]
+        if not on_device:
+            for lane in lanes.lanes:
+                lane.on_forward = lambda *args: None
+        results = lanes.run(conversation)
+        assert all(r.error is None for r in results)
+        assert bool(chosen) == on_device
+        state = [(r.replies, comparable(r.trace), lane.cache.positions, lane.cache.kinds, [(k.clone(), v.clone()) for k, v in lane.cache.layer_tensors()])
+                 for r, lane in zip(results, lanes.lanes)]
+        return state, [reply for call in chosen for reply, _ in call]
+
+    def most_frequent(replies: list[list[int]], steps: slice) -> int:
+        counts: dict[int, int] = {}
+        for reply in replies:
+            for token in reply[steps]:
+                counts[token] = counts.get(token, 0) + 1
+        return max(counts, key=counts.get)
+
+    stop_ids = list(tiny_model.stop_ids)
+    try:
+        _, replies = run(on_device=True)
+        early = most_frequent(replies, slice(0, 2))  # a stop id the lanes would choose at once: min_new_tokens holds it off
+        tiny_model.stop_ids = stop_ids + [early]
+        _, replies = run(on_device=True)
+        late = most_frequent(replies, slice(2, None))  # and one they choose later: it ends replies mid-chain
+        tiny_model.stop_ids = stop_ids + [early, late]
+        on_device, replies = run(on_device=True)
+        on_host, _ = run(on_device=False)
+    finally:
+        tiny_model.stop_ids = stop_ids
+    assert any(2 <= len(reply) < settings.max_new_tokens - 1 for reply in replies)  # stopped mid-reply, past min_new_tokens
+    for mine, theirs in zip(on_device, on_host):
+        assert mine[:2] == theirs[:2]  # replies and trace
+        assert torch.equal(mine[2], theirs[2]) and torch.equal(mine[3], theirs[3])  # positions and provenance
+        assert all(torch.equal(k1, k2) and torch.equal(v1, v2) for (k1, v1), (k2, v2) in zip(mine[4], theirs[4]))

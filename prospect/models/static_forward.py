@@ -15,6 +15,11 @@ place as they reduce a cache of their own. A step runs all lanes as one batch, e
 positions and mask; the lanes not in the call are inactive: they write into the extra last slot, which
 no active lane ever sees, so nothing of theirs changes. A single stream is the one-lane case.
 
+Greedy replies decode on the device (`decode_greedy`): a chain of up to `chain` steps is one CUDA graph in
+which each step feeds the token the previous step chose to the lanes still speaking, picks the next token
+(argmax of the logits plus the suppression bias) and checks it against the stop ids; the host reads the
+chosen tokens back once per chain, not once per token.
+
 The graphs are bound to these buffers: use `caches()` / `cache()` (emptied per conversation).
 """
 
@@ -73,6 +78,25 @@ class _Step:
         self.graph: torch.cuda.CUDAGraph | None = None
 
 
+class _DecodeState:
+    """The device-side state of a greedy decode over all lanes (`StaticForward.decode_greedy`): `step` holds the
+    token each lane feeds next, its cache length and position and whether it still speaks (`step.active`);
+    `count` the tokens each lane chose so far; `chains` the CUDA graph of each chain length and its output
+    [lanes, length] (the token a lane appended at each step, -1 where it appended none)."""
+
+    def __init__(self, lanes: int, vocab: int, hidden: int, device: torch.device, dtype: torch.dtype, stop_ids: Sequence[int]):
+        self.step = _Step(1, lanes, False, hidden, device, dtype)
+        self.count = torch.zeros(lanes, dtype=torch.long, device=device)
+        self.stopped = torch.zeros(lanes, dtype=torch.bool, device=device)
+        self.min_new = torch.zeros(lanes, dtype=torch.long, device=device)
+        self.max_new = torch.zeros(lanes, dtype=torch.long, device=device)
+        self.bias_early = torch.zeros(lanes, vocab, device=device)
+        self.bias_late = torch.zeros(lanes, vocab, device=device)
+        self.logits = torch.zeros(lanes, vocab, device=device)  # the prompt logits; on CPU each step's
+        self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        self.chains: dict[int, tuple[torch.Tensor, torch.cuda.CUDAGraph | None]] = {}
+
+
 class StaticForward:
     """Drop-in for VisionLanguageModel.forward on its own caches: same arguments, same results (up to float
     rounding); `forward_lanes` runs several lanes' chunks as one batch. On CUDA the returned logits are the
@@ -80,7 +104,7 @@ class StaticForward:
 
     def __init__(
         self, model: VisionLanguageModel, capacity: int | Sequence[int], use_graphs: bool | None = None, max_graphs: int = 48,
-        record_queries: bool = False, batch_lanes: bool | None = None,
+        record_queries: bool = False, batch_lanes: bool | None = None, chain: int = 8,
     ):
         self.model = model
         self.capacities = [int(capacity)] if isinstance(capacity, int) else [int(c) for c in capacity]
@@ -95,6 +119,8 @@ class StaticForward:
         if self.use_graphs and not self.batch_lanes:
             raise ValueError("CUDA graphs replay all lanes as one batch: batch_lanes must be true with use_graphs")
         self.max_graphs = max_graphs
+        if chain < 1:
+            raise ValueError(f"chain must be at least 1 decode step, got {chain}")
         self.steps: dict[tuple[int, bool, bool], _Step] = {}
         self.slot_index = torch.arange(self.capacity + 1, device=self.device)
         self.lane_index = torch.arange(self.lanes, device=self.device)[:, None]
@@ -104,6 +130,8 @@ class StaticForward:
         self._caches: list[PositionedCache] = []
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.graphs_captured = 0
+        self.chain = chain
+        self._decode: _DecodeState | None = None
 
     def _allocate(self) -> None:
         text = self.model.model.config.text_config
@@ -194,9 +222,7 @@ class StaticForward:
         provenances = list(provenances) if provenances is not None else [None] * len(caches)
         lanes = []
         for cache, chunk in zip(caches, ids):
-            lane = next((i for i, own in enumerate(self._caches) if own is cache), None)
-            if lane is None:
-                raise ValueError("StaticForward runs on the caches from its caches() method only")
+            lane = self._lane_of(cache)
             if len(chunk) != n:
                 raise ValueError(f"lanes of one step feed chunks of one length ({len(chunk)} != {n})")
             if cache.get_seq_length() + n > self.capacities[lane]:
@@ -241,6 +267,143 @@ class StaticForward:
             for layer in cache.layers:
                 layer.length += n
         return logits
+
+    # ---- greedy decode on the device ----------------------------------------------------------------
+
+    def _lane_of(self, cache: PositionedCache) -> int:
+        lane = next((i for i, own in enumerate(self._caches) if own is cache), None)
+        if lane is None:
+            raise ValueError("StaticForward runs on the caches from its caches() method only")
+        return lane
+
+    @torch.no_grad()
+    def decode_greedy(
+        self,
+        caches: Sequence[PositionedCache],
+        logits: Sequence[torch.Tensor],
+        biases: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        min_new_tokens: int,
+        max_new_tokens: int,
+        kind: int,
+    ) -> list[tuple[list[int], bool]]:
+        """Greedy replies of the lanes of `caches` from their prompt logits (`logits[i]`, [vocab]), chosen as
+        prospect.stream.runner's host loop chooses them: step s takes the argmax of the logits plus
+        `biases[i][0]` while s < min_new_tokens, else plus `biases[i][1]`; a stop id ends the reply (and is not
+        part of it); a reply ends at max_new_tokens tokens. Each chosen token but a reply's last one
+        (which the caller feeds with the turn's closing) is fed to its lane, labelled `kind`; a reply ended by
+        a stop id has all its tokens fed. Returns per lane (reply tokens, whether a stop id ended it).
+
+        The steps run on the device in chains of up to `self.chain` (a CUDA graph each with graphs); the host
+        reads the chosen tokens back once per chain."""
+        lanes = [self._lane_of(cache) for cache in caches]
+        if len(set(lanes)) != len(lanes):
+            raise ValueError("a lane appears twice in one decode")
+        if max_new_tokens < 1 or not lanes:
+            return [([], False) for _ in lanes]
+        for lane, cache in zip(lanes, caches):
+            if cache.get_seq_length() + max_new_tokens - 1 > self.capacities[lane]:
+                raise RuntimeError(f"KV buffer full: {cache.get_seq_length()} + {max_new_tokens - 1} reply tokens > capacity "
+                                   f"{self.capacities[lane]}")
+        state = self._decode_state()
+        step = state.step
+        start, first, speaking = [0] * self.lanes, [0] * self.lanes, [False] * self.lanes
+        for lane, cache in zip(lanes, caches):
+            start[lane], first[lane], speaking[lane] = cache.get_seq_length(), cache.next_position, True
+        step.start.copy_(torch.tensor(start), non_blocking=True)
+        step.first.copy_(torch.tensor(first), non_blocking=True)
+        step.active.copy_(torch.tensor(speaking), non_blocking=True)
+        state.count.zero_()
+        state.stopped.zero_()
+        state.min_new.fill_(min_new_tokens)
+        state.max_new.fill_(max_new_tokens)
+        index = torch.tensor(lanes, device=self.device)
+        state.bias_early[index] = torch.stack([early for early, _ in biases]).float()
+        state.bias_late[index] = torch.stack([late for _, late in biases]).float()
+        state.logits[index] = torch.stack(list(logits)).float()
+        chosen = [self._pick(state, state.logits)[:, None]]
+        done, read = 1, []
+        while True:
+            if done < max_new_tokens:
+                length = min(self.chain, max_new_tokens - done)
+                chosen.append(self._run_chain(state, length))
+                done += length
+            record = torch.cat([*chosen, step.active[:, None].long(), state.stopped[:, None].long()], 1).cpu()  # one sync
+            read.append(record[:, :-2])
+            chosen = []
+            if done >= max_new_tokens or not bool(record[:, -2].any()):
+                break
+        tokens = torch.cat(read, 1)
+        replies = []
+        for lane, cache in zip(lanes, caches):
+            reply = [token for token in tokens[lane].tolist() if token >= 0]
+            stopped = bool(record[lane, -1])
+            fed = len(reply) if stopped else max(len(reply) - 1, 0)
+            if fed:
+                cache.take_positions(fed, Provenance.of(fed, kind))
+                for layer in cache.layers:
+                    layer.length += fed
+            replies.append((reply, stopped))
+        return replies
+
+    def _decode_state(self) -> _DecodeState:
+        if self._decode is None:
+            hidden = self.model.model.config.text_config.hidden_size
+            vocab = self.model.model.lm_head.out_features
+            self._decode = _DecodeState(self.lanes, vocab, hidden, self.device, self.model.dtype, self.model.stop_ids)
+        return self._decode
+
+    def _pick(self, state: _DecodeState, logits: torch.Tensor) -> torch.Tensor:
+        """Each speaking lane's next token from its logits [lanes, vocab] (no host sync): returns the tokens the
+        lanes append (-1 for a lane not speaking or stopping), updates who still speaks and feeds next."""
+        speaking = state.step.active.clone()
+        early = (state.count < state.min_new)[:, None]
+        token = torch.argmax(logits + torch.where(early, state.bias_early, state.bias_late), dim=-1)
+        stop = torch.isin(token, state.stop_ids)
+        state.stopped |= speaking & stop
+        state.count += speaking.long()
+        keep = speaking & ~stop
+        state.step.active.copy_(keep & (state.count < state.max_new))  # a reply's last token is not fed here
+        state.step.ids[:, 0].copy_(token)
+        return torch.where(keep, token, -1)
+
+    def _chain_body(self, state: _DecodeState, length: int) -> torch.Tensor:
+        """`length` steps: feed each speaking lane its token, pick its next; returns [lanes, length] appended tokens."""
+        step = state.step
+        out = []
+        for _ in range(length):
+            if self.batch_lanes:
+                logits = self._body(step, False)
+            else:  # lane by lane, as each lane alone (see _one_lane_at_a_time)
+                logits = state.logits
+                active = step.active.nonzero().flatten().tolist()
+                if active:
+                    logits[active] = self._one_lane_at_a_time(step, False, active)
+            moved = step.active.long()
+            step.start += moved
+            step.first += moved
+            out.append(self._pick(state, logits))
+        return torch.stack(out, 1)
+
+    def _run_chain(self, state: _DecodeState, length: int) -> torch.Tensor:
+        """The chain of `length` steps: replayed as a CUDA graph once captured (the warm-up is the first real run;
+        capturing records without running)."""
+        if not self.use_graphs:
+            return self._chain_body(state, length)
+        if length in state.chains:
+            out, graph = state.chains[length]
+            graph.replay()
+            return out
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            result = self._chain_body(state, length)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._chain_body(state, length)
+        state.chains[length] = (out, graph)
+        self.graphs_captured += 1
+        return result
 
     def _capture(self, step: _Step, all_logits: bool) -> torch.Tensor:
         """Run the step for real (warm-up on a side stream), then capture it; returns the real logits."""
