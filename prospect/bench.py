@@ -23,6 +23,7 @@ import datetime
 import json
 import logging
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -160,36 +161,129 @@ def format_bench(report: dict) -> str:
     return "\n".join(lines)
 
 
+GRID_PARTS = ("sequential_eager", "concurrent_optimized", "fused", "zoo_fused")
+
+
+def grid_parts(args) -> list[str]:
+    """The parts `--part` names (default: sequential eager and the GPU pool, and the fused grid with --fused)."""
+    if args.part in (None, "both", "all"):
+        return ["sequential_eager", "concurrent_optimized"] + (["fused"] if args.fused else [])
+    parts = [part.strip() for part in args.part.split(",") if part.strip()]
+    unknown = [part for part in parts if part not in GRID_PARTS]
+    if unknown or not parts:
+        raise ValueError(f"--part {args.part!r}: expected a comma-separated list of {', '.join(GRID_PARTS)}")
+    return parts
+
+
+def _sweep(name: str, command: list[str], folder: Path) -> dict:
+    """Run one sweep command; its wall time, jobs, ok jobs and mean ms per frame from the jobs' results.json."""
+    started = time.perf_counter()
+    done = subprocess.run(command + [f"hydra.sweep.dir={folder}"], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    documents = [json.loads(p.read_text()) for p in folder.rglob("results.json")]
+    if done.returncode != 0 or not documents:
+        log.error("%s exited with %d:\n%s", name, done.returncode, (done.stdout + done.stderr)[-3000:])
+    computed = [d for d in documents if not d.get("cached")]
+    times = [d["metrics"]["time_per_frame"] * 1000 for d in computed if d.get("metrics")]
+    peaks = [d["metrics"].get("peak_memory_mb") for d in computed if (d.get("metrics") or {}).get("peak_memory_mb")]
+    log.info("%s: %d jobs (%d computed) in %.0f s", name, len(documents), len(computed), wall)
+    return {"wall_s": wall, "jobs": len(documents), "computed": len(computed), "ok": sum(d.get("status") == "ok" for d in documents),
+            "exit_code": done.returncode, "jobs_per_hour": 3600 * len(documents) / wall,
+            "ms_per_frame": statistics.mean(times) if times else None, "peak_memory_mb": max(peaks) if peaks else None}
+
+
+def _fused_workers(folder: Path) -> list[dict]:
+    """The fused launcher's workers (fused/workers.json): lanes and seconds from process start to exit."""
+    path = folder / "fused" / "workers.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    return [{"worker": r["worker"], "lanes": len(r["jobs"]),
+             "seconds": (r["finished_at"] - r["started_at"]) if r.get("finished_at") and r.get("started_at") else None} for r in rows]
+
+
+def _replies_by_job(folder: Path) -> dict[str, dict[tuple[str, int], str]]:
+    """{job key: {(conversation, frame): reply}} of a sweep folder's jobs."""
+    found = {}
+    for path in folder.glob("*/predictions.json"):
+        results = path.parent / "results.json"
+        key = json.loads(results.read_text()).get("job_key") if results.is_file() else None
+        if key:
+            document = json.loads(path.read_text())
+            found[key] = {(c["id"], f["index"]): f["gen"] for c in document.get("conversations", []) for f in c["frames"] if f["gen"]}
+    return found
+
+
+def reply_agreement(lanes: Path, alone: Path) -> dict:
+    """How often a fused lane's replies equal the same job's run alone (the GPU pool's optimized jobs): the
+    share of reply frames with the same text, over the jobs (by job key) both sweeps hold."""
+    mine, theirs = _replies_by_job(lanes), _replies_by_job(alone)
+    same = total = 0
+    per_job = {}
+    for job in sorted(set(mine) & set(theirs)):
+        frames = set(mine[job]) | set(theirs[job])
+        equal = sum(mine[job].get(f) == theirs[job].get(f) for f in frames)
+        per_job[job] = f"{equal}/{len(frames)}"
+        same, total = same + equal, total + len(frames)
+    return {"equal_replies": same, "replies": total, "rate": same / total if total else None, "per_job": per_job}
+
+
 def run_grid(args) -> dict:
-    """The 12-job grid twice: sequential eager, then optimized through the GPU pool."""
-    base = [sys.executable, "-m", "prospect.run", "-m", "experiment=strategy_grid", f"model={args.model}", "model.random_init=true",
-            "logger=none", "eval=none", "cache=false", f"dataset.generate.seconds={args.seconds}",
+    """The 12-job grid: sequential eager, optimized through the GPU pool, and (--fused) as lanes through the
+    fused launcher; `zoo_fused` times every distinct job of experiment=strategy_zoo as lanes."""
+    base = [sys.executable, "-m", "prospect.run", "-m", f"model={args.model}", "model.random_init=true",
+            "logger=none", "eval=none", f"dataset.generate.seconds={args.seconds}",
             f"stream.max_new_tokens={args.reply_tokens}", f"stream.min_new_tokens={args.reply_tokens}"]
+    grid = [*base, "experiment=strategy_grid", "cache=false"]
     root = Path(args.grid_dir)
-    runs = {}
     keep_lens = ("512", "256", "1024")[: max(1, min(3, args.eager_jobs // 4))]
     eager_grid = ["strategy=none,drop_all,drop_middle,summarize_and_drop", f"strategy.last_keep_len={','.join(keep_lens)}"]
-    parts = (("sequential_eager", ["stream.optimized=false", "stream.vision_batch_size=1", *eager_grid]),
-             ("concurrent_optimized", ["stream.optimized=true", "hydra/launcher=gpu_pool", f"hydra.launcher.jobs_per_gpu={args.jobs_per_gpu}"]))
-    for name, extra in parts:
-        if args.part not in ("both", name):
-            continue
-        started = time.perf_counter()
-        done = subprocess.run(base + extra + [f"hydra.sweep.dir={root / name}"], capture_output=True, text=True)
-        wall = time.perf_counter() - started
-        documents = [json.loads(p.read_text()) for p in (root / name).rglob("results.json")]
-        if done.returncode != 0 or not documents:
-            log.error("%s exited with %d:\n%s", name, done.returncode, (done.stdout + done.stderr)[-3000:])
-        times = [d["metrics"]["time_per_frame"] * 1000 for d in documents if d.get("metrics")]
-        runs[name] = {"wall_s": wall, "jobs": len(documents), "ok": sum(d.get("status") == "ok" for d in documents),
-                      "exit_code": done.returncode, "jobs_per_hour": 3600 * len(documents) / wall,
-                      "ms_per_frame": statistics.mean(times) if times else None}
-        log.info("%s: %d jobs in %.0f s", name, len(documents), wall)
-    if len(runs) < 2:
-        return {"grid": runs}
-    return {"grid": runs, "throughput_ratio": runs["concurrent_optimized"]["jobs_per_hour"] / runs["sequential_eager"]["jobs_per_hour"],
-            "jobs_per_gpu": args.jobs_per_gpu, "model": args.model, "seconds": args.seconds,
-            "note": "sequential eager ran the 4 strategies at last_keep_len " + ",".join(keep_lens) + " (jobs per hour compared)"}
+    commands = {
+        "sequential_eager": grid + ["stream.optimized=false", "stream.vision_batch_size=1", *eager_grid],
+        "concurrent_optimized": grid + ["stream.optimized=true", "hydra/launcher=gpu_pool", f"hydra.launcher.jobs_per_gpu={args.jobs_per_gpu}"],
+        "fused": grid + ["hydra/launcher=fused", f"hydra.launcher.lanes_per_gpu={args.lanes_per_gpu}"],
+        # the result cache on (the zoo's shared keys run once), rooted in a fresh folder: every distinct job computed
+        "zoo_fused": [*base, "experiment=strategy_zoo", "hydra/launcher=fused", f"hydra.launcher.lanes_per_gpu={args.zoo_lanes_per_gpu}",
+                      f"cache_root={root / 'zoo_fused_cache'}"],
+    }
+    runs = {}
+    for name in grid_parts(args):
+        folder = root / name
+        shutil.rmtree(folder, ignore_errors=True)  # the bench's own folders: an earlier run's jobs would count (or be reused)
+        if name == "zoo_fused":
+            shutil.rmtree(root / "zoo_fused_cache", ignore_errors=True)
+        runs[name] = _sweep(name, commands[name], folder)
+        if name in ("fused", "zoo_fused"):
+            runs[name]["workers"] = _fused_workers(folder)
+    report = {"grid": runs, "model": args.model, "seconds": args.seconds, "reply_tokens": args.reply_tokens,
+              "jobs_per_gpu": args.jobs_per_gpu, "lanes_per_gpu": args.lanes_per_gpu,
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "note": "sequential eager ran the 4 strategies at last_keep_len " + ",".join(keep_lens) + " (jobs per hour compared)"}
+    ratios = {}
+    for faster, slower in (("concurrent_optimized", "sequential_eager"), ("fused", "sequential_eager"), ("fused", "concurrent_optimized")):
+        if faster in runs and slower in runs and runs[slower]["jobs_per_hour"]:
+            ratios[f"{faster}/{slower}"] = runs[faster]["jobs_per_hour"] / runs[slower]["jobs_per_hour"]
+    report["ratios"] = ratios
+    if "fused" in runs and "concurrent_optimized" in runs:
+        report["lane_agreement"] = reply_agreement(root / "fused", root / "concurrent_optimized")
+    return report
+
+
+def format_grid(report: dict) -> str:
+    """The grid report as the README's table."""
+    names = {"sequential_eager": "sequential eager", "concurrent_optimized": f"GPU pool, {report['jobs_per_gpu']} jobs per GPU",
+             "fused": "fused lanes (hydra/launcher=fused)", "zoo_fused": "strategy_zoo, fused"}
+    lines = [f"{report['model']} random-init, {report['seconds']:g} s video, {report['reply_tokens']}-token replies, GPU: {report['gpu']}", "",
+             "| sweep | jobs (computed) | ok | wall s | jobs/hour | ms/frame per job | peak MB |", "|---|---|---|---|---|---|---|"]
+    for name, run in report["grid"].items():
+        ms = f"{run['ms_per_frame']:.1f}" if run["ms_per_frame"] is not None else "-"
+        peak = f"{run['peak_memory_mb']:.0f}" if run.get("peak_memory_mb") else "-"
+        lines.append(f"| {names[name]} | {run['jobs']} ({run['computed']}) | {run['ok']} | {run['wall_s']:.0f} | {run['jobs_per_hour']:.0f} | {ms} | {peak} |")
+    lines.append("")
+    lines += [f"{ratio}: {value:.1f}x" for ratio, value in report["ratios"].items()]
+    agreement = report.get("lane_agreement")
+    if agreement and agreement["replies"]:
+        lines.append(f"fused lanes' replies equal to the same job run alone (GPU pool): {agreement['equal_replies']}/{agreement['replies']} "
+                     f"({100 * agreement['rate']:.0f}%)")
+    return "\n".join(lines)
 
 
 ZOO_STRATEGIES = ("none", "drop_all", "drop_middle", "summarize_and_drop", "streaming_llm", "drop_frames", "frame_coverage",
@@ -292,8 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eager-jobs", type=int, default=12, help="grid: run only the first N jobs of the sequential eager sweep")
     parser.add_argument("--jobs-per-gpu", type=int, default=4)
     parser.add_argument("--grid-dir", default="multirun/bench_grid")
-    parser.add_argument("--part", choices=("both", "sequential_eager", "concurrent_optimized"), default="both",
-                        help="grid: run one half only (for machines that limit one command's time)")
+    parser.add_argument("--fused", action="store_true", help="grid: also run the grid as lanes (hydra/launcher=fused)")
+    parser.add_argument("--lanes-per-gpu", type=int, default=12, help="grid: the fused launcher's lanes_per_gpu")
+    parser.add_argument("--zoo-lanes-per-gpu", type=int, default=24, help="grid: lanes_per_gpu for the zoo_fused part")
+    parser.add_argument("--part", default=None,
+                        help=f"grid: the parts to run, comma-separated, of {', '.join(GRID_PARTS)} (default: the first two, "
+                             "and fused with --fused); for machines that limit one command's time")
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default: bench.json or grid.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -301,8 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         print("prospect.bench: error: --turns, --reply-tokens and --seconds must be positive", file=sys.stderr)
         return 2
     if args.mode == "grid":
+        try:
+            grid_parts(args)
+        except ValueError as error:
+            print(f"prospect.bench: error: {error}", file=sys.stderr)
+            return 2
         report = run_grid(args)
-        text = json.dumps(report, indent=1)
+        text = format_grid(report)
     elif args.mode == "zoo":
         try:
             zoo_strategies(args)
