@@ -12,8 +12,10 @@ fp32, that it reproduces the eager step).
 Lanes (DESIGN.md §11): every layer's keys and values live in one buffer [lanes, kv_heads, capacity + 1,
 head_dim]; lane l's PositionedCache sees row l, its first `capacities[l]` slots, so strategies reduce it in
 place as they reduce a cache of their own. A step runs all lanes as one batch, each at its own length,
-positions and mask; the lanes not in the call are inactive: they write into the extra last slot, which
-no active lane ever sees, so nothing of theirs changes. A single stream is the one-lane case.
+positions and mask; the lanes not in the call are inactive: they write into the scratch slot after the
+capacity, which no active lane ever sees, so nothing of theirs changes. A step of one lane alone (its
+summary, its restart text) runs on that lane's rows only, so it costs one lane. A single stream is the
+one-lane case.
 
 Greedy replies decode on the device (`decode_greedy`): a chain of up to `chain` steps is one CUDA graph in
 which each step feeds the token the previous step chose to the lanes still speaking, picks the next token
@@ -35,6 +37,14 @@ from prospect.cache import BufferLayer, PositionedCache, Provenance
 from prospect.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
+
+SLOT_ALIGN = 16  # buffer slots per lane rounded up to this: an attention mask row of 16-byte multiples lets SDPA use its fused kernel
+
+
+def buffer_slots(capacity: int) -> int:
+    """Slots a lane of `capacity` tokens attends over: its capacity, the scratch slot, rounded up to SLOT_ALIGN
+    (the slots past the capacity are never visible)."""
+    return -(-(capacity + 1) // SLOT_ALIGN) * SLOT_ALIGN
 
 
 class _LaneWriter(Cache):
@@ -94,7 +104,7 @@ class _DecodeState:
         self.bias_late = torch.zeros(lanes, vocab, device=device)
         self.logits = torch.zeros(lanes, vocab, device=device)  # the prompt logits; on CPU each step's
         self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-        self.chains: dict[int, tuple[torch.Tensor, torch.cuda.CUDAGraph | None]] = {}
+        self.chains: dict[tuple[int, int | None], tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}  # (length, single lane)
 
 
 class StaticForward:
@@ -118,11 +128,12 @@ class StaticForward:
         self.batch_lanes = self.use_graphs if batch_lanes is None else batch_lanes
         if self.use_graphs and not self.batch_lanes:
             raise ValueError("CUDA graphs replay all lanes as one batch: batch_lanes must be true with use_graphs")
-        self.max_graphs = max_graphs
+        self.max_graphs = max_graphs + 16 * (self.lanes - 1)  # and a lane's own steps (_single)
         if chain < 1:
             raise ValueError(f"chain must be at least 1 decode step, got {chain}")
-        self.steps: dict[tuple[int, bool, bool], _Step] = {}
-        self.slot_index = torch.arange(self.capacity + 1, device=self.device)
+        self.steps: dict[tuple[int, bool, bool, int | None], _Step] = {}  # (n, all logits, image, single lane)
+        self.slots = buffer_slots(self.capacity)
+        self.slot_index = torch.arange(self.slots, device=self.device)
         self.lane_index = torch.arange(self.lanes, device=self.device)[:, None]
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -135,14 +146,14 @@ class StaticForward:
 
     def _allocate(self) -> None:
         text = self.model.model.config.text_config
-        shape = (self.lanes, text.num_key_value_heads, self.capacity + 1, text.head_dim)
+        shape = (self.lanes, text.num_key_value_heads, self.slots, text.head_dim)
         dtype, device = self.model.dtype, self.device
         width = text.num_attention_heads * text.head_dim if self.record_queries else None
         for _ in range(text.num_hidden_layers):
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=device))
             if width:
-                self.queries.append(torch.zeros(self.lanes, self.capacity + 1, width, dtype=dtype, device=device))
+                self.queries.append(torch.zeros(self.lanes, self.slots, width, dtype=dtype, device=device))
         if width:
             self.model.new_cache(1, record_queries=True)  # installs the query hooks
         for lane, capacity in enumerate(self.capacities):
@@ -172,7 +183,7 @@ class StaticForward:
     def _body(self, step: _Step, all_logits: bool, rows: slice | None = None, width: int | None = None) -> torch.Tensor:
         """The step for the lanes `rows` (default all) over their first `width` slots (default all)."""
         rows = rows or slice(None)
-        width = width or self.capacity + 1
+        width = width or self.slots
         embeds = step.embeds[rows] if step.with_image else self.model.model.get_input_embeddings()(step.ids[rows])
         start, first, active = step.start[rows], step.first[rows], step.active[rows]
         slots = torch.where(active[:, None], start[:, None] + step.offsets[None], self.scratch)  # [lanes, n]
@@ -189,9 +200,9 @@ class StaticForward:
         return self.model.model.lm_head(hidden if all_logits else hidden[:, -1]).float()
 
     def _one_lane_at_a_time(self, step: _Step, all_logits: bool, lanes: list[int]) -> torch.Tensor:
-        """The step lane by lane, each over its own capacity + 1 slots: the arithmetic of a stream run alone,
+        """The step lane by lane, each over its own buffer_slots(capacity): the arithmetic of a stream run alone,
         bitwise (on CPU, a matrix product's rounding depends on how many rows it has)."""
-        out = [self._body(step, all_logits, slice(lane, lane + 1), self.capacities[lane] + 1) for lane in lanes]
+        out = [self._body(step, all_logits, slice(lane, lane + 1), buffer_slots(self.capacities[lane])) for lane in lanes]
         return torch.cat(out)
 
     def __call__(
@@ -233,7 +244,8 @@ class StaticForward:
         with_image = image_features is not None or any(self.model.image_token_id in chunk for chunk in ids)
         if with_image and any(chunk != ids[0] for chunk in ids):
             raise ValueError("a step with image tokens feeds the same ids to every lane")
-        key = (n, all_logits, with_image)
+        single = self._single(lanes)
+        key = (n, all_logits, with_image, single)
         step = self.steps.get(key)
         if step is None:
             hidden = self.model.model.config.text_config.hidden_size
@@ -255,14 +267,16 @@ class StaticForward:
         if not self.batch_lanes:
             logits = self._one_lane_at_a_time(step, all_logits, lanes)
         else:
+            rows, width = self._rows(single)
             if not self.use_graphs:
-                logits = self._body(step, all_logits)
+                logits = self._body(step, all_logits, rows, width)
             elif step.graph is not None:
                 step.graph.replay()
                 logits = step.logits
             else:
-                logits = self._capture(step, all_logits)
-            logits = logits[lanes] if lanes != list(range(self.lanes)) else logits
+                logits = self._capture(step, all_logits, rows, width)
+            if single is None and lanes != list(range(self.lanes)):
+                logits = logits[lanes]
         for cache in caches:
             for layer in cache.layers:
                 layer.length += n
@@ -321,11 +335,12 @@ class StaticForward:
         state.bias_late[index] = torch.stack([late for _, late in biases]).float()
         state.logits[index] = torch.stack(list(logits)).float()
         chosen = [self._pick(state, state.logits)[:, None]]
+        single = self._single(lanes)
         done, read = 1, []
         while True:
             if done < max_new_tokens:
                 length = min(self.chain, max_new_tokens - done)
-                chosen.append(self._run_chain(state, length))
+                chosen.append(self._run_chain(state, length, single))
                 done += length
             record = torch.cat([*chosen, step.active[:, None].long(), state.stopped[:, None].long()], 1).cpu()  # one sync
             read.append(record[:, :-2])
@@ -366,12 +381,16 @@ class StaticForward:
         state.step.ids[:, 0].copy_(token)
         return torch.where(keep, token, -1)
 
-    def _chain_body(self, state: _DecodeState, length: int) -> torch.Tensor:
-        """`length` steps: feed each speaking lane its token, pick its next; returns [lanes, length] appended tokens."""
+    def _chain_body(self, state: _DecodeState, length: int, single: int | None) -> torch.Tensor:
+        """`length` steps: feed each speaking lane its token, pick its next; returns [lanes, length] appended tokens.
+        `single`: the one lane decoding, run on its own rows (the other rows of the logits are not read)."""
         step = state.step
         out = []
         for _ in range(length):
-            if self.batch_lanes:
+            if self.batch_lanes and single is not None:
+                logits = state.logits
+                logits[single : single + 1] = self._body(step, False, *self._rows(single))
+            elif self.batch_lanes:
                 logits = self._body(step, False)
             else:  # lane by lane, as each lane alone (see _one_lane_at_a_time)
                 logits = state.logits
@@ -384,40 +403,51 @@ class StaticForward:
             out.append(self._pick(state, logits))
         return torch.stack(out, 1)
 
-    def _run_chain(self, state: _DecodeState, length: int) -> torch.Tensor:
+    def _run_chain(self, state: _DecodeState, length: int, single: int | None) -> torch.Tensor:
         """The chain of `length` steps: replayed as a CUDA graph once captured (the warm-up is the first real run;
         capturing records without running)."""
         if not self.use_graphs:
-            return self._chain_body(state, length)
-        if length in state.chains:
-            out, graph = state.chains[length]
+            return self._chain_body(state, length, single)
+        if (length, single) in state.chains:
+            out, graph = state.chains[length, single]
             graph.replay()
             return out
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            result = self._chain_body(state, length)
+            result = self._chain_body(state, length, single)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._chain_body(state, length)
-        state.chains[length] = (out, graph)
+            out = self._chain_body(state, length, single)
+        state.chains[length, single] = (out, graph)
         self.graphs_captured += 1
         return result
 
-    def _capture(self, step: _Step, all_logits: bool) -> torch.Tensor:
+    def _single(self, lanes: list[int]) -> int | None:
+        """The lane a batched step of that lane alone runs on its own rows (a summary, a restart's text): the
+        step then costs one lane, not all of them. None for a step of several lanes (or a one-lane forward)."""
+        return lanes[0] if self.batch_lanes and self.lanes > 1 and len(lanes) == 1 else None
+
+    def _rows(self, single: int | None) -> tuple[slice | None, int | None]:
+        """(buffer rows, slots) a batched step runs over: one lane's own, or all (None, None)."""
+        if single is None:
+            return None, None
+        return slice(single, single + 1), buffer_slots(self.capacities[single])
+
+    def _capture(self, step: _Step, all_logits: bool, rows: slice | None = None, width: int | None = None) -> torch.Tensor:
         """Run the step for real (warm-up on a side stream), then capture it; returns the real logits."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            logits = self._body(step, all_logits)
+            logits = self._body(step, all_logits, rows, width)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if len(self.steps) > self.max_graphs:  # an unusual length: stay eager-static for it
             return logits
         result = logits.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            step.logits = self._body(step, all_logits)
+            step.logits = self._body(step, all_logits, rows, width)
         step.graph = graph
         self.graphs_captured += 1
         return result

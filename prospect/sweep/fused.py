@@ -117,9 +117,11 @@ def lane_sets(jobs: Sequence[PoolJob], lanes_per_gpu: int) -> list[list[PoolJob]
 
 
 def kv_bytes_per_lane(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, capacity: int) -> int:
-    """One lane's rows of the static KV buffers: keys and values of every layer, capacity + 1 slots (the
-    extra slot is where an inactive lane writes)."""
-    return 2 * layers * kv_heads * head_dim * dtype_bytes * (capacity + 1)
+    """One lane's rows of the static KV buffers: keys and values of every layer, over the buffer's slots
+    (capacity and scratch slot, aligned: prospect.models.static_forward.buffer_slots)."""
+    from prospect.models.static_forward import buffer_slots
+
+    return 2 * layers * kv_heads * head_dim * dtype_bytes * buffer_slots(capacity)
 
 
 def activation_bytes_per_lane(hidden: int, ffn: int, vocab: int, dtype_bytes: int, tokens: int = ACTIVATION_TOKENS) -> int:
