@@ -1,7 +1,7 @@
 """`python -m prospect.bench`: the eager reference path against the optimized path, in the same run.
 
     python -m prospect.bench [--model smolvlm2_2b] [--seconds 230] [--turns 39] [--reply-tokens 30] [--out bench.json]
-    python -m prospect.bench grid [--jobs-per-gpu 4] [--out grid.json]
+    python -m prospect.bench grid [--fused] [--jobs-per-gpu 4] [--lanes-per-gpu 12] [--part PARTS] [--out grid.json]
     python -m prospect.bench zoo [--model smolvlm2_2b] [--seconds 230] [--last-keep 512] [--out zoo.json]
 
 The first form builds the model with random weights (no download), streams one synthetic video
@@ -9,8 +9,11 @@ The first form builds the model with random weights (no download), streams one s
 tokens) under drop_middle 4096/128/512, once per path after a short warm-up, and prints ms per frame
 (whole run), vision ms per frame, frame prefill ms, decode ms per token, peak memory, the eager/optimized
 ratio and how often the two paths' greedy replies agree. The second form runs the 12-job strategy grid
-twice through `python -m prospect.run -m`: sequential eager, then optimized with the GPU pool
-(`jobs_per_gpu` jobs per GPU), and reports the throughput ratio. The third streams the same video under
+(`experiment=strategy_grid`, cache=false) through `python -m prospect.run -m`: sequential eager, optimized
+with the GPU pool (`jobs_per_gpu` jobs per GPU) and, with --fused, as lanes of one process through
+`hydra/launcher=fused`; it prints jobs per hour, the ratios and how often the lanes' replies equal the
+same jobs run alone (the pool's); `--part` picks parts, `zoo_fused` times experiment=strategy_zoo as lanes.
+The third streams the same video under
 each of the ten bounded strategies on the default path (one model, loaded once) and reports ms per frame
 and ms per reduction (synchronized, at the strategy's threshold of max_seq_len - reserved tokens). All
 write JSON.

@@ -37,17 +37,33 @@ def test_bench_rejects_bad_arguments():
 
 
 @pytest.mark.slow
-def test_bench_grid_runs_both_sweeps(tmp_path, model_cache_dir):
+def test_bench_grid_runs_the_three_sweeps(tmp_path, model_cache_dir):
+    """Sequential eager, the GPU pool and the fused lanes in one command; on CPU every lane's replies equal the
+    same job's run alone (the pool's), job key by job key."""
     out = tmp_path / "grid.json"
     result = subprocess.run(
-        [sys.executable, "-m", "prospect.bench", "grid", "--model", "tiny_random", "--seconds", "12", "--reply-tokens", "4",
+        [sys.executable, "-m", "prospect.bench", "grid", "--fused", "--model", "tiny_random", "--seconds", "8", "--reply-tokens", "4",
          "--eager-jobs", "4", "--jobs-per-gpu", "2", "--grid-dir", str(tmp_path / "grid"), "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=1800, env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["grid"]["sequential_eager"]["ok"] == 4 and report["grid"]["concurrent_optimized"]["ok"] == 12
-    assert report["throughput_ratio"] > 0
+    runs = report["grid"]
+    assert runs["sequential_eager"]["ok"] == 4 and runs["concurrent_optimized"]["ok"] == 12 and runs["fused"]["ok"] == 12
+    assert runs["fused"]["workers"][0]["lanes"] == 12
+    for ratio in ("concurrent_optimized/sequential_eager", "fused/sequential_eager", "fused/concurrent_optimized"):
+        faster, slower = ratio.split("/")
+        assert report["ratios"][ratio] == pytest.approx(runs[faster]["jobs_per_hour"] / runs[slower]["jobs_per_hour"])
+    agreement = report["lane_agreement"]
+    assert len(agreement["per_job"]) == 6 and agreement["replies"] > 0 and agreement["rate"] == 1.0  # 6 distinct job keys
+    assert "| fused lanes (hydra/launcher=fused) | 12 (12) | 12 |" in result.stdout and "fused/sequential_eager:" in result.stdout
+
+
+def test_bench_grid_rejects_an_unknown_part():
+    result = subprocess.run([sys.executable, "-m", "prospect.bench", "grid", "--part", "fused,pool"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("prospect.bench: error: --part 'fused,pool': expected a comma-separated list of sequential_eager, "
+                                     "concurrent_optimized, fused, zoo_fused")
 
 
 def test_bench_zoo_times_every_bounded_strategy(tmp_path, model_cache_dir):
