@@ -169,8 +169,10 @@ GRID_PARTS = ("sequential_eager", "concurrent_optimized", "fused", "zoo_fused")
 
 def grid_parts(args) -> list[str]:
     """The parts `--part` names (default: sequential eager and the GPU pool, and the fused grid with --fused)."""
-    if args.part in (None, "both", "all"):
+    if args.part in (None, "both"):
         return ["sequential_eager", "concurrent_optimized"] + (["fused"] if args.fused else [])
+    if args.part == "all":
+        return list(GRID_PARTS)
     parts = [part.strip() for part in args.part.split(",") if part.strip()]
     unknown = [part for part in parts if part not in GRID_PARTS]
     if unknown or not parts:
@@ -190,8 +192,9 @@ def _sweep(name: str, command: list[str], folder: Path) -> dict:
     times = [d["metrics"]["time_per_frame"] * 1000 for d in computed if d.get("metrics")]
     peaks = [d["metrics"].get("peak_memory_mb") for d in computed if (d.get("metrics") or {}).get("peak_memory_mb")]
     log.info("%s: %d jobs (%d computed) in %.0f s", name, len(documents), len(computed), wall)
+    computed_ok = sum(d.get("status") == "ok" for d in computed)
     return {"wall_s": wall, "jobs": len(documents), "computed": len(computed), "ok": sum(d.get("status") == "ok" for d in documents),
-            "exit_code": done.returncode, "jobs_per_hour": 3600 * len(documents) / wall,
+            "exit_code": done.returncode, "jobs_per_hour": 3600 * computed_ok / wall,  # jobs computed and ok (not reused ones)
             "ms_per_frame": statistics.mean(times) if times else None, "peak_memory_mb": max(peaks) if peaks else None}
 
 
@@ -204,7 +207,7 @@ def _fused_workers(folder: Path) -> list[dict]:
 
 
 def _replies_by_job(folder: Path) -> dict[str, dict[tuple[str, int], str]]:
-    """{job key: {(conversation, frame): reply}} of a sweep folder's jobs."""
+    """{job key: {(conversation, frame): reply}} of a sweep folder's jobs (jobs sharing a key count once)."""
     found = {}
     for path in folder.glob("*/predictions.json"):
         results = path.parent / "results.json"
@@ -275,7 +278,7 @@ def format_grid(report: dict) -> str:
     names = {"sequential_eager": "sequential eager", "concurrent_optimized": f"GPU pool, {report['jobs_per_gpu']} jobs per GPU",
              "fused": "fused lanes (hydra/launcher=fused)", "zoo_fused": "strategy_zoo, fused"}
     lines = [f"{report['model']} random-init, {report['seconds']:g} s video, {report['reply_tokens']}-token replies, GPU: {report['gpu']}", "",
-             "| sweep | jobs (computed) | ok | wall s | jobs/hour | ms/frame per job | peak MB |", "|---|---|---|---|---|---|---|"]
+             "| sweep | jobs (computed) | ok | wall s | computed jobs/hour | ms/frame per job | peak MB |", "|---|---|---|---|---|---|---|"]
     for name, run in report["grid"].items():
         ms = f"{run['ms_per_frame']:.1f}" if run["ms_per_frame"] is not None else "-"
         peak = f"{run['peak_memory_mb']:.0f}" if run.get("peak_memory_mb") else "-"
@@ -393,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lanes-per-gpu", type=int, default=12, help="grid: the fused launcher's lanes_per_gpu")
     parser.add_argument("--zoo-lanes-per-gpu", type=int, default=24, help="grid: lanes_per_gpu for the zoo_fused part")
     parser.add_argument("--part", default=None,
-                        help=f"grid: the parts to run, comma-separated, of {', '.join(GRID_PARTS)} (default: the first two, "
-                             "and fused with --fused); for machines that limit one command's time")
+                        help=f"grid: the parts to run, comma-separated, of {', '.join(GRID_PARTS)}, or all (default: the first "
+                             "two, and fused with --fused); for machines that limit one command's time")
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default: bench.json or grid.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -110,33 +110,43 @@ def test_batched_lanes_match_lanes_one_at_a_time(tiny_model, synthetic_conversat
 
 
 def test_inactive_lanes_are_untouched_by_a_step(tiny_model):
-    """A step for some lanes writes nothing into the others (their writes go to the scratch slot)."""
+    """A batched step of some lanes writes nothing into the others (their writes go to a scratch slot past
+    every capacity), and a step of one lane alone touches only that lane."""
     static = StaticForward(tiny_model, [64, 80, 48], batch_lanes=True)
     caches = static.caches()
     static.forward_lanes(caches, [[300, 301, 302]] * 3)
     before = [[(k.clone(), v.clone()) for k, v in cache.layer_tensors()] for cache in caches]
+    static.forward_lanes([caches[0], caches[2]], [[400, 401], [402, 403]])  # lane 1 inactive in an all-lane step
+    assert cache_length(caches[1]) == 3
+    for (k, v), (k0, v0) in zip(caches[1].layer_tensors(), before[1]):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+    assert [cache_length(caches[lane]) for lane in (0, 2)] == [5, 5]
+    before = [[(k.clone(), v.clone()) for k, v in cache.layer_tensors()] for cache in caches]
     static.forward_lanes([caches[1]], [[400, 401]])
     for lane in (0, 2):
-        assert cache_length(caches[lane]) == 3
+        assert cache_length(caches[lane]) == 5
         for (k, v), (k0, v0) in zip(caches[lane].layer_tensors(), before[lane]):
             assert torch.equal(k, k0) and torch.equal(v, v0)
     assert cache_length(caches[1]) == 5 and caches[1].positions.tolist() == [0, 1, 2, 3, 4]
-    with pytest.raises(RuntimeError, match="KV buffer full: 3 \\+ 46 tokens > capacity 48"):
-        static.forward_lanes([caches[2]], [[5] * 46])
+    with pytest.raises(RuntimeError, match="KV buffer full: 5 \\+ 44 tokens > capacity 48"):
+        static.forward_lanes([caches[2]], [[5] * 44])
     with pytest.raises(ValueError, match="chunks of one length"):
         static.forward_lanes(caches[:2], [[1], [1, 2]])
 
 
-def test_the_device_decode_chooses_the_host_loops_tokens(tiny_model, synthetic_conversations):
+@pytest.mark.parametrize("batch_lanes", [False, True])
+def test_the_device_decode_chooses_the_host_loops_tokens(tiny_model, synthetic_conversations, batch_lanes):
     """Greedy replies chosen on the device (StaticForward.decode_greedy, in chains of 3 steps) are the host
     loop's: same replies, trace and caches, with a stop id ending replies mid-chain and min_new_tokens holding
-    it off at first. A lane with an on_forward hook takes the host loop (it sees every step)."""
+    it off at first, lanes of different capacities side by side; lane by lane and batched (what the CUDA
+    graphs replay). A lane with an on_forward hook takes the host loop (it sees every step)."""
     conversation = synthetic_conversations[0]
     settings = StreamSettings(max_new_tokens=8, min_new_tokens=2, optimized=True)
     strategies = [create_strategy(name, **SMALL) for name in ("none", "drop_middle", "summarize_and_drop")]
+    strategies.append(create_strategy("drop_middle", **{**SMALL, "max_seq_len": 448, "last_keep_len": 128}))
 
     def run(on_device: bool) -> tuple[list, list]:
-        lanes = LaneRunner(tiny_model, [create_strategy(s.name, **_params(s)) for s in strategies], settings)
+        lanes = LaneRunner(tiny_model, [create_strategy(s.name, **_params(s)) for s in strategies], settings, batch_lanes=batch_lanes)
         lanes.static.chain = 3
         chosen = []
         original = lanes.static.decode_greedy
@@ -175,3 +185,27 @@ def test_the_device_decode_chooses_the_host_loops_tokens(tiny_model, synthetic_c
         assert mine[:2] == theirs[:2]  # replies and trace
         assert torch.equal(mine[2], theirs[2]) and torch.equal(mine[3], theirs[3])  # positions and provenance
         assert all(torch.equal(k1, k2) and torch.equal(v1, v2) for (k1, v1), (k2, v2) in zip(mine[4], theirs[4]))
+
+
+@pytest.mark.parametrize("batch_lanes", [False, True])
+def test_a_lane_decoding_alone_stops_within_its_own_rows(tiny_model, batch_lanes):
+    """A lane of the smaller capacity decodes alone and stops at its first token: the chain's remaining steps
+    write to a scratch slot inside that lane's own rows (not past them), nothing reaches either cache."""
+    static = StaticForward(tiny_model, [48, 200], batch_lanes=batch_lanes)
+    caches = static.caches()
+    prompt = static.forward_lanes(caches, [[300, 301, 302]] * 2)
+    before = [[(k.clone(), v.clone()) for k, v in cache.layer_tensors()] for cache in caches]
+    stop = tiny_model.stop_ids[0]
+    logits = torch.full_like(prompt[0], -1.0)
+    logits[stop] = 1.0  # the first pick is the stop id
+    no_bias = torch.zeros_like(logits)
+    assert static.decode_greedy([caches[0]], [logits], [(no_bias, no_bias)], 0, 8, 5) == [([], True)]
+    for cache, kv in zip(caches, before):
+        assert cache_length(cache) == 3
+        assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(cache.layer_tensors(), kv))
+    # the lane goes on as if alone: a reply that runs to max_new_tokens feeds all but its last token
+    logits = prompt[0].clone()
+    (reply, stopped), = static.decode_greedy([caches[0]], [logits], [(no_bias, no_bias)], 0, 4, 5)
+    assert (not stopped and len(reply) == 4) or (stopped and len(reply) < 4)
+    assert cache_length(caches[0]) == 3 + (len(reply) if stopped else len(reply) - 1)
+    assert caches[0].kinds.tolist()[3:] == [5] * (cache_length(caches[0]) - 3)

@@ -9,8 +9,8 @@ length..length+n-1. Shapes then depend on n alone: on CUDA each chunk length is 
 graph and replayed; elsewhere the same computation runs directly (which is how the tests check, on CPU in
 fp32, that it reproduces the eager step).
 
-Lanes (DESIGN.md §11): every layer's keys and values live in one buffer [lanes, kv_heads, capacity + 1,
-head_dim]; lane l's PositionedCache sees row l, its first `capacities[l]` slots, so strategies reduce it in
+Lanes (DESIGN.md §11): every layer's keys and values live in one buffer [lanes, kv_heads, slots,
+head_dim] (slots: the largest capacity and a scratch slot, aligned to 16); lane l's PositionedCache sees row l, its first `capacities[l]` slots, so strategies reduce it in
 place as they reduce a cache of their own. A step runs all lanes as one batch, each at its own length,
 positions and mask; the lanes not in the call are inactive: they write into the scratch slot after the
 capacity, which no active lane ever sees, so nothing of theirs changes. A step of one lane alone (its
@@ -120,7 +120,6 @@ class StaticForward:
         self.capacities = [int(capacity)] if isinstance(capacity, int) else [int(c) for c in capacity]
         self.lanes = len(self.capacities)
         self.capacity = max(self.capacities)
-        self.scratch = self.capacity  # the extra slot inactive lanes write into
         self.record_queries = record_queries
         self.device = model.device
         self.use_graphs = (self.device.type == "cuda") if use_graphs is None else use_graphs
@@ -186,7 +185,8 @@ class StaticForward:
         width = width or self.slots
         embeds = step.embeds[rows] if step.with_image else self.model.model.get_input_embeddings()(step.ids[rows])
         start, first, active = step.start[rows], step.first[rows], step.active[rows]
-        slots = torch.where(active[:, None], start[:, None] + step.offsets[None], self.scratch)  # [lanes, n]
+        # inactive lanes write into the last slot of the rows run: past every capacity there, never visible
+        slots = torch.where(active[:, None], start[:, None] + step.offsets[None], width - 1)  # [lanes, n]
         positions = first[:, None] + step.offsets[None]
         mask = (self.slot_index[None, None, :width] <= slots[:, :, None])[:, None]  # [lanes, 1, n, width]
         writer = _LaneWriter(self, slots, rows, width)
@@ -308,7 +308,11 @@ class StaticForward:
         a stop id has all its tokens fed. Returns per lane (reply tokens, whether a stop id ended it).
 
         The steps run on the device in chains of up to `self.chain` (a CUDA graph each with graphs); the host
-        reads the chosen tokens back once per chain."""
+        reads the chosen tokens back once per chain. The first chain runs before the host has looked at the
+        first tokens, so when every lane stops at its first token it runs with all lanes inactive (writing
+        only scratch slots). A chain keeps the batch it started with (all lanes, or one lane's own rows) while
+        lanes stop; the host loop, down to one lane, switches to that lane's rows, so with batched lanes on a
+        GPU the two may round differently in bf16 (on CPU they are equal, tests/test_lanes.py)."""
         lanes = [self._lane_of(cache) for cache in caches]
         if len(set(lanes)) != len(lanes):
             raise ValueError("a lane appears twice in one decode")

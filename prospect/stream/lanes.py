@@ -3,7 +3,7 @@ conversation together through one model.
 
 A lane is one job's strategy with its own cache, positions, provenance, trace and replies; the model, the
 frames, each frame's vision features (computed once) and the text turns are shared. The lanes' caches are
-rows of one [lanes, kv_heads, capacity + 1, head_dim] buffer per layer (prospect/models/static_forward.py),
+rows of one [lanes, kv_heads, slots, head_dim] buffer per layer (prospect/models/static_forward.py),
 and the chunks several lanes feed alike (a frame, the reply prompt, decode steps, closing tokens) are one
 batched step; each lane's reductions, summaries and restart text touch that lane only
 (prospect.stream.runner.stream_lanes). A lane that raises is recorded failed and the others go on.

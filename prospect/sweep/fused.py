@@ -124,6 +124,13 @@ def kv_bytes_per_lane(layers: int, kv_heads: int, head_dim: int, dtype_bytes: in
     return 2 * layers * kv_heads * head_dim * dtype_bytes * buffer_slots(capacity)
 
 
+def query_bytes_per_lane(layers: int, heads: int, head_dim: int, dtype_bytes: int, capacity: int) -> int:
+    """One lane's rows of the query buffers, kept when a lane's strategy scores keys by queries (snapkv)."""
+    from prospect.models.static_forward import buffer_slots
+
+    return layers * heads * head_dim * dtype_bytes * buffer_slots(capacity)
+
+
 def activation_bytes_per_lane(hidden: int, ffn: int, vocab: int, dtype_bytes: int, tokens: int = ACTIVATION_TOKENS) -> int:
     """A margin for one lane's activations in its largest step: float32 logits over the vocabulary and a
     few hidden/MLP-sized tensors per token."""
@@ -178,8 +185,11 @@ def memory_sets(jobs: list[PoolJob]) -> list[list[PoolJob]]:
             return [jobs]
         dtype_bytes = resolve_dtype(str(model_cfg.get("dtype", "auto")), device).itemsize
         text, parameters = model_footprint(model_cfg)
-        capacity = max(strategy_from_config(OmegaConf.create(j.config["strategy"])).capacity(text.max_position_embeddings) for j in jobs)
+        strategies = [strategy_from_config(OmegaConf.create(j.config["strategy"])) for j in jobs]
+        capacity = max(strategy.capacity(text.max_position_embeddings) for strategy in strategies)
         lane = kv_bytes_per_lane(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, dtype_bytes, capacity)
+        if any(getattr(strategy, "records_queries", False) for strategy in strategies):  # every lane then keeps queries too
+            lane += query_bytes_per_lane(text.num_hidden_layers, text.num_attention_heads, text.head_dim, dtype_bytes, capacity)
         lane += activation_bytes_per_lane(text.hidden_size, text.intermediate_size, text.vocab_size, dtype_bytes)
         free, _ = torch.cuda.mem_get_info(device)
     except Exception as error:  # the lanes' own run reports a real problem (e.g. the model cannot be loaded)
@@ -380,7 +390,8 @@ class FusedLauncher(GpuPoolLauncher):
         worker.finished_at = time.time()
         output = worker.log_path.read_text(errors="replace") if worker.log_path.is_file() else ""
         for lane, job in enumerate(worker.jobs):
-            started = (job.folder / "results.json").is_file() or (job.folder / ".hydra").is_dir()
+            config = job.folder / ".hydra" / "config.yaml"  # the worker writes it when the lane's set begins
+            started = (job.folder / "results.json").is_file() or (config.is_file() and config.stat().st_mtime >= worker.started_at - 1)
             (job.folder / "launcher.log").write_text(self._pointer(job, lane, worker, worker.gpu) + output)
             if stop.received and not started:
                 continue  # the worker stopped before this lane's set began: not started, as a job the pool never started
