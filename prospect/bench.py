@@ -26,7 +26,6 @@ import datetime
 import json
 import logging
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -239,27 +238,25 @@ def run_grid(args) -> dict:
             "logger=none", "eval=none", f"dataset.generate.seconds={args.seconds}",
             f"stream.max_new_tokens={args.reply_tokens}", f"stream.min_new_tokens={args.reply_tokens}"]
     grid = [*base, "experiment=strategy_grid", "cache=false"]
-    root = Path(args.grid_dir)
+    # a fresh folder per bench run (earlier runs stay): no earlier job is counted or reused
+    root = Path(args.grid_dir) / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     keep_lens = ("512", "256", "1024")[: max(1, min(3, args.eager_jobs // 4))]
     eager_grid = ["strategy=none,drop_all,drop_middle,summarize_and_drop", f"strategy.last_keep_len={','.join(keep_lens)}"]
     commands = {
         "sequential_eager": grid + ["stream.optimized=false", "stream.vision_batch_size=1", *eager_grid],
         "concurrent_optimized": grid + ["stream.optimized=true", "hydra/launcher=gpu_pool", f"hydra.launcher.jobs_per_gpu={args.jobs_per_gpu}"],
         "fused": grid + ["hydra/launcher=fused", f"hydra.launcher.lanes_per_gpu={args.lanes_per_gpu}"],
-        # the result cache on (the zoo's shared keys run once), rooted in a fresh folder: every distinct job computed
+        # the result cache on (the zoo's shared keys run once), rooted in this run's fresh folder: every distinct job computed
         "zoo_fused": [*base, "experiment=strategy_zoo", "hydra/launcher=fused", f"hydra.launcher.lanes_per_gpu={args.zoo_lanes_per_gpu}",
-                      f"cache_root={root / 'zoo_fused_cache'}"],
+                      f"cache_root={root / 'zoo_fused'}"],
     }
     runs = {}
     for name in grid_parts(args):
         folder = root / name
-        shutil.rmtree(folder, ignore_errors=True)  # the bench's own folders: an earlier run's jobs would count (or be reused)
-        if name == "zoo_fused":
-            shutil.rmtree(root / "zoo_fused_cache", ignore_errors=True)
         runs[name] = _sweep(name, commands[name], folder)
         if name in ("fused", "zoo_fused"):
             runs[name]["workers"] = _fused_workers(folder)
-    report = {"grid": runs, "model": args.model, "seconds": args.seconds, "reply_tokens": args.reply_tokens,
+    report = {"grid": runs, "grid_dir": str(root), "model": args.model, "seconds": args.seconds, "reply_tokens": args.reply_tokens,
               "jobs_per_gpu": args.jobs_per_gpu, "lanes_per_gpu": args.lanes_per_gpu,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "note": "sequential eager ran the 4 strategies at last_keep_len " + ",".join(keep_lens) + " (jobs per hour compared)"}
@@ -391,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default="eager,optimized", help="which paths to run (both for the comparison)")
     parser.add_argument("--eager-jobs", type=int, default=12, help="grid: run only the first N jobs of the sequential eager sweep")
     parser.add_argument("--jobs-per-gpu", type=int, default=4)
-    parser.add_argument("--grid-dir", default="multirun/bench_grid")
+    parser.add_argument("--grid-dir", default="multirun/bench_grid", help="grid: each run's sweeps go to a new DATE_TIME folder in it")
     parser.add_argument("--fused", action="store_true", help="grid: also run the grid as lanes (hydra/launcher=fused)")
     parser.add_argument("--lanes-per-gpu", type=int, default=12, help="grid: the fused launcher's lanes_per_gpu")
     parser.add_argument("--zoo-lanes-per-gpu", type=int, default=24, help="grid: lanes_per_gpu for the zoo_fused part")
@@ -401,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default: bench.json or grid.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    counts = {"--eager-jobs": args.eager_jobs, "--jobs-per-gpu": args.jobs_per_gpu, "--lanes-per-gpu": args.lanes_per_gpu,
+              "--zoo-lanes-per-gpu": args.zoo_lanes_per_gpu}
+    bad = next((f"{name} {value}" for name, value in counts.items() if value < 1), None)
+    if bad:
+        print(f"prospect.bench: error: {bad}: must be at least 1", file=sys.stderr)
+        return 2
     if args.turns < 1 or args.reply_tokens < 1 or args.seconds <= 0:
         print("prospect.bench: error: --turns, --reply-tokens and --seconds must be positive", file=sys.stderr)
         return 2

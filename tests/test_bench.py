@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,13 +58,20 @@ def test_bench_grid_runs_the_three_sweeps(tmp_path, model_cache_dir):
     agreement = report["lane_agreement"]
     assert len(agreement["per_job"]) == 6 and agreement["replies"] > 0 and agreement["rate"] == 1.0  # 6 distinct job keys
     assert "| fused lanes (hydra/launcher=fused) | 12 (12) | 12 |" in result.stdout and "fused/sequential_eager:" in result.stdout
+    assert Path(report["grid_dir"]).parent == tmp_path / "grid"  # this run's own folder: a rerun keeps it
 
 
-def test_bench_grid_rejects_an_unknown_part():
-    result = subprocess.run([sys.executable, "-m", "prospect.bench", "grid", "--part", "fused,pool"], cwd=REPO, capture_output=True, text=True)
+@pytest.mark.parametrize("args, message", [
+    (["--part", "fused,pool"], "--part 'fused,pool': expected a comma-separated list of sequential_eager, concurrent_optimized, fused, zoo_fused"),
+    (["--fused", "--lanes-per-gpu", "0"], "--lanes-per-gpu 0: must be at least 1"),
+    (["--jobs-per-gpu", "-2"], "--jobs-per-gpu -2: must be at least 1"),
+])
+def test_bench_grid_rejects_bad_arguments_in_one_line(tmp_path, args, message):
+    result = subprocess.run([sys.executable, "-m", "prospect.bench", "grid", *args, "--grid-dir", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("prospect.bench: error: --part 'fused,pool': expected a comma-separated list of sequential_eager, "
-                                     "concurrent_optimized, fused, zoo_fused")
+    assert result.stderr.strip() == f"prospect.bench: error: {message}"
+    assert not any(tmp_path.iterdir())  # nothing ran
 
 
 def test_bench_zoo_times_every_bounded_strategy(tmp_path, model_cache_dir):

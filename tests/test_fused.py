@@ -50,6 +50,12 @@ def jobs(folder: Path) -> dict[int, tuple[Path, dict]]:
     return dict(sorted(found.items()))
 
 
+def _untimed_trace(job_folder: Path) -> list[dict]:
+    """trace.jsonl without its timings and memory (what differs between two runs of the same job)."""
+    rows = [json.loads(line) for line in (job_folder / "trace.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.endswith("_ms") and "memory" not in k} for row in rows]
+
+
 def workers(folder: Path) -> list[dict]:
     path = folder / "fused" / "workers.json"
     return json.loads(path.read_text()) if path.is_file() else []
@@ -173,6 +179,22 @@ def test_strategy_grid_runs_as_lanes_and_a_rerun_computes_nothing(tmp_path, mode
     # on CPU the basic launcher runs the eager step (auto = false there): another key
     basic = {**runs[0][1]["config"], "stream": {**runs[0][1]["config"]["stream"], "optimized": "auto"}}
     assert job_key(basic) != runs[0][1]["job_key"]
+    # the same jobs run alone by the basic launcher on the optimized step: same key, same predictions and trace
+    alone = subprocess.run([sys.executable, "-m", "prospect.run", "-m", "logger=none", f"hydra.sweep.dir={tmp_path / 'alone'}",
+                            f"cache_root={tmp_path / 'alone'}", "experiment=strategy_grid", *SMALL, "stream.optimized=true",
+                            "strategy=drop_middle,summarize_and_drop", "strategy.last_keep_len=512"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PROSPECT_CACHE_DIR": str(model_cache_dir)})
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    lane_by_key = {d["job_key"]: folder for folder, d in runs.values() if not d.get("cached")}
+    compared = 0
+    for folder, document in jobs(tmp_path / "alone").values():
+        lane = lane_by_key[document["job_key"]]
+        mine, theirs = (json.loads((f / "predictions.json").read_text())["conversations"] for f in (lane, folder))
+        assert mine == theirs and any(frame["gen"] for c in mine for frame in c["frames"]), folder.name
+        assert _untimed_trace(lane) == _untimed_trace(folder), folder.name
+        compared += 1
+    assert compared == 2
 
     second = fused(tmp_path, "experiment=strategy_grid", *SMALL, name="rerun", model_cache_dir=model_cache_dir)
     assert second.returncode == 0, second.stderr[-3000:]
