@@ -234,10 +234,17 @@ def keep_tokens(cache: PositionedCache, index: torch.Tensor) -> None:
 
 
 def crop_end(cache: PositionedCache, count: int) -> None:
-    """Remove the last `count` tokens and give their positions back (next_position moves back)."""
+    """Remove the last `count` tokens and give their positions back (next_position moves back). The kept
+    tokens stay where they are (no copy); the removed slots are free again."""
     if count <= 0:
         return
-    keep_spans(cache, [(0, cache_length(cache) - count)])
+    length = cache_length(cache)
+    if count > length:
+        raise ValueError(f"crop_end: cannot remove {count} tokens from a cache of {length}")
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.crop(-count)
+    cache.select_tokens(torch.arange(length - count))
     cache.next_position -= count
 
 

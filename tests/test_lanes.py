@@ -13,10 +13,10 @@ from prospect.cache import cache_length
 from prospect.context_strategies import STRATEGIES, create_strategy
 from prospect.models.static_forward import StaticForward
 from prospect.stream.lanes import LaneRunner
-from prospect.stream.runner import StreamRunner, StreamSettings
+from prospect.stream.runner import TIMING_FIELDS, StreamRunner, StreamSettings
 
 SMALL = dict(max_seq_len=384, reserved_seq_len=32, last_keep_len=64, summary_max_new_tokens=24)
-TIMING = {"vision_ms", "frame_prefill_ms", "prefill_ms", "decode_ms", "reduce_ms", "summary_ms", "wall_ms"}
+TIMING = set(TIMING_FIELDS)
 # the random tiny model's not-talk probabilities lie around 2.1e-5: this threshold makes it silent at some frames
 POLICIES = {"gt_turns": {}, "threshold": {"talk_policy": "threshold", "talk_threshold": 2.1e-5}}
 

@@ -47,6 +47,14 @@ class ChatFormat:
         image = FAKE_IMAGE_TOKEN + GLOBAL_IMAGE_TOKEN + IMAGE_TOKEN * image_tokens + FAKE_IMAGE_TOKEN
         return self.frame_turn.format(frame=f"Frame from {seconds // 60:02d}:{seconds % 60:02d}:{image}")
 
+    def reply_text(self, text: str) -> str:
+        """What follows the assistant prompt when the assistant says `text`, up to its end of turn (SmolVLM2:
+        " " + text; ChatML: text): the tokens a reply of `text` would be generated as."""
+        turn = self.text_turn("assistant", text)
+        if not (turn.startswith(self.assistant_prompt) and turn.endswith(self.turn_closing)):
+            raise ValueError(f"chat format {self.name}: an assistant turn does not begin with its assistant prompt")
+        return turn[len(self.assistant_prompt) : len(turn) - len(self.turn_closing)]
+
     @property
     def turn_closing(self) -> str:
         """What closes a reply in the context: the stop token and the newline after it."""

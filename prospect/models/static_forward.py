@@ -39,6 +39,7 @@ from prospect.models.vlm import VisionLanguageModel
 log = logging.getLogger(__name__)
 
 SLOT_ALIGN = 16  # buffer slots per lane rounded up to this: an attention mask row of 16-byte multiples lets SDPA use its fused kernel
+PEEK_ALIGN = 16  # a chunk that is not kept and returns every logit (a reference scored) is padded to a multiple of this
 
 
 def buffer_slots(capacity: int) -> int:
@@ -180,9 +181,12 @@ class StaticForward:
         return self.caches()[0]
 
     def _body(self, step: _Step, all_logits: bool, rows: slice | None = None, width: int | None = None) -> torch.Tensor:
-        """The step for the lanes `rows` (default all) over their first `width` slots (default all)."""
+        """The step for the lanes `rows` (default all) over their first `width` slots (default all). Without CUDA
+        graphs (whose shapes are fixed) it attends only over the slots in use (`_used_width`)."""
         rows = rows or slice(None)
         width = width or self.slots
+        if not self.use_graphs:
+            width = self._used_width(step, rows, width)
         embeds = step.embeds[rows] if step.with_image else self.model.model.get_input_embeddings()(step.ids[rows])
         start, first, active = step.start[rows], step.first[rows], step.active[rows]
         # inactive lanes write into the last slot of the rows run: past every capacity there, never visible
@@ -199,6 +203,16 @@ class StaticForward:
             self.model.writing_cache = None
         return self.model.model.lm_head(hidden if all_logits else hidden[:, -1]).float()
 
+    def _used_width(self, step: _Step, rows: slice, width: int) -> int:
+        """The slots a step without graphs attends over: past every token the lanes `rows` hold, have written in
+        this decode (`step.start`, which a decode chain advances before the caches' lengths) or this step writes,
+        and one more (the scratch slot of the inactive lanes), rounded up to SLOT_ALIGN, at most `width`. The
+        slots left out are masked for every token of the step, so the logits are those over `width` slots up to
+        floating-point rounding (a stream's optimized run computes with this rule, alone or as a lane)."""
+        lanes = range(self.lanes)[rows]
+        longest = max(max(self._caches[lane].get_seq_length() for lane in lanes), int(step.start[rows].max()) + step.n)
+        return min(width, -(-(longest + 1) // SLOT_ALIGN) * SLOT_ALIGN)
+
     def _one_lane_at_a_time(self, step: _Step, all_logits: bool, lanes: list[int]) -> torch.Tensor:
         """The step lane by lane, each over its own buffer_slots(capacity): the arithmetic of a stream run alone,
         bitwise (on CPU, a matrix product's rounding depends on how many rows it has)."""
@@ -212,9 +226,10 @@ class StaticForward:
         image_features: torch.Tensor | None = None,
         all_logits: bool = False,
         provenance: Provenance | None = None,
+        append: bool = True,
     ) -> torch.Tensor:
         """One lane's chunk (the others inactive): logits [vocab], or [n, vocab] with all_logits."""
-        return self.forward_lanes([cache], [input_ids], image_features, all_logits, [provenance])[0]
+        return self.forward_lanes([cache], [input_ids], image_features, all_logits, [provenance], append)[0]
 
     @torch.no_grad()
     def forward_lanes(
@@ -224,10 +239,17 @@ class StaticForward:
         image_features: torch.Tensor | None = None,
         all_logits: bool = False,
         provenances: Sequence[Provenance | None] | None = None,
+        append: bool = True,
     ) -> torch.Tensor:
         """Append each lane's chunk (`input_ids[i]` to `caches[i]`, all of one length) as one batch; returns
         the logits of those lanes, in order: [len(caches), vocab] (or [len(caches), n, vocab]). A chunk with
-        image tokens is the same ids for every lane (a frame), with `image_features` filling them."""
+        image tokens is the same ids for every lane (a frame), with `image_features` filling them.
+
+        append=False computes the chunk on top of each cache without keeping it: its keys/values go to the
+        free slots after the cache's tokens (never visible: a later chunk overwrites them before anything
+        attends there) and lengths, positions and provenance stay as they were. Such a chunk returning every
+        logit (a reference scored, of any length) is padded to a multiple of PEEK_ALIGN tokens where the
+        buffers have room, so a few CUDA graphs serve all lengths; the padding's logits are not returned."""
         ids = [list(chunk) for chunk in input_ids]
         n = len(ids[0]) if ids else 0
         provenances = list(provenances) if provenances is not None else [None] * len(caches)
@@ -241,6 +263,11 @@ class StaticForward:
             lanes.append(lane)
         if len(set(lanes)) != len(lanes):
             raise ValueError("a lane appears twice in one step")
+        returned = n
+        if not append and all_logits and n:
+            room = min(self.capacities[lane] - cache.get_seq_length() for lane, cache in zip(lanes, caches))
+            n = max(n, min(-(-n // PEEK_ALIGN) * PEEK_ALIGN, room))
+            ids = [chunk + chunk[-1:] * (n - len(chunk)) for chunk in ids]
         with_image = image_features is not None or any(self.model.image_token_id in chunk for chunk in ids)
         if with_image and any(chunk != ids[0] for chunk in ids):
             raise ValueError("a step with image tokens feeds the same ids to every lane")
@@ -254,7 +281,7 @@ class StaticForward:
         rows = [[0] * n for _ in range(self.lanes)]
         for lane, cache, chunk, provenance in zip(lanes, caches, ids, provenances):
             start[lane] = cache.get_seq_length()
-            first[lane] = int(cache.take_positions(n, provenance)[0])
+            first[lane] = int(cache.take_positions(n, provenance)[0]) if append else cache.next_position
             active[lane] = True
             rows[lane] = chunk
         if with_image:
@@ -277,6 +304,8 @@ class StaticForward:
                 logits = self._capture(step, all_logits, rows, width)
             if single is None and lanes != list(range(self.lanes)):
                 logits = logits[lanes]
+        if not append:
+            return logits[:, :returned] if all_logits else logits
         for cache in caches:
             for layer in cache.layers:
                 layer.length += n

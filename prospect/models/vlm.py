@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from omegaconf import DictConfig
 
-from prospect.cache import KIND, PositionedCache, Provenance
+from prospect.cache import KIND, PositionedCache, Provenance, crop_end
 from prospect.models.architectures import ARCHITECTURES, OFFLINE_VISION, Architecture, smolvlm_config
 from prospect.models.chat_format import (
     CHAT_FORMATS,
@@ -230,11 +230,13 @@ class VisionLanguageModel:
         image_features: torch.Tensor | None = None,
         all_logits: bool = False,
         provenance: Provenance | None = None,
+        append: bool = True,
     ) -> torch.Tensor:
         """Append `input_ids` to the cache at positions cache.next_position.. and return float32 logits
         of the last token ([vocab]) or of every token ([n, vocab]). `<image>` tokens take the rows of
         `image_features` in order; `provenance` labels the new tokens (unknown if None). Attention covers
-        the cached tokens only (the eager step)."""
+        the cached tokens only (the eager step). append=False computes the same logits and removes the
+        chunk again (crop_end), leaving the cache as it was."""
         embeds = self.embed(input_ids, image_features)
         length = cache.get_seq_length()
         positions = cache.take_positions(embeds.shape[1], provenance).to(self.device)
@@ -247,7 +249,10 @@ class VisionLanguageModel:
         finally:
             self.writing_cache = None
         hidden = hidden[0] if all_logits else hidden[0, -1]
-        return self.model.lm_head(hidden).float()
+        logits = self.model.lm_head(hidden).float()
+        if not append:
+            crop_end(cache, embeds.shape[1])
+        return logits
 
 
 def load_model(model_cfg: DictConfig, cache_dir: str | Path, seed: int = 0) -> VisionLanguageModel:

@@ -24,11 +24,15 @@ from prospect.context_strategies.base import check_field_types
 from prospect.data.types import Conversation, StreamFrame, Turn
 from prospect.models.vlm import VisionLanguageModel
 from prospect.stream.decode import pick_token, suppression_bias
+from prospect.stream.reference_scores import TURN_FIELDS, token_scores
 from prospect.stream.talk import TALK_POLICIES, not_talk_probability
 
 log = logging.getLogger(__name__)
 
 KNOWLEDGE_PREFIX = "Task knowledge:"  # ProAssist's knowledge system turn (kept for summaries)
+STREAM_MEASUREMENTS = ("reference_scores", "speak_probe")  # StreamSettings fields set from the eval config group
+# the trace record's timings (ms): they differ between runs that compute the same thing
+TIMING_FIELDS = ("vision_ms", "frame_prefill_ms", "prefill_ms", "decode_ms", "reduce_ms", "summary_ms", "probe_ms", "score_ms", "wall_ms")
 
 
 @dataclass
@@ -48,6 +52,10 @@ class StreamSettings:
     # KV buffer with a mask and replays CUDA graphs (prospect/models/static_forward.py).
     vision_batch_size: int | str = "auto"
     optimized: bool | str = "auto"
+    # Measurements that leave the stream as it is (set from eval.reference_scores / eval.speak_probe):
+    # teacher-forced scores of each reference reply, and P(speak) at frames where gt_turns stays silent.
+    reference_scores: bool = True
+    speak_probe: bool = True
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -91,13 +99,24 @@ class ConversationResult:
     error: str | None = None
 
     def prediction_frames(self) -> list[dict]:
-        """Frames where the model spoke or a reference exists: {index, time, gen, ref} (DESIGN §6)."""
+        """Frames where the model spoke, a reference exists or a reference was scored: {index, time, gen, ref}
+        and, where scored, the reference's teacher-forced scores (TURN_FIELDS)."""
+        scored = {r["index"]: {k: r[k] for k in TURN_FIELDS if k in r} for r in self.trace if "ref_nll" in r}
         rows = []
         for frame in self.conversation.frames:
             gen, ref = self.replies.get(frame.index, ""), frame.reference or ""
-            if gen or ref:
-                rows.append({"index": frame.index, "time": frame.time, "gen": gen, "ref": ref})
+            if gen or ref or frame.index in scored:
+                rows.append({"index": frame.index, "time": frame.time, "gen": gen, "ref": ref, **scored.get(frame.index, {})})
         return rows
+
+    def speak_probabilities(self) -> dict | None:
+        """P(speak) of every probed fed frame, as predictions.json holds it: {"index", "p", "due"} (parallel
+        lists; due: a reference is due at that frame); None when no frame was probed."""
+        probed = [r for r in self.trace if "speak_probability" in r]
+        if not probed:
+            return None
+        return {"index": [r["index"] for r in probed], "p": [r["speak_probability"] for r in probed],
+                "due": [bool(r.get("reference_due")) for r in probed]}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -119,22 +138,24 @@ def turn_kind(turn: Turn) -> int:
     return KIND["user"] if turn.role == "user" else KIND["assistant"]
 
 
-def frames_to_feed(conversation: Conversation, stride: int) -> list[tuple[StreamFrame, tuple[Turn, ...], bool]]:
-    """(frame, turns fed before it, speaks under gt_turns) for every `stride`-th frame.
+def frames_to_feed(conversation: Conversation, stride: int) -> list[tuple[StreamFrame, tuple[Turn, ...], tuple[str, ...]]]:
+    """(frame, turns fed before it, references due at it) for every `stride`-th frame; gt_turns speaks at the
+    frames with references due.
 
     Turns and references of skipped frames move to the next fed frame, so nothing is lost by striding;
     references stay at their own frame for evaluation.
     """
     fed = []
     turns: list[Turn] = []
-    due = False
+    due: list[str] = []
     last = len(conversation.frames) - 1
     for frame in conversation.frames:
         turns.extend(frame.turns_before)
-        due = due or frame.reference is not None
+        if frame.reference is not None:
+            due.append(frame.reference)
         if frame.index % stride == 0 or frame.index == last:
-            fed.append((frame, tuple(turns), due))
-            turns, due = [], False
+            fed.append((frame, tuple(turns), tuple(due)))
+            turns, due = [], []
     return fed
 
 
@@ -220,17 +241,19 @@ class StreamRunner:
         return (time.perf_counter() - start) * 1000
 
     def _forward(
-        self, ids: list[int], image: torch.Tensor | None = None, kind: int | None = None, provenance: Provenance | None = None
+        self, ids: list[int], image: torch.Tensor | None = None, kind: int | None = None, provenance: Provenance | None = None,
+        all_logits: bool = False, append: bool = True,
     ) -> torch.Tensor:
-        """Feed `ids` (labelled by `provenance`, or all of one `kind`) into the cache; returns the last logits."""
+        """Feed `ids` (labelled by `provenance`, or all of one `kind`) into the cache; returns the last logits
+        (every token's with all_logits). append=False: the same logits, the cache left as it was."""
         cache = self.cache
         first = cache.next_position
         step = self.static if self.static is not None else self.model.forward
         if provenance is None:
             provenance = Provenance.of(len(ids), KIND["assistant"] if kind is None else kind)
-        logits = step(ids, cache, image, provenance=provenance)
+        logits = step(ids, cache, image, all_logits=all_logits, provenance=provenance, append=append)
         self._cache_max = max(self._cache_max, cache_length(cache))
-        if self.on_forward is not None:
+        if self.on_forward is not None and append:
             self.on_forward(ids, image, torch.arange(first, first + len(ids)), logits)
         return logits
 
@@ -359,21 +382,25 @@ def forward_lanes(
     image: torch.Tensor | None = None,
     kind: int | None = None,
     provenances: list[Provenance] | None = None,
+    all_logits: bool = False,
+    append: bool = True,
 ) -> list[torch.Tensor]:
     """Feed `ids[i]` to lane i (one step for lanes on one StaticForward, else one after the other); returns each
-    lane's last logits."""
+    lane's last logits (every token's with all_logits). append=False: computed on top of each cache, which is
+    left as it was (a measurement, see score_references and probe_speak)."""
     if not lanes:
         return []
     if provenances is None:
         provenances = [Provenance.of(len(chunk), KIND["assistant"] if kind is None else kind) for chunk in ids]
     static = lanes[0].static
     if len(lanes) == 1 or static is None or any(lane.static is not static for lane in lanes) or len({len(c) for c in ids}) > 1:
-        return [lane._forward(chunk, image, provenance=p) for lane, chunk, p in zip(lanes, ids, provenances)]
+        return [lane._forward(chunk, image, provenance=p, all_logits=all_logits, append=append)
+                for lane, chunk, p in zip(lanes, ids, provenances)]
     firsts = [lane.cache.next_position for lane in lanes]
-    logits = static.forward_lanes([lane.cache for lane in lanes], ids, image, provenances=provenances)
+    logits = static.forward_lanes([lane.cache for lane in lanes], ids, image, all_logits, provenances, append)
     for row, lane, chunk, first in zip(logits, lanes, ids, firsts):
         lane._cache_max = max(lane._cache_max, cache_length(lane.cache))
-        if lane.on_forward is not None:
+        if lane.on_forward is not None and append:
             lane.on_forward(chunk, image, torch.arange(first, first + len(chunk)), row)
     return list(logits)
 
@@ -468,7 +495,7 @@ def stream_lanes(
 
         iterator = tqdm(schedule, desc=conversation.id, unit="frame", leave=False)
     records: dict[int, dict] = {}
-    for frame, turns, reference_due in iterator:
+    for frame, turns, references in iterator:
         if not failures.alive:
             break
         _synchronize(device)
@@ -480,6 +507,7 @@ def stream_lanes(
                 "time": frame.time,
                 "cache_before": cache_length(lane.cache),
                 "events": ["frame"],
+                "reference_due": bool(references),
             }
             lane._timing = {"vision_ms": 0.0, "frame_prefill_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "reduce_ms": 0.0}
             lane._cache_max = cache_length(lane.cache)
@@ -516,8 +544,8 @@ def stream_lanes(
                 records[id(lane)]["chunk_tokens"] = len(lane._pending) + len(text_ids)
                 lane._pending = []
 
-        speak = reference_due if settings.talk_policy == "gt_turns" else None
-        replies = reply_lanes(failures, speak, records, frame)
+        speak = bool(references) if settings.talk_policy == "gt_turns" else None
+        replies = reply_lanes(failures, speak, records, frame, references)
 
         def finish_frame(lane: StreamRunner) -> None:
             record, result = records[id(lane)], failures.results[id(lane)]
@@ -561,11 +589,19 @@ def stream_lanes(
     return results
 
 
-def reply_lanes(failures: _LaneFailures, speak: bool | None, records: dict[int, dict], frame: StreamFrame) -> dict[int, list[int]]:
+def reply_lanes(
+    failures: _LaneFailures, speak: bool | None, records: dict[int, dict], frame: StreamFrame, references: tuple[str, ...] = ()
+) -> dict[int, list[int]]:
     """Prompt an assistant turn in every live lane and decode the replies together: {id(lane): reply ids} of
     the lanes that spoke. speak=None asks the threshold policy (ProAssist's not-talk probability on the first
-    token) in each lane; False: nobody speaks."""
+    token) in each lane; False: nobody speaks (gt_turns at a frame without a reference: P(speak) is probed,
+    see probe_speak).
+
+    Measurements that change nothing (StreamSettings.reference_scores / speak_probe): with `references` due,
+    each lane scores them teacher-forced on top of its reply prompt before it decides or decodes
+    (score_references); every lane that prompted records `speak_probability` = 1 - P(end of turn first)."""
     if speak is False:
+        probe_speak(failures, records)
         return {}
     lanes = list(failures.alive)
 
@@ -578,11 +614,21 @@ def reply_lanes(failures: _LaneFailures, speak: bool | None, records: dict[int, 
     failures.each(lanes, make_room)
     t0 = time.perf_counter()
     prompts = failures.together(lanes, lambda live: dict(zip(map(id, live), forward_lanes(live, [lane.prompt_ids for lane in live], kind=KIND["assistant"]))))
-    speakers = []
-    for lane in [lane for lane in lanes if lane in failures.alive]:
+    prompted = [lane for lane in lanes if lane in failures.alive]
+    for lane in prompted:
         lane._timing["prefill_ms"] += (time.perf_counter() - t0) * 1000
+    probabilities = {}
+    for lane in prompted:
+        if speak is None or lane.settings.speak_probe:
+            probabilities[id(lane)] = not_talk_probability(prompts[id(lane)], lane.model.stop_ids)
+            records[id(lane)]["speak_probability"] = 1.0 - probabilities[id(lane)]
+    scoring = [lane for lane in prompted if references and lane.settings.reference_scores]
+    if scoring:
+        failures.together(scoring, lambda live: score_references(live, {id(lane): prompts[id(lane)] for lane in live}, references, records))
+    speakers = []
+    for lane in [lane for lane in prompted if lane in failures.alive]:
         if speak is None:
-            probability = not_talk_probability(prompts[id(lane)], lane.model.stop_ids)
+            probability = probabilities[id(lane)]
             records[id(lane)]["not_talk_probability"] = probability
             if probability > lane.settings.talk_threshold:
                 crop_end(lane.cache, len(lane.prompt_ids))
@@ -595,6 +641,60 @@ def reply_lanes(failures: _LaneFailures, speak: bool | None, records: dict[int, 
         lambda live: dict(zip(map(id, live), decode_lanes(live, torch.stack([prompts[id(lane)] for lane in live]), live[0].settings.max_new_tokens))),
     )
     return replies or {}
+
+
+def probe_speak(failures: _LaneFailures, records: dict[int, dict]) -> None:
+    """gt_turns at a frame without a reference: each live lane with speak_probe on reads P(speak) = 1 - P(end of
+    turn first) after an assistant prompt it does not keep (one step for the lanes on a StaticForward); the
+    cache is left exactly as it was. A lane whose cache has no room for the prompt records nothing (making room
+    would be a reduction the stream does not make)."""
+    lanes = [lane for lane in failures.alive if lane.settings.speak_probe
+             and cache_length(lane.cache) + len(lane.prompt_ids) <= lane.capacity]
+    if not lanes:
+        return
+    t0 = time.perf_counter()
+
+    def probe(live: list[StreamRunner]) -> None:
+        logits = forward_lanes(live, [lane.prompt_ids for lane in live], kind=KIND["assistant"], append=False)
+        for lane, row in zip(live, logits):
+            records[id(lane)]["speak_probability"] = 1.0 - not_talk_probability(row, lane.model.stop_ids)
+
+    failures.together(lanes, probe)
+    elapsed = (time.perf_counter() - t0) * 1000
+    for lane in lanes:
+        lane._timing["probe_ms"] = elapsed
+
+
+def score_references(lanes: list[StreamRunner], prompt_logits: dict[int, torch.Tensor], references: tuple[str, ...],
+                     records: dict[int, dict]) -> None:
+    """Score the reference reply teacher-forced in each lane, which has just fed its reply prompt: the prompt's
+    logits predict the reply's first token, and the reply's tokens fed on top of the cache without keeping them
+    (append=False) predict the rest; lanes of one scored length are one step. The reply's tokens are its text
+    as a reply in the model's chat format (several references due at one fed frame, with frame_stride > 1, are
+    one reply, joined by spaces); its end of turn is not scored. A reply longer than the room left in a lane's
+    cache is scored on its first tokens that fit (`ref_truncated`). Records per lane `ref_nll` (summed negative
+    log-likelihood, nats), `ref_tokens` and `ref_top1` (fraction of tokens that are the argmax)."""
+    model = lanes[0].model
+    target = model.encode(model.chat.reply_text(" ".join(references)))
+    if not target:
+        return
+    t0 = time.perf_counter()
+    by_length: dict[int, list[StreamRunner]] = {}
+    for lane in lanes:
+        fits = min(len(target), lane.capacity - cache_length(lane.cache) + 1)
+        by_length.setdefault(fits, []).append(lane)
+    for length, group in by_length.items():
+        fed = forward_lanes(group, [target[: length - 1]] * len(group), all_logits=True, append=False) if length > 1 else [None] * len(group)
+        for lane, rest in zip(group, fed):
+            logits = prompt_logits[id(lane)][None] if rest is None else torch.cat([prompt_logits[id(lane)][None], rest])
+            nll, hits = token_scores(logits, target[:length])
+            record = records[id(lane)]
+            record.update(ref_nll=nll, ref_tokens=length, ref_top1=hits / length)
+            if length < len(target):
+                record["ref_truncated"] = True
+    elapsed = (time.perf_counter() - t0) * 1000
+    for lane in lanes:
+        lane._timing["score_ms"] = elapsed
 
 
 def decode_lanes(
