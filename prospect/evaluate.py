@@ -1,8 +1,11 @@
 """`python -m prospect.evaluate predictions=PATH [eval=offline|proassist] [eval.key=value ...]`
 
 Re-scores a run's predictions.json (no VLM is loaded): prints a metrics table (per subset and
-overall) and writes metrics.json beside the predictions file, with the structure of
-`prospect.eval.evaluate_predictions`. Bad input: one line `prospect.evaluate: error: ...`, exit 2.
+overall) with the stream's measured scores (teacher-forced ref_ppl / ref_top1, speak_auc) where the file
+carries them, the 95% interval over conversations of the overall F1, ref_ppl and speak_auc, and a note
+for each measurement the file lacks (older files: one line, the rest still evaluates); writes metrics.json
+beside the predictions file, with the structure of `prospect.eval.evaluate_predictions`. Bad input: one
+line `prospect.evaluate: error: ...`, exit 2.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from prospect.eval import DISABLED, EvalSetupError, PredictionsError, evaluate_predictions, read_predictions
+from prospect.eval.stream_scores import REF_PPL, REF_TOP1, SPEAK_AUC
 from prospect.eval.metrics import (
     F1, JACCARD_INDEX, MISSING_RATE, NUM_CONVERSATIONS, NUM_MATCHED, NUM_MISMATCHED, NUM_MISSED, NUM_REDUNDANT,
     PRECISION, RECALL, REDUNDANT_RATE, SEMANTIC_SCORE, TIME_DIFF,
@@ -41,7 +45,11 @@ TABLE_COLUMNS = (
     ("wrong", NUM_MISMATCHED, "d"),
     ("missed", NUM_MISSED, "d"),
     ("redundant", NUM_REDUNDANT, "d"),
+    ("ref_ppl", REF_PPL, ".3f"),
+    ("ref_top1", REF_TOP1, ".3f"),
+    ("speak_auc", SPEAK_AUC, ".3f"),
 )
+INTERVALS_SHOWN = (F1, REF_PPL, REF_TOP1, SPEAK_AUC)
 
 
 class UsageError(ValueError):
@@ -76,12 +84,20 @@ def format_table(result: dict) -> str:
     rows = [("subset", *(header for header, _, _ in TABLE_COLUMNS))]
     named = [*result["per_subset"].items(), ("overall", result["metrics"])]
     for name, metrics in named:
-        rows.append((name, *(format(metrics[key], spec) for _, key, spec in TABLE_COLUMNS)))
+        rows.append((name, *(format(metrics[key], spec) if key in metrics else "-" for _, key, spec in TABLE_COLUMNS)))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
+    for name in INTERVALS_SHOWN:
+        found = result.get("intervals", {}).get(name)
+        if found:
+            shown = (f"[{found['low']:.3f}, {found['high']:.3f}]" if "low" in found else found["reason"])
+            lines.append(f"{name} {result['metrics'][name]:.3f}, {found.get('confidence', 0.95):.0%} interval over "
+                         f"{found['conversations']} conversations: {shown}")
     for entry in result["skipped"]:
         lines.append(f"skipped {entry['id']}: {entry['error']}")
+    for note in result.get("notes", []):
+        lines.append(f"note: {note}")
     return "\n".join(lines)
 
 

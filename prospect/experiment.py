@@ -30,8 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from prospect.data import load_dataset
 from prospect.eval import PREDICTIONS_SCHEMA
+from prospect.eval.intervals import intervals, interval_summary
+from prospect.eval.stream_scores import SPEAK_FIELD
 from prospect.data.types import Conversation
-from prospect.stream.runner import ConversationResult, StreamSettings
+from prospect.stream.runner import STREAM_MEASUREMENTS, ConversationResult, StreamSettings
 from prospect.tracking.results import environment, job_key, results_document, stream_metrics
 
 log = logging.getLogger(__name__)
@@ -160,7 +162,9 @@ class StopSignals:
 
 
 def stream_settings(cfg: DictConfig) -> StreamSettings:
-    return StreamSettings(**OmegaConf.to_container(cfg.stream, resolve=True), seed=int(cfg.seed))
+    """The stream settings of a config: `stream.*`, the seed, and the measurements `eval` asks of the stream."""
+    return StreamSettings(**OmegaConf.to_container(cfg.stream, resolve=True), seed=int(cfg.seed),
+                          **{key: bool(cfg.eval.get(key, True)) for key in STREAM_MEASUREMENTS})
 
 
 def predictions_document(results: list[ConversationResult]) -> dict:
@@ -177,6 +181,9 @@ def predictions_document(results: list[ConversationResult]) -> dict:
             "num_frames": c.num_frames,
             "frames": result.prediction_frames(),
         }
+        speak = result.speak_probabilities() if hasattr(result, "speak_probabilities") else None
+        if speak is not None:
+            entry[SPEAK_FIELD] = speak
         if result.error:
             entry["error"] = result.error
         partial = getattr(result, "partial", None)
@@ -372,25 +379,37 @@ def score(report: RunReport, eval_cfg: DictConfig) -> None:
         report.evaluation = evaluate_predictions(predictions_document(report.results), eval_cfg)
 
 
-def per_conversation_metrics(report: RunReport) -> dict[str, dict]:
+def scored(report: RunReport, predictions: dict) -> dict:
+    """The evaluation, or without one (eval=none, or a run stopped before it) the stream's own measurements
+    of the predictions (reference scores, P(speak)): {"metrics", "per_conversation", ...}."""
+    if report.evaluation:
+        return report.evaluation
+    from prospect.eval import measured_scores
+
+    return measured_scores(predictions)
+
+
+def per_conversation_metrics(report: RunReport, scores: dict | None = None) -> dict[str, dict]:
     rows = {}
     for result in report.results:
         flat = stream_metrics([result.trace], result.peak_memory_mb, report.kv_bytes_per_token)
-        if report.evaluation:
-            flat.update(report.evaluation.get("per_conversation", {}).get(result.conversation.id, {}))
+        if scores:
+            flat.update(scores.get("per_conversation", {}).get(result.conversation.id, {}))
         if result.error:
             flat["error"] = result.error
         rows[result.conversation.id] = flat
     return rows
 
 
-def summarize(report: RunReport) -> dict[str, Any]:
-    """Flat metrics: stream figures plus the evaluation's (seed names where it had them)."""
+def summarize(report: RunReport, scores: dict | None = None) -> dict[str, Any]:
+    """Flat metrics: stream figures plus the evaluation's (seed names where it had them) or, without one, the
+    stream's measured scores."""
     metrics = stream_metrics(
         [r.trace for r in report.results], max((r.peak_memory_mb for r in report.results), default=0.0), report.kv_bytes_per_token
     )
+    if scores:
+        metrics.update(scores["metrics"])
     if report.evaluation:
-        metrics.update(report.evaluation["metrics"])
         metrics["dialogues_matched"] = report.evaluation["metrics"].get("num_matched", 0)
     return metrics
 
@@ -407,6 +426,12 @@ def console_summary(strategy: str, report: RunReport, metrics: dict, output_dir:
         before = sum(r["before"] for r in reductions) / len(reductions)
         after = sum(r["after"] for r in reductions) / len(reductions)
         lines.append(f"  Cache compression: {before:.0f}->{after:.0f} tokens (mean of {len(reductions)} reductions)")
+    if "ref_ppl" in metrics:
+        lines.append(f"  Reference replies (teacher-forced): perplexity {metrics['ref_ppl']:.3f}, top-1 {metrics['ref_top1']:.3f}, "
+                     f"NLL per turn {metrics['ref_nll']:.2f} over {metrics['ref_turns']} turns")
+    if "speak_auc" in metrics:
+        lines.append(f"  Speak timing: AUC {metrics['speak_auc']:.3f}, P(speak) {metrics['speak_prob_due']:.3f} where a reference "
+                     f"is due, {metrics['speak_prob_not_due']:.3f} elsewhere")
     lines.append(f"  Time/frame: {metrics.get('time_per_frame', 0):.3f} s (p95 {metrics.get('time_per_frame_p95', 0):.3f} s)")
     lines.append(f"  Peak memory: {metrics.get('peak_memory_mb', 0):.1f} MB")
     lines.append(f"  Files: {output_dir}")
@@ -430,11 +455,16 @@ def finish_run(
     predictions = predictions_document(report.results)
     document: dict = {}
     try:
-        metrics = summarize(report)
-        extra = {**(extra or {}), "started_at": report.started_at, "finished_at": time.time()}
+        scores = scored(report, predictions)
+        metrics = summarize(report, scores)
+        per_conversation = per_conversation_metrics(report, scores)
+        extra = {**(extra or {}), "started_at": report.started_at, "finished_at": time.time(),
+                 "intervals": intervals(per_conversation)}
         if report.evaluation:
             extra.update({k: report.evaluation[k] for k in ("per_subset", "skipped") if k in report.evaluation})
-        document = results_document(report.status, report.error, metrics, per_conversation_metrics(report), config, env, key, extra)
+        if scores.get("notes"):
+            extra["notes"] = scores["notes"]
+        document = results_document(report.status, report.error, metrics, per_conversation, config, env, key, extra)
         write_json(output_dir / "results.json", document)
         records = [rec for r in report.results for rec in r.trace]
         try:
@@ -454,7 +484,8 @@ def finish_run(
     finally:
         if mirror is not None:
             exit_code = report.exit_code if report.exit_code is not None else 0 if report.status == "ok" else 1
-            mirror.finish(summary=metrics, predictions=predictions, exit_code=exit_code)
+            mirror.finish(summary={**metrics, **interval_summary(document.get("intervals", {}))}, predictions=predictions,
+                          exit_code=exit_code)
     return document
 
 
@@ -537,13 +568,14 @@ def _lane_stream(runner: Any, conversations: Iterable[Conversation], files: list
         stop.check(f"after conversation {conversation.id}")
 
 
-def run_lanes(cfgs: list[DictConfig], output_dirs: list[str | Path]) -> list[dict]:
+def run_lanes(cfgs: list[DictConfig], output_dirs: list[str | Path], batch_lanes: bool | None = None) -> list[dict]:
     """Run jobs that differ only in their strategy as lanes of one process (prospect.stream.lanes): the
     dataset and model are loaded once, each frame's vision features computed once, and each job writes
     exactly the files `run` writes (results.json with its job key, predictions, trace, plots, its own W&B
     run) into its own folder. A job whose strategy cannot be built, or whose lane raises, is recorded failed
     and the others go on. Lanes run the optimized step: `stream.optimized: auto` is settled to true before the
     job keys are computed. Signals stop every lane at the next frame, as `run` stops (module docstring).
+    `batch_lanes` (prospect.stream.lanes.LaneRunner): None batches the lanes' steps where CUDA graphs run.
     Returns the results.json documents, in order."""
     from omegaconf import open_dict
 
@@ -600,7 +632,7 @@ def run_lanes(cfgs: list[DictConfig], output_dirs: list[str | Path]) -> list[dic
                         live.append(index)
                 if not live:
                     raise RuntimeError("no job of this lane set could start (see each job's error)")
-                runner = LaneRunner(model, strategies, settings)
+                runner = LaneRunner(model, strategies, settings, batch_lanes=batch_lanes)
                 lanes_info.update(lanes=len(live), batched=runner.static.batch_lanes)
                 log.info("%d lanes (%s) on %s, %d conversations", len(live), ", ".join(s.name for s in strategies), device,
                          len(loaded.conversations))

@@ -195,6 +195,30 @@ def validate(cfg: DictConfig) -> None:
     _check_dataset(cfg.dataset)
     check_eval(cfg.eval)
     _check_logger(cfg.logger)
+    _check_summary(cfg)
+
+
+def _check_summary(cfg: DictConfig) -> None:
+    """summary.baseline: null, a job number >= 0 or the name of a strategy; no other key under `summary`."""
+    summary, allowed = cfg.get("summary"), ("baseline",)
+    if summary is None:
+        return
+    if not isinstance(summary, DictConfig):
+        raise ConfigError(f"summary={summary}: must be a mapping with the keys: {', '.join(allowed)}")
+    for key in summary:
+        if key not in allowed:
+            raise ConfigError(f"summary.{key}: unknown key; summary has: {', '.join(allowed)}")
+    baseline = _get(summary, "baseline", "summary") if "baseline" in summary else None
+    strategies = group_options("strategy")
+    if baseline is None or (isinstance(baseline, str) and (baseline in strategies or baseline == cfg.strategy.get("name")
+                                                           or baseline.isdigit())):
+        return
+    if isinstance(baseline, int) and not isinstance(baseline, bool):
+        if baseline < 0:
+            raise ConfigError(f"summary.baseline={baseline}: must be >= 0 (a job number)")
+        return
+    shown = str(baseline).lower() if isinstance(baseline, bool) else baseline
+    raise ConfigError(f"summary.baseline={shown}: must be null, a job number >= 0 or a strategy: {', '.join(strategies)}")
 
 
 def _name(path: str, key: str) -> str:
@@ -315,8 +339,12 @@ def _stream_settings(stream: DictConfig, seed: int):
 
     from prospect.stream.runner import StreamSettings
 
-    known = [f.name for f in dataclasses.fields(StreamSettings) if f.name != "seed"]
+    from prospect.stream.runner import STREAM_MEASUREMENTS
+
+    known = [f.name for f in dataclasses.fields(StreamSettings) if f.name != "seed" and f.name not in STREAM_MEASUREMENTS]
     for key in stream:
+        if key in STREAM_MEASUREMENTS:
+            raise ConfigError(f"stream.{key}: set it in the eval group: eval.{key}")
         if key not in known:
             raise ConfigError(f"stream.{key}: unknown key; stream has: {', '.join(known)} (the seed is the top-level `seed`)")
     try:
@@ -350,6 +378,8 @@ def _check_dataset(dataset: DictConfig) -> None:
         _number(generate, "fps", "dataset.generate", 0.0, 60.0, low_open=True)
         _int(generate, "seed", "dataset.generate")
         _bool(generate, "knowledge", "dataset.generate")
+        if "named_user" in generate:
+            _bool(generate, "named_user", "dataset.generate")
         producible = [synthetic.annotation_name(False)] + ([synthetic.annotation_name(True)] if generate.knowledge else [])
         if annotation not in producible:
             raise ConfigError(f"dataset.annotation={annotation}: the synthetic generator writes {', '.join(producible)}")
@@ -370,7 +400,10 @@ def _check_dataset(dataset: DictConfig) -> None:
 
 
 def check_eval(eval_cfg: DictConfig) -> None:
-    """Checks of the `eval` group (nothing to check for eval=none)."""
+    """Checks of the `eval` group (for eval=none only the measurements the stream makes)."""
+    for key in ("reference_scores", "speak_probe"):
+        if key in eval_cfg:
+            _bool(eval_cfg, key, "eval")
     if eval_cfg.get("name") == "none":
         return
     _number(eval_cfg, "match_threshold", "eval", 0.0, 1.0)

@@ -97,6 +97,10 @@ BAD_COMMAND_LINES = [
     (["strategy._target_=prospect.cache.PositionedCache"], "strategy._target_=prospect.cache.PositionedCache: cannot build the strategy"),
     (["+stream.seed=3"], "stream.seed: unknown key; stream has: max_new_tokens"),
     (["stream.top_p=0"], "stream.top_p=0: must be in (0.0, 1.0]"),
+    (["eval.reference_scores=sometimes"], "eval.reference_scores=sometimes: must be true or false"),
+    (["eval=none", "eval.speak_probe=2"], "eval.speak_probe=2: must be true or false"),
+    (["+stream.reference_scores=false"], "stream.reference_scores: set it in the eval group: eval.reference_scores"),
+    (["dataset.generate.named_user=3"], "dataset.generate.named_user=3: must be true or false"),
 ]
 
 

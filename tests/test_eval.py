@@ -509,8 +509,15 @@ def test_cli_writes_metrics_json_and_table_reproducibly(tmp_path, monkeypatch, c
     assert lines[3].split()[:5] == ["overall", "1", "1.000", "1.000", "1.000"]
     written = (run_dir / "metrics.json").read_text()
     metrics = json.loads(written)
-    assert set(metrics) == {"metrics", "per_subset", "per_conversation", "skipped", "eval"}
+    assert set(metrics) == {"metrics", "per_subset", "per_conversation", "intervals", "skipped", "notes", "eval"}
     assert metrics == evaluate_predictions(oracle_document(), EvalSettings())
+    # a file without the stream's measurements (as before prospect recorded them) evaluates and says so once
+    notes = [line for line in lines if line.startswith("note: ")]
+    assert notes == ["note: no reference scores (ref_ppl, ref_nll, ref_top1) and speak probabilities (speak_auc): the "
+                     "predictions were made without them (before prospect recorded them, or with eval.reference_scores=false "
+                     "or eval.speak_probe=false under gt_turns); the other metrics are complete"]
+    assert "ref_ppl" not in metrics["metrics"] and lines[0].split()[-3:] == ["ref_ppl", "ref_top1", "speak_auc"]
+    assert lines[3].split()[-3:] == ["-", "-", "-"]
     # only metrics.json is written: no outputs/, .hydra/ or log file
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["metrics.json", "predictions.json", "run"]
     assert run_cli(monkeypatch, f"predictions={run_dir}", "eval.batch_size=2") == 0  # a run directory works too

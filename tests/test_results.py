@@ -38,7 +38,8 @@ def test_job_key_covers_what_changes_results_only():
     for same in ("logger=none", "logger.group=g1", "paths.cache_dir=/elsewhere", "dataset.root=/moved"):
         assert key(same) == base, same
     for different in ("model=tiny_random", "stream.max_new_tokens=50", "seed=1", "eval.match_threshold=0.6", "dataset.generate.seed=3",
-                      "strategy.position_mode=contiguous"):
+                      "strategy.position_mode=contiguous", "eval.reference_scores=false", "eval.speak_probe=false",
+                      "dataset.generate.named_user=true"):
         assert key(different) != base, different
 
 
@@ -86,6 +87,16 @@ def test_rescoring_predictions_gives_identical_metrics(small_cfg, tmp_path):
     rescored = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     for name, value in rescored.items():
         assert document["metrics"][name] == value, name
+    # the stream's measured scores travel through predictions.json: the run and prospect.evaluate agree on them
+    assert {"ref_ppl", "ref_nll", "ref_top1", "ref_turns", "speak_auc", "speak_prob_due"} <= set(rescored)
+    assert rescored["ref_turns"] == sum(r["ref_turns"] for r in document["per_conversation"].values())
+    header = next(line for line in result.stdout.splitlines() if line.startswith("subset"))
+    assert "note:" not in result.stdout and header.split()[-3:] == ["ref_ppl", "ref_top1", "speak_auc"]
+    assert [line.split()[0] for line in result.stdout.splitlines() if "interval over 2 conversations" in line] == [
+        "f1", "ref_ppl", "ref_top1", "speak_auc"]
+    intervals = document["intervals"]
+    assert intervals["ref_ppl"]["low"] <= metrics["ref_ppl"] <= intervals["ref_ppl"]["high"]
+    assert intervals["ref_ppl"]["conversations"] == 2 and "kv_cache_peak_mb" not in intervals  # a maximum: no interval
 
 
 def test_failed_conversations_make_a_failed_run_that_keeps_results(small_cfg, tmp_path, synthetic_root):

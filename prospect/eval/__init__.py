@@ -8,6 +8,11 @@ per subset and overall (metrics.py) and returns
 
 A conversation that failed during the run (it has "error") or that cannot be matched is skipped and
 listed with its error; it counts nowhere else.
+
+The scores the stream measured (teacher-forced reference scores, P(speak) per frame: stream_scores.py)
+join the per-conversation and pooled metrics when the document carries them; "notes" says when it does
+not (a file written before prospect recorded them, or with eval.reference_scores / eval.speak_probe off).
+"intervals" holds the 95% bootstrap interval over conversations of each pooled metric (intervals.py).
 """
 
 from __future__ import annotations
@@ -19,14 +24,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from prospect.eval import stream_scores
 from prospect.eval.embeddings import EmbeddingSimilarity, EvalSetupError, ProAssistSemanticCost, embed_texts
+from prospect.eval.intervals import intervals
 from prospect.eval.matching import NoFullMatching, SemanticCostFn, SimilarityFn, match_conversation
 from prospect.eval.metrics import NUM_CONVERSATIONS, Tally, pool, summarize, with_nlg
 from prospect.eval.windows import window_frames, window_seconds
 
 __all__ = [
     "PREDICTIONS_SCHEMA", "EvalSettings", "EvalSetupError", "PredictionsError",
-    "evaluate_predictions", "read_predictions", "validate_predictions",
+    "evaluate_predictions", "measured_scores", "read_predictions", "validate_predictions",
 ]
 
 PREDICTIONS_SCHEMA = "prospect.predictions/1"
@@ -53,6 +60,8 @@ class EvalSettings:
     proassist_exact: bool = False
     batch_size: int = 64
     nlg_metrics: bool = False
+    reference_scores: bool = True  # measured by the stream (StreamSettings); the evaluator reads what was recorded
+    speak_probe: bool = True
 
     @classmethod
     def from_config(cls, eval_cfg: Any) -> EvalSettings:
@@ -158,6 +167,40 @@ def _check_conversation(conversation: dict, where: str) -> None:
         for key in ("gen", "ref"):
             if not isinstance(frame[key], str):
                 raise PredictionsError(f"{at}.{key}: not a string")
+        if "ref_nll" in frame or "ref_tokens" in frame or "ref_top1" in frame:
+            _check_turn_scores(frame, at)
+    if stream_scores.SPEAK_FIELD in conversation:
+        _check_speak(conversation[stream_scores.SPEAK_FIELD], f"{where}.{stream_scores.SPEAK_FIELD}", num_frames)
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_turn_scores(frame: dict, at: str) -> None:
+    """A scored reference: ref_nll >= 0, ref_tokens >= 1, ref_top1 in [0, 1]."""
+    nll, tokens, top1 = frame.get("ref_nll"), frame.get("ref_tokens"), frame.get("ref_top1")
+    if not _number(nll) or nll < 0:
+        raise PredictionsError(f"{at}.ref_nll={nll!r}: must be a number >= 0")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise PredictionsError(f"{at}.ref_tokens={tokens!r}: must be an integer >= 1")
+    if not _number(top1) or not 0 <= top1 <= 1:
+        raise PredictionsError(f"{at}.ref_top1={top1!r}: must be a number in [0, 1]")
+
+
+def _check_speak(speak: Any, at: str, num_frames: int) -> None:
+    """{"index": [...], "p": [...], "due": [...]}: parallel lists of frame indices, probabilities, booleans."""
+    if not isinstance(speak, dict) or not all(isinstance(speak.get(key), list) for key in ("index", "p", "due")):
+        raise PredictionsError(f"{at}: expected {{\"index\": [...], \"p\": [...], \"due\": [...]}}")
+    if not len(speak["index"]) == len(speak["p"]) == len(speak["due"]):
+        raise PredictionsError(f"{at}: index, p and due have different lengths")
+    for index, p, due in zip(speak["index"], speak["p"], speak["due"]):
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_frames:
+            raise PredictionsError(f"{at}.index: {index!r} out of range 0..{num_frames - 1}")
+        if not _number(p) or not 0 <= p <= 1:
+            raise PredictionsError(f"{at}.p: {p!r} is not a probability")
+        if not isinstance(due, bool):
+            raise PredictionsError(f"{at}.due: {due!r} is not true or false")
 
 
 # ---- scoring -----------------------------------------------------------------------------------------
@@ -213,13 +256,15 @@ def evaluate_predictions(
             continue
         tally = Tally.from_match(result, settings.match_threshold, fps)
         tallies[conversation["id"]] = tally
-        per_conversation[conversation["id"]] = summarize(tally)
+        per_conversation[conversation["id"]] = {**summarize(tally), **stream_scores.conversation_scores(conversation)}
         by_subset.setdefault(subset, []).append(tally)
 
     pooled = {subset: pool(group) for subset, group in sorted(by_subset.items())}
     overall = pool(tallies.values())
-    per_subset = {subset: _pooled_metrics(tally) for subset, tally in pooled.items()}
-    metrics = _pooled_metrics(overall)
+    subsets = {c["id"]: c["subset"] for c in evaluable}
+    per_subset = {subset: {**_pooled_metrics(tally), **stream_scores.pool(
+        row for cid, row in per_conversation.items() if subsets[cid] == subset)} for subset, tally in pooled.items()}
+    metrics = {**_pooled_metrics(overall), **stream_scores.pool(per_conversation.values())}
     if settings.nlg_metrics:
         from prospect.eval.nlg import NLGScorer
 
@@ -235,9 +280,38 @@ def evaluate_predictions(
         "metrics": metrics,
         "per_subset": per_subset,
         "per_conversation": per_conversation,
+        "intervals": intervals(per_conversation),
         "skipped": skipped,
+        "notes": measurement_notes(evaluable),
         "eval": resolved,
     }
+
+
+def measured_scores(document: Mapping) -> dict:
+    """The stream's own measurements of a predictions document, without matching (eval=none):
+    {"metrics": pooled, "per_conversation": {id: scores}, "notes"}; failed conversations are left out."""
+    validate_predictions(document)
+    evaluable = [c for c in document["conversations"] if "error" not in c]
+    per_conversation = {c["id"]: stream_scores.conversation_scores(c) for c in evaluable}
+    return {"metrics": stream_scores.pool(per_conversation.values()), "per_conversation": per_conversation,
+            "notes": measurement_notes(evaluable)}
+
+
+def measurement_notes(conversations: list[Mapping]) -> list[str]:
+    """One line saying which of the stream's measurements no conversation carries (a file written before
+    prospect recorded them, or with them switched off); [] when both are there."""
+    if not conversations:
+        return []
+    missing = []
+    if not any("ref_nll" in f for c in conversations for f in c.get("frames", [])):
+        missing.append(("reference scores (ref_ppl, ref_nll, ref_top1)", "eval.reference_scores=false"))
+    if not any(c.get(stream_scores.SPEAK_FIELD) for c in conversations):
+        missing.append(("speak probabilities (speak_auc)", "eval.speak_probe=false under gt_turns"))
+    if not missing:
+        return []
+    what, options = " and ".join(m for m, _ in missing), " or ".join(o for _, o in missing)
+    return [f"no {what}: the predictions were made without them (before prospect recorded them, or with {options}); "
+            "the other metrics are complete"]
 
 
 def _pooled_metrics(tally: Tally) -> dict:

@@ -18,7 +18,8 @@ from prospect.tracking import REDUCTION_EVENTS
 RESULTS_SCHEMA = "prospect.results/1"
 # Part of every job key: bump it when a change alters what a run computes (stream, strategies, metrics),
 # so the result cache never reuses numbers made by the older code.
-PROTOCOL_VERSION = 3  # 2: token provenance (cache_frame_share); 3: proassist_exact in ProAssist's float32 arithmetic
+PROTOCOL_VERSION = 4  # 2: token provenance (cache_frame_share); 3: proassist_exact in ProAssist's float32 arithmetic;
+# 4: teacher-forced reference scores and P(speak) per frame in the trace and predictions
 
 # Stream metrics (the seed's names where it had them), computed from the per-frame trace.
 STREAM_METRICS = (

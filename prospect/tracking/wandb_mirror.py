@@ -65,7 +65,7 @@ def history_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "speak": int("speak" in events),
         "tokens_dropped": sum(before - after for _, before, after in reductions(record)),
     }
-    for key in ("vision_ms", "prefill_ms", "decode_ms", "reduce_ms"):
+    for key in ("vision_ms", "prefill_ms", "decode_ms", "reduce_ms", "speak_probability", "ref_nll", "ref_tokens", "ref_top1"):
         row[key] = record.get(key)
     for event in REDUCTION_EVENTS:
         row[event] = events.count(event)
