@@ -15,10 +15,14 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from prospect.eval.intervals import interval
 from prospect.experiment import write_json
 from prospect.report import main as report_main
 from prospect.sweep.callbacks import SweepSummary
-from prospect.sweep.summary import Overrides, cache_timelines_figure, collect_jobs, distinct_rows, pareto_figure, write_summary
+from prospect.sweep.summary import (
+    NO_VALUES_REASON, Overrides, cache_timelines_figure, collect_jobs, distinct_rows, metrics_table, number_text, pareto_figure,
+    write_summary,
+)
 from prospect.tracking.results import job_key, results_document, stream_metrics
 from prospect.validation import CONF_DIR
 
@@ -114,7 +118,11 @@ def unevaluated(tmp_path_factory) -> Path:
 
 
 def _table_lines(markdown: str) -> list[str]:
-    return [line for line in markdown.splitlines() if line.startswith("|")]
+    """The lines of summary.md's first table (the metrics; the paired differences follow it)."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
 
 
 def test_markdown_lists_shared_overrides_once_and_labels_rows_by_varying_ones(evaluated):
@@ -152,6 +160,23 @@ def test_csv_reads_with_pandas_one_row_per_job(evaluated):
     assert all((sweep / folder / "results.json").is_file() for folder in table.folder)
 
 
+def test_results_without_intervals_get_them_from_their_per_conversation_rows(evaluated):
+    """These results.json are written as before runs recorded `intervals`: the summary computes them."""
+    sweep, summary = evaluated
+    document = json.loads((sweep / summary["records"][0]["folder"] / "results.json").read_text())
+    assert "intervals" not in document
+    expected = interval(document["per_conversation"], "time_per_frame")
+    row = summary["rows"][0]
+    assert (row["time_per_frame_low"], row["time_per_frame_high"]) == (expected["low"], expected["high"])
+    table = pd.read_csv(sweep / "summary.csv")
+    assert table.time_per_frame_low[0] == pytest.approx(expected["low"]) and table.time_per_frame_high[0] == pytest.approx(expected["high"])
+    # their F1 is pooled only (the per-conversation rows carry no counts): the value, and a footnote saying why
+    assert row["intervals"]["f1"] == {"reason": NO_VALUES_REASON} and pd.isna(table.f1_low[0]) and NO_VALUES_REASON in table.intervals_note[0]
+    cells, footnotes = metrics_table(summary["rows"], summary["overrides"])
+    assert cells[0]["f1"] == f"{number_text(document['metrics']['f1'])} ¹" and footnotes == [f"¹ {NO_VALUES_REASON}"]
+    assert "[" in cells[0]["time_per_frame"]
+
+
 def test_cache_timelines_one_panel_per_strategy_legends_inside(evaluated):
     sweep, summary = evaluated
     assert (sweep / "cache_timelines.png").is_file() and (sweep / "pareto.png").is_file()
@@ -172,7 +197,8 @@ def test_cache_timelines_one_panel_per_strategy_legends_inside(evaluated):
 def test_pareto_legend_uses_varying_overrides(evaluated):
     _, summary = evaluated
     figure = pareto_figure(summary["rows"])
-    assert len(figure.axes) == 2 and [a.get_ylabel() for a in figure.axes] == ["F1", "F1"]
+    # these fake jobs have F1 but no reference perplexity: F1 against memory and against time per frame
+    assert len(figure.axes) == 2 and [a.get_ylabel() for a in figure.axes] == ["F1 (higher is better)"] * 2
     texts = [t.get_text() for t in figure.legends[0].get_texts()]
     assert texts[:-1] == [row["legend"] for row in summary["rows"]] and texts[-1] == "Pareto front"
     assert "strategy=drop_all last_keep_len=256,512,1024" in texts

@@ -1,4 +1,9 @@
-"""The Hydra callback that writes the sweep summary when a multirun ends (registered in conf/config.yaml)."""
+"""The Hydra callback that writes the sweep summary when a multirun ends (registered in conf/config.yaml).
+
+The paired differences of the summary are taken against `summary.baseline` of the sweep's config. A
+baseline naming no job of the sweep costs nothing computed: the summary is written with the default
+baseline (summary.baseline=null) and the problem logged as one error line naming the sweep's jobs.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,9 @@ import logging
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from prospect.sweep.summary import write_summary
+from prospect.sweep.summary import FROM_SWEEP_CONFIG, BaselineError, FromSweepConfig, baseline_text, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +25,29 @@ def failed_jobs() -> int:
     return _failed_jobs[-1] if _failed_jobs else 0
 
 
-def summarize_sweep(sweep_dir: str, interrupted: str | None = None) -> dict | None:
-    """Write and print the summary of a sweep folder (summary.csv, summary.md, pareto.png,
-    cache_timelines.png) and count its failed jobs. `interrupted`: why the sweep stopped early (a signal;
-    prospect.run calls this itself then, as Hydra's end-of-multirun callback does not run)."""
+def configured_baseline(config: DictConfig) -> Any:
+    """summary.baseline of a sweep's config (None when the config has no `summary` node)."""
+    return OmegaConf.select(config, "summary.baseline", default=None)
+
+
+def _write(sweep_dir: str, baseline: str | int | None | FromSweepConfig) -> dict:
+    """write_summary; a baseline naming no job of the sweep is logged in one line and the default one used."""
     try:
-        summary = write_summary(sweep_dir)
+        return write_summary(sweep_dir, baseline=baseline)
+    except BaselineError as error:
+        log.error("sweep summary: summary.baseline=%s: %s; the summary uses the default baseline (summary.baseline=null)",
+                  baseline_text(baseline), error)
+        return write_summary(sweep_dir, baseline=None)
+
+
+def summarize_sweep(sweep_dir: str, interrupted: str | None = None,
+                    baseline: str | int | None | FromSweepConfig = FROM_SWEEP_CONFIG) -> dict | None:
+    """Write and print the summary of a sweep folder (summary.csv, summary.md, pareto.png,
+    cache_timelines.png, ref_nll_by_turn.png) and count its failed jobs. `interrupted`: why the sweep stopped
+    early (a signal; prospect.run calls this itself then, as Hydra's end-of-multirun callback does not run).
+    `baseline`: summary.baseline (by default read from the sweep's multirun.yaml)."""
+    try:
+        summary = _write(sweep_dir, baseline)
     except Exception as error:
         if interrupted is None:
             raise
@@ -45,8 +67,9 @@ def summarize_sweep(sweep_dir: str, interrupted: str | None = None) -> dict | No
 
 
 class SweepSummary(Callback):
-    """on_multirun_end: summary.csv, summary.md, pareto.png and cache_timelines.png in the sweep dir; the
-    table is printed, and each note (e.g. no F1 without evaluation) logged as a warning."""
+    """on_multirun_end: summary.csv, summary.md, pareto.png, cache_timelines.png and ref_nll_by_turn.png in the
+    sweep dir, the differences against config.summary.baseline; the table is printed, and each note (e.g. no F1
+    without evaluation) logged as a warning."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        summarize_sweep(config.hydra.sweep.dir)
+        summarize_sweep(config.hydra.sweep.dir, baseline=configured_baseline(config))
