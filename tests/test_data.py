@@ -14,7 +14,7 @@ from conftest import REFERENCE_SAMPLES, REPO, compose
 from prospect.data import load_dataset
 from prospect.data.frames import FRAME_COLUMN, FrameError, encode_jpeg
 from prospect.data.proassist import DatasetError, load_conversations
-from prospect.data.synthetic import draw_frame, generate, plan_video
+from prospect.data.synthetic import USER_NAMES, draw_frame, generate, plan_video
 
 
 def write_frames(path: Path, count: int, corrupt: set[int] = frozenset()) -> None:
@@ -173,6 +173,34 @@ def test_generator_is_deterministic(tmp_path):
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "frames/synthetic_000.arrow").read_bytes() != (c / "frames/synthetic_000.arrow").read_bytes()
+
+
+def test_named_user_says_a_name_once_after_the_initial_cache_and_later_references_use_it(tmp_path):
+    plain = generate(tmp_path / "plain", videos=2, seconds=32, seed=1, knowledge=True)
+    named = generate(tmp_path / "named", videos=2, seconds=32, seed=1, knowledge=True, named_user=True)
+    assert (plain / "frames/synthetic_001.arrow").read_bytes() == (named / "frames/synthetic_001.arrow").read_bytes()
+    for annotation in ("dialog_test_L0_I1", "dialog-klg_test_L0_I1"):
+        before = {c.id: c for c in load_conversations(plain.parent.parent, "synthetic", annotation).conversations}
+        after = load_conversations(named.parent.parent, "synthetic", annotation).conversations
+        assert len(after) == len(before) == 4
+        names = set()
+        for conversation in after:
+            fed = [(f.index, t) for f in conversation.frames for t in f.turns_before]
+            statements = [(k, t.content) for k, t in fed if t.role == "user" and any(n in t.content for n in USER_NAMES)]
+            assert len(statements) == 1, conversation.id
+            (at, text), = statements
+            name = next(n for n in USER_NAMES if n in text)
+            names.add(name)
+            goal_frame = next(k for k, t in fed if t.role == "user")
+            assert at == goal_frame + 2  # after the frame of the goal, i.e. after ProAssist's initial cache
+            original = before[conversation.id]
+            for frame, other in zip(conversation.frames, original.frames):  # the same stream, references renamed
+                assert frame.index == other.index and (frame.reference is None) == (other.reference is None)
+                if frame.reference is not None and frame.index >= at:
+                    assert frame.reference == f"{name}, {other.reference[0].lower()}{other.reference[1:]}"
+                elif frame.reference is not None:
+                    assert frame.reference == other.reference
+        assert len(names) >= 2  # each conversation draws its own name
 
 
 def test_generated_data_loads_like_real_data(synthetic_root):

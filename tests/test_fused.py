@@ -116,6 +116,25 @@ def test_worker_splits_a_lane_set_by_the_gpus_free_memory(tmp_path, monkeypatch)
     assert [len(part) for part in memory_sets(members)] == [12]
 
 
+def test_worker_splits_lanes_by_capacity_so_full_does_not_widen_every_lane(tmp_path):
+    """capacity_sets: every lane's buffer rows span the set's largest capacity, so `full` (the model's max positions,
+    8192 for the offline model) runs apart from bounded strategies; lanes within 2x of each other stay together."""
+    from omegaconf import OmegaConf
+
+    from prospect.sweep.fused import capacity_sets
+
+    def job(index: int, *overrides: str) -> PoolJob:
+        return PoolJob(index, list(overrides), tmp_path / str(index), None, True, str(tmp_path), None,
+                       OmegaConf.to_container(compose("model=offline_smollm2", *overrides), resolve=True))
+
+    members = [job(0, "strategy=none", "strategy.max_seq_len=768"), job(1, "strategy=full"),
+               job(2, "strategy=drop_middle", "strategy.max_seq_len=1024"), job(3, "strategy=snapkv", "strategy.max_seq_len=768")]
+    assert [[j.index for j in part] for part in capacity_sets(members)] == [[0, 2, 3], [1]]  # 768..1024 | 8192
+    members.append(job(4, "strategy=drop_all"))  # 4096: with full (8192 <= 2 x 4096), apart from the small ones
+    assert [[j.index for j in part] for part in capacity_sets(members)] == [[0, 2, 3], [1, 4]]
+    assert capacity_sets(members[:1]) == [members[:1]]
+
+
 def test_groups_differ_in_everything_but_strategy_and_logger(tmp_path):
     def job(index: int, *overrides: str) -> PoolJob:
         from omegaconf import OmegaConf
@@ -135,6 +154,8 @@ def test_groups_differ_in_everything_but_strategy_and_logger(tmp_path):
 @pytest.mark.parametrize("setting, message", [
     ("hydra.launcher.lanes_per_gpu=0", "prospect: error: hydra.launcher.lanes_per_gpu=0: must be an integer >= 1"),
     ("hydra.launcher.gpus=7", "prospect: error: hydra.launcher.gpus=7: must be a list of GPU ids, e.g. [0,1], or null for every visible GPU"),
+    ("hydra.launcher.batch_lanes=sometimes", "prospect: error: hydra.launcher.batch_lanes=sometimes: must be null (batched where CUDA "
+                                             "graphs run), true or false"),
     ("stream.optimized=false", "prospect: error: stream.optimized=false: hydra/launcher=fused runs every job as a lane of the "
                                "optimized (static) step; use stream.optimized=auto or true, or another launcher for the eager path"),
 ])
@@ -259,6 +280,12 @@ def test_each_lane_is_its_own_wandb_run_in_the_sweeps_group(tmp_path, model_cach
         strategy = document["config"]["strategy"]["name"]
         assert logged["run"]["name"] == f"{strategy}-{folder.name.split('_', 1)[1]}"  # as a job of another launcher names it
         assert logged["run"]["group"] == sweep_group(grid) and logged["exit_code"] == 0
+        # eval=none: the stream's own scores still reach the W&B summary (with their intervals) and the history
+        metrics, found = document["metrics"], document["intervals"]["ref_ppl"]
+        assert logged["summary"]["ref_ppl"] == metrics["ref_ppl"] and "f1" not in logged["summary"]
+        assert found["reason"].startswith("one conversation") and "ref_ppl_ci_low" not in logged["summary"]  # no interval of 1
+        scored = [row["items"] for row in logged["history"] if "ref_nll" in row["items"]]
+        assert len(scored) == metrics["ref_turns"] and all("speak_probability" in row["items"] for row in logged["history"])
 
 
 def _fused_workers(grid: Path) -> dict[int, dict]:

@@ -16,7 +16,7 @@ def load_dataset(dataset: DictConfig) -> LoadedDataset:
         from prospect.data.synthetic import ensure_generated
 
         g = dataset.generate
-        ensure_generated(dataset.root, g.videos, g.seconds, g.fps, g.seed, g.knowledge)
+        ensure_generated(dataset.root, g.videos, g.seconds, g.fps, g.seed, g.knowledge, bool(g.get("named_user", False)))
     video_ids = list(dataset.video_ids) if dataset.video_ids is not None else None
     user_types = list(dataset.user_types) if dataset.get("user_types") is not None else None
     return load_conversations(dataset.root, dataset.subset, dataset.annotation, video_ids, dataset.max_videos, user_types)

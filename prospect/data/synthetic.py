@@ -1,6 +1,6 @@
 """Deterministic synthetic data in ProAssist's format, so tests and the offline default need no download.
 
-    python -m prospect.data.synthetic --root DIR [--videos N] [--seconds S] [--fps 2] [--seed K] [--knowledge]
+    python -m prospect.data.synthetic --root DIR [--videos N] [--seconds S] [--fps 2] [--seed K] [--knowledge] [--named-user]
 
 writes DIR/processed_data/synthetic/frames/<video>.arrow (ArrowWriter, column `frame`, base64 JPEG,
 384x384) and DIR/processed_data/synthetic/prepared/dialog_test_L0_I1.jsonl, plus
@@ -9,7 +9,10 @@ user turn, as ProAssist's dialog-klg files). Each video shows a drawn workbench 
 appears per task step; each video has two conversations (user types no_talk and talk_some) with a
 goal statement, an assistant instruction at every step transition and occasional feedback. Later
 instructions are predictable only from the knowledge and earlier turns, so context retention matters.
-The same arguments give byte-identical files.
+With --named-user the user also gives their name once, in a user turn two frames after the goal (so after
+ProAssist's initial cache, which strategies keep whole), and every later assistant turn addresses them by
+it: a reference reply is predictable only where that one dialogue turn is still in the cache. Without the
+option the files are those of earlier versions, byte for byte. The same arguments give byte-identical files.
 """
 
 from __future__ import annotations
@@ -152,6 +155,9 @@ USER_QUESTIONS = ("What should I do next?", "Okay, what's next?", "Done. What no
 CHECK_QUESTIONS = ("Is this right?", "Does this look okay?")
 CHECK_ANSWERS = ("Yes, that looks good.", "Yes, that's correct.")
 FINAL_REMARKS = ("Great job! The {product} is finished.", "Well done, you have completed every step of the {product}.")
+USER_NAMES = ("Maya", "Tomas", "Priya", "Jonah", "Lena", "Omar", "Ines", "Felix", "Aiko", "Ravi", "Nora", "Kofi", "Elena",
+              "Mateo", "Sofia", "Arjun", "Hana", "Lukas", "Zara", "Diego", "Mira", "Yusuf", "Clara", "Theo")
+NAME_STATEMENTS = ("By the way, my name is {name}.", "I'm {name}, by the way.", "Oh, and call me {name}.")
 
 PALETTE = ((200, 60, 50), (60, 120, 200), (240, 190, 40), (70, 160, 90), (150, 80, 170), (240, 130, 40), (40, 170, 170))
 
@@ -256,6 +262,18 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.polygon(((x0, y1), ((x0 + x1) // 2, y0), (x1, y1)), fill=fill, outline=outline, width=width)
 
 
+def name_user(events: list[tuple[int, dict]], plan: VideoPlan, name_rng: random.Random) -> list[tuple[int, dict]]:
+    """The events with a user turn giving the user's name two frames after the goal statement (after the first
+    instruction), and every assistant turn after it addressing the user by that name."""
+    name = name_rng.choice(USER_NAMES)
+    when = plan.goal_frame + 2  # events come in frame order; the next one is at least two frames later
+    statement = (when, {"role": "user", "content": name_rng.choice(NAME_STATEMENTS).format(name=name)})
+    before = [event for event in events if event[0] < when]
+    after = [(frame_idx, {**turn, "content": f"{name}, {lower_first(turn['content'])}"} if turn["role"] == "assistant" else turn)
+             for frame_idx, turn in events if frame_idx >= when]
+    return before + [statement] + after
+
+
 def conversation_events(plan: VideoPlan, user_type: str, rng: random.Random) -> list[tuple[int, dict]]:
     """(frame_idx, turn) pairs in ProAssist's convention: the turn follows the frames [previous, frame_idx).
 
@@ -288,14 +306,19 @@ def conversation_events(plan: VideoPlan, user_type: str, rng: random.Random) -> 
     return events
 
 
-def build_sample(plan: VideoPlan, user_type: str, user_index: int, system_prompt: str, knowledge: bool, rng: random.Random, fps: float) -> dict:
+def build_sample(plan: VideoPlan, user_type: str, user_index: int, system_prompt: str, knowledge: bool, rng: random.Random, fps: float,
+                 name_rng: random.Random | None = None) -> dict:
+    """One conversation of `plan`; with `name_rng`, the user gives a name the assistant uses (name_user)."""
     task = plan.task
     knowledge_text = "\n".join([task.goal] + [f"{i + 1}. {step}" for i, step in enumerate(task.steps[: len(plan.layout)])])
     conversation: list[dict] = [{"role": "system", "content": system_prompt}]
     cursor = plan.start_frame
     first_user = True
     words = 0
-    for frame_idx, turn in conversation_events(plan, user_type, rng):
+    events = conversation_events(plan, user_type, rng)
+    if name_rng is not None:
+        events = name_user(events, plan, name_rng)
+    for frame_idx, turn in events:
         if frame_idx > cursor:
             conversation.append({"role": "frames", "start": cursor, "end": frame_idx})
             cursor = frame_idx
@@ -336,7 +359,8 @@ def annotation_name(knowledge: bool) -> str:
     return f"{'dialog-klg' if knowledge else 'dialog'}_{SPLIT}_L0_I1"
 
 
-def generate(root: str | Path, videos: int = 2, seconds: float = 60, fps: float = 2, seed: int = 0, knowledge: bool = False) -> Path:
+def generate(root: str | Path, videos: int = 2, seconds: float = 60, fps: float = 2, seed: int = 0, knowledge: bool = False,
+             named_user: bool = False) -> Path:
     """Write the synthetic subset under root; returns the subset folder. Deterministic in its arguments."""
     from datasets.arrow_writer import ArrowWriter
 
@@ -359,24 +383,28 @@ def generate(root: str | Path, videos: int = 2, seconds: float = 60, fps: float 
         system_prompt = rng.choice(SYSTEM_PROMPTS)
         for user_index, user_type in enumerate(("no_talk", "talk_some")):
             state = rng.getstate()
-            plain.append(build_sample(plan, user_type, user_index, system_prompt, False, rng, fps))
+            names = (lambda: random.Random(f"prospect-synthetic/{seed}/{index}/{user_type}/name")) if named_user else (lambda: None)
+            plain.append(build_sample(plan, user_type, user_index, system_prompt, False, rng, fps, names()))
             if knowledge:  # the same dialogue, with the knowledge turn
                 rng.setstate(state)
-                with_knowledge.append(build_sample(plan, user_type, user_index, system_prompt, True, rng, fps))
+                with_knowledge.append(build_sample(plan, user_type, user_index, system_prompt, True, rng, fps, names()))
     outputs = [(annotation_name(False), plain)] + ([(annotation_name(True), with_knowledge)] if knowledge else [])
     for name, samples in outputs:
         with (prepared_folder / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
             for sample in samples:
                 handle.write(json.dumps(sample) + "\n")
-    manifest = {"generator_version": GENERATOR_VERSION, "videos": videos, "seconds": seconds, "fps": fps, "seed": seed, "knowledge": knowledge}
+    manifest = {"generator_version": GENERATOR_VERSION, "videos": videos, "seconds": seconds, "fps": fps, "seed": seed, "knowledge": knowledge,
+                "named_user": named_user}
     (subset_folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return subset_folder
 
 
-def ensure_generated(root: str | Path, videos: int, seconds: float, fps: float, seed: int, knowledge: bool) -> Path:
+def ensure_generated(root: str | Path, videos: int, seconds: float, fps: float, seed: int, knowledge: bool,
+                     named_user: bool = False) -> Path:
     """Generate into root unless a complete dataset made with the same arguments is already there."""
     subset_folder = Path(root).expanduser() / "processed_data" / SUBSET
-    wanted = {"generator_version": GENERATOR_VERSION, "videos": videos, "seconds": seconds, "fps": fps, "seed": seed, "knowledge": knowledge}
+    wanted = {"generator_version": GENERATOR_VERSION, "videos": videos, "seconds": seconds, "fps": fps, "seed": seed, "knowledge": knowledge,
+              "named_user": named_user}
     manifest = subset_folder / MANIFEST
     if _manifest_matches(manifest, wanted):
         return subset_folder
@@ -385,7 +413,7 @@ def ensure_generated(root: str | Path, videos: int, seconds: float, fps: float, 
     Path(root).expanduser().mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=Path(root).expanduser()))
     try:
-        generate(staging, videos, seconds, fps, seed, knowledge)
+        generate(staging, videos, seconds, fps, seed, knowledge, named_user)
         if _manifest_matches(manifest, wanted):
             return subset_folder  # another process finished first
         if subset_folder.exists():
@@ -416,9 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, default=2, help="frames per second (ProAssist: 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--knowledge", action="store_true", help="also write dialog-klg_test_L0_I1.jsonl")
+    parser.add_argument("--named-user", action="store_true", help="the user gives a name once; later assistant turns use it")
     args = parser.parse_args(argv)
     try:
-        folder = generate(args.root, args.videos, args.seconds, args.fps, args.seed, args.knowledge)
+        folder = generate(args.root, args.videos, args.seconds, args.fps, args.seed, args.knowledge, args.named_user)
     except ValueError as error:
         print(f"prospect.data.synthetic: error: {error}", file=sys.stderr)
         return 2
