@@ -8,7 +8,13 @@ The first form builds the model with random weights (no download), streams one s
 (seconds * fps + 1 frames, `turns` evenly spaced reference turns, replies of exactly `reply-tokens`
 tokens) under drop_middle 4096/128/512, once per path after a short warm-up, and prints ms per frame
 (whole run), vision ms per frame, frame prefill ms, decode ms per token, peak memory, the eager/optimized
-ratio and how often the two paths' greedy replies agree. The second form runs the 12-job strategy grid
+ratio and how often the two paths' greedy replies agree. Both paths run without the stream's measurements
+(as before they existed); the optimized path then runs twice more in the same process, with the
+teacher-forced reference scores on and with the reference scores and the speak probe on (the defaults of a
+run), and the cost of each is printed as a ratio to the optimized run without them, with how many of its
+greedy replies equal the optimized run's. On a GPU in bf16 two optimized runs of one stream need not agree
+(kernels chosen under CUDA-graph capture round differently; random weights have near-flat logits), so a
+second optimized run without measurements gives that floor (on the CPU every run agrees). The second form runs the 12-job strategy grid
 (`experiment=strategy_grid`, cache=false) through `python -m prospect.run -m`: sequential eager, optimized
 with the GPU pool (`jobs_per_gpu` jobs per GPU) and, with --fused, as lanes of one process through
 `hydra/launcher=fused`; it prints jobs per hour, the ratios and how often the lanes' replies equal the
@@ -77,14 +83,20 @@ def _peak_mb(device: torch.device) -> float:
     return peak_memory_mb(device)
 
 
-def measure(model, conversation, warmup, optimized: bool, args) -> tuple[dict, dict[int, str]]:
+# (name, path, reference scores, speak probe): the paths without measurements, then the optimized path with them
+RUNS = (("eager", False, False, False), ("optimized", True, False, False), ("optimized_again", True, False, False),
+        ("optimized+reference_scores", True, True, False), ("optimized+reference_scores+speak_probe", True, True, True))
+
+
+def measure(model, conversation, warmup, optimized: bool, args, reference_scores: bool = False,
+            speak_probe: bool = False) -> tuple[dict, dict[int, str]]:
     """Stream `conversation` on one path (after `warmup` on the same runner); figures from its trace."""
     from prospect.context_strategies import DropMiddle
     from prospect.stream.runner import StreamRunner, StreamSettings
 
     settings = StreamSettings(
         max_new_tokens=args.reply_tokens, min_new_tokens=args.reply_tokens, optimized=optimized,
-        vision_batch_size=args.vision_batch if optimized else 1,
+        vision_batch_size=args.vision_batch if optimized else 1, reference_scores=reference_scores, speak_probe=speak_probe,
     )
     strategy = DropMiddle(max_seq_len=args.max_seq_len, reserved_seq_len=args.reserved, last_keep_len=args.last_keep)
     runner = StreamRunner(model, strategy, settings)
@@ -108,6 +120,10 @@ def measure(model, conversation, warmup, optimized: bool, args) -> tuple[dict, d
         "compressions": sum("compress" in r["events"] for r in trace),
         "max_cache": max(r["cache_max"] for r in trace),
         "graphs_captured": runner.static.graphs_captured if runner.static is not None else 0,
+        "score_ms_per_frame": sum(r.get("score_ms", 0.0) for r in trace) / len(trace),
+        "probe_ms_per_frame": sum(r.get("probe_ms", 0.0) for r in trace) / len(trace),
+        "references_scored": sum("ref_nll" in r for r in trace),
+        "frames_probed": sum("speak_probability" in r for r in trace),
     }
     return figures, result.replies
 
@@ -123,17 +139,23 @@ def run_bench(args) -> dict:
     warmup = bench_conversation(args.seconds, args.fps, 2, frames=24)
     results = {}
     replies = {}
-    for path in args.paths.split(","):
+    paths = args.paths.split(",")
+    for name, optimized, reference_scores, speak_probe in RUNS:
+        if (name.split("+")[0].removesuffix("_again") not in paths) or (name != "eager" and name != "optimized" and not args.measurements):
+            continue
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(model.device)
-        results[path], replies[path] = measure(model, conversation, warmup, path == "optimized", args)
-        log.info("%s: %.1f ms/frame", path, results[path]["ms_per_frame"])
-    if set(results) != {"eager", "optimized"}:
+        results[name], replies[name] = measure(model, conversation, warmup, optimized, args, reference_scores, speak_probe)
+        log.info("%s: %.1f ms/frame", name, results[name]["ms_per_frame"])
+    if not {"eager", "optimized"} <= set(results):
         return {"partial": results}
     common = sorted(set(replies["eager"]) & set(replies["optimized"]))
     same = sum(replies["eager"][i] == replies["optimized"][i] for i in common)
     env = environment(str(model.device))
+    measured = {name: {**results[name], "ratio_to_optimized": results[name]["ms_per_frame"] / results["optimized"]["ms_per_frame"],
+                       "reply_agreement_with_optimized": _agreement(replies[name], replies["optimized"])}
+                for name, *_ in RUNS[2:] if name in results}
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": env["device_name"], "torch": env["torch"], "transformers": env["transformers"], "git_commit": env["git_commit"],
@@ -143,7 +165,13 @@ def run_bench(args) -> dict:
         "eager": results["eager"], "optimized": results["optimized"],
         "ratio_eager_over_optimized": results["eager"]["ms_per_frame"] / results["optimized"]["ms_per_frame"],
         "reply_agreement": same / len(common) if common else 0.0, "replies_compared": len(common),
+        "measurements": measured,
     }
+
+
+def _agreement(replies: dict[int, str], reference: dict[int, str]) -> float:
+    """The share of `reference`'s replies that `replies` has identical, at the same frame."""
+    return sum(replies.get(index) == text for index, text in reference.items()) / len(reference) if reference else 1.0
 
 
 def format_bench(report: dict) -> str:
@@ -160,6 +188,11 @@ def format_bench(report: dict) -> str:
              f"{report['video']['reply_tokens']} tokens; {report['strategy']}"]
     lines += ["  ".join(cell.ljust(width[c]) if c == 0 else cell.rjust(width[c]) for c, cell in enumerate(row)) for row in rows]
     lines.append(f"greedy replies identical on both paths: {report['reply_agreement']:.1%} of {report['replies_compared']}")
+    for name, figures in report.get("measurements", {}).items():
+        lines.append(f"{name}: {figures['ms_per_frame']:.2f} ms per frame = {figures['ratio_to_optimized']:.3f}x optimized "
+                     f"({figures['references_scored']} references scored, {figures['frames_probed']} frames probed; scoring "
+                     f"{figures['score_ms_per_frame']:.3f} + probing {figures['probe_ms_per_frame']:.3f} ms per frame; "
+                     f"{figures['reply_agreement_with_optimized']:.0%} of the replies identical to the optimized run's)")
     return "\n".join(lines)
 
 
@@ -386,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last-keep", type=int, default=512)
     parser.add_argument("--vision-batch", type=int, default=8)
     parser.add_argument("--paths", default="eager,optimized", help="which paths to run (both for the comparison)")
+    parser.add_argument("--no-measurements", dest="measurements", action="store_false",
+                        help="stream: skip the optimized runs with reference scores and the speak probe")
     parser.add_argument("--eager-jobs", type=int, default=12, help="grid: run only the first N jobs of the sequential eager sweep")
     parser.add_argument("--jobs-per-gpu", type=int, default=4)
     parser.add_argument("--grid-dir", default="multirun/bench_grid", help="grid: each run's sweeps go to a new DATE_TIME folder in it")

@@ -115,10 +115,15 @@ def test_run_writes_predictions_and_trace(tiny_cfg, tmp_path):
     document = json.loads((tmp_path / "predictions.json").read_text())
     assert document["schema"] == "prospect.predictions/1"
     first = document["conversations"][0]
-    assert set(first) == {"id", "video_uid", "subset", "user_type", "fps", "num_frames", "frames"}
+    assert set(first) == {"id", "video_uid", "subset", "user_type", "fps", "num_frames", "frames", "speak_probability"}
     assert first["num_frames"] == conversations[0].num_frames
     assert all(row["gen"] or row["ref"] for row in first["frames"])
-    assert all(set(row) == {"index", "time", "gen", "ref"} for row in first["frames"])
+    # gt_turns: every reference frame is spoken at and its reference scored teacher-forced
+    assert all(set(row) == {"index", "time", "gen", "ref"} | ({"ref_nll", "ref_tokens", "ref_top1"} if row["ref"] else set())
+               for row in first["frames"])
+    speak = first["speak_probability"]  # every fed frame probed, the reference frames marked due
+    assert speak["index"] == list(range(first["num_frames"])) and len(speak["p"]) == len(speak["due"]) == first["num_frames"]
+    assert [i for i, due in zip(speak["index"], speak["due"]) if due] == [row["index"] for row in first["frames"] if row["ref"]]
     trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
     assert len(trace) == sum(c.num_frames for c in conversations)
     keys = {"conversation", "index", "time", "cache_before", "cache_after", "next_position", "events", "wall_ms"}

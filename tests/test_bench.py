@@ -30,6 +30,14 @@ def test_bench_compares_both_paths_in_one_run(tmp_path, model_cache_dir):
     assert report["ratio_eager_over_optimized"] == pytest.approx(report["eager"]["ms_per_frame"] / report["optimized"]["ms_per_frame"])
     assert report["reply_agreement"] == 1.0  # fp32 on CPU: the optimized path reproduces the eager replies
     assert "eager/optimized" in result.stdout and "greedy replies identical on both paths: 100.0% of 4" in result.stdout
+    measured = report["measurements"]  # the optimized path again, and with the stream's measurements on
+    assert list(measured) == ["optimized_again", "optimized+reference_scores", "optimized+reference_scores+speak_probe"]
+    assert measured["optimized+reference_scores"]["references_scored"] == 4 and measured["optimized_again"]["references_scored"] == 0
+    assert measured["optimized+reference_scores+speak_probe"]["frames_probed"] == 41
+    for name, figures in measured.items():  # on CPU the measurements change no reply
+        assert figures["reply_agreement_with_optimized"] == 1.0, name
+        assert figures["ratio_to_optimized"] == pytest.approx(figures["ms_per_frame"] / report["optimized"]["ms_per_frame"])
+    assert "optimized+reference_scores+speak_probe:" in result.stdout
 
 
 def test_bench_rejects_bad_arguments():
