@@ -2,7 +2,7 @@
 
 Re-scores a run's predictions.json (no VLM is loaded): prints a metrics table (per subset and
 overall) with the stream's measured scores (teacher-forced ref_ppl / ref_top1, speak_auc) where the file
-carries them, the 95% interval over conversations of the overall F1, ref_ppl and speak_auc, and a note
+carries them, the 95% interval over conversations of the overall F1, ref_ppl, ref_top1 and speak_auc, a note
 for each measurement the file lacks (older files: one line, the rest still evaluates); writes metrics.json
 beside the predictions file, with the structure of `prospect.eval.evaluate_predictions`. Bad input: one
 line `prospect.evaluate: error: ...`, exit 2.

@@ -181,7 +181,7 @@ def predictions_document(results: list[ConversationResult]) -> dict:
             "num_frames": c.num_frames,
             "frames": result.prediction_frames(),
         }
-        speak = result.speak_probabilities() if hasattr(result, "speak_probabilities") else None
+        speak = result.speak_probabilities()
         if speak is not None:
             entry[SPEAK_FIELD] = speak
         if result.error:

@@ -337,9 +337,7 @@ def _check_strategy(strategy: DictConfig, stream: DictConfig, seed: int) -> None
 def _stream_settings(stream: DictConfig, seed: int):
     import dataclasses
 
-    from prospect.stream.runner import StreamSettings
-
-    from prospect.stream.runner import STREAM_MEASUREMENTS
+    from prospect.stream.runner import STREAM_MEASUREMENTS, StreamSettings
 
     known = [f.name for f in dataclasses.fields(StreamSettings) if f.name != "seed" and f.name not in STREAM_MEASUREMENTS]
     for key in stream:

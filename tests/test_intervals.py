@@ -63,6 +63,11 @@ def test_paired_difference_pairs_by_conversation_id_and_marks_what_excludes_zero
     other = paired_difference({**base, "c99": base["c0"]}, base, "ref_nll")
     assert "low" not in other and other["reason"].startswith("not paired: the jobs ran different conversations (1 only in this job")
     assert paired_difference(base, {"c0": {"num_matched": 1}}, "ref_nll") is None
+    # the same conversations, one failed in this job: paired over the other nine, and the note says so
+    failed = {**worse, "c3": {"error": "RuntimeError: boom"}}
+    partial = paired_difference(failed, base, "ref_nll")
+    assert partial["conversations"] == 9 and partial["note"].startswith("1 of 10 conversations left out")
+    assert partial["difference"] == pytest.approx(np.mean([worse[c]["ref_nll"] - base[c]["ref_nll"] for c in base if c != "c3"]))
 
 
 def test_the_wandb_summary_gets_the_bounds_of_the_metrics_that_have_an_interval():

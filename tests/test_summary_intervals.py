@@ -15,13 +15,14 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import numpy as np
 import pytest
 import yaml
 
 from conftest import REPO
 from prospect.eval.intervals import interval, paired_difference
 from prospect.sweep.summary import (
-    DIFFERENCE_METRICS, INTERVAL_METRICS, Overrides, collect_jobs, distinct_rows, number_text, pareto_figure,
+    DIFFERENCE_METRICS, SHOWN_WITH_INTERVALS, Overrides, collect_jobs, distinct_rows, number_text, pareto_figure,
     ref_nll_by_turn_figure, write_summary,
 )
 from prospect.tracking import REDUCTION_EVENTS
@@ -152,7 +153,7 @@ def test_every_job_has_its_metrics_with_intervals_from_its_conversations(tiny, t
     assert checked >= 5 * 8
     table = pd.read_csv(tiny["sweep"] / "summary.csv")
     assert len(table) == 6
-    for name in INTERVAL_METRICS:
+    for name in SHOWN_WITH_INTERVALS:
         assert {name, f"{name}_low", f"{name}_high"} <= set(table.columns), name
     for _, record in table.iterrows():
         conversations = jobs[record.job]["results"]["per_conversation"]
@@ -306,8 +307,14 @@ def test_pareto_shows_f1_and_perplexity_against_memory_with_intervals(tiny):
         ("peak KV-cache memory (MB)", "reference perplexity, teacher-forced (lower is better)"),
         ("time per frame (s)", "F1 (higher is better)")]
     for axis, name in zip(figure.axes, ("f1", "ref_ppl", "f1")):
-        bars = [c for c in axis.containers if type(c).__name__ == "ErrorbarContainer"]
-        assert len(bars) == sum(row.get(f"{name}_low") is not None for row in summary["rows"]) == 5
+        from matplotlib.collections import LineCollection
+
+        bars = [segment for c in axis.collections if isinstance(c, LineCollection) and c.get_label() == "_interval"
+                for segment in c.get_segments()]
+        expected = sorted((row[f"{name}_low"], row[f"{name}_high"]) for row in summary["rows"] if row.get(f"{name}_low") is not None)
+        assert len(expected) == 5  # each bar spans exactly its job's interval
+        drawn = sorted((float(seg[0][1]), float(seg[1][1])) for seg in bars)
+        assert np.allclose(drawn, expected)
 
 
 def test_jobs_over_different_conversations_are_not_paired(oracle, tmp_path):

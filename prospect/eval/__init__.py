@@ -186,6 +186,8 @@ def _check_turn_scores(frame: dict, at: str) -> None:
         raise PredictionsError(f"{at}.ref_tokens={tokens!r}: must be an integer >= 1")
     if not _number(top1) or not 0 <= top1 <= 1:
         raise PredictionsError(f"{at}.ref_top1={top1!r}: must be a number in [0, 1]")
+    if frame.get("ref_truncated", True) is not True:
+        raise PredictionsError(f"{at}.ref_truncated={frame['ref_truncated']!r}: must be true where present")
 
 
 def _check_speak(speak: Any, at: str, num_frames: int) -> None:

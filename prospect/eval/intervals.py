@@ -171,24 +171,30 @@ def intervals(rows: Mapping[str, Row], names: tuple[str, ...] = INTERVAL_METRICS
 def paired_difference(rows: Mapping[str, Row], baseline: Mapping[str, Row], name: str) -> dict[str, Any] | None:
     """metric(rows) - metric(baseline) over the conversations both jobs ran, paired by conversation id:
     {"difference", "low", "high", "excludes_zero", "conversations", "method", "confidence"}, or
-    {"reason", ...} when the jobs ran different conversations or fewer than 2; None when either lacks the metric."""
+    {"reason", ...} when the jobs ran different conversations or fewer than 2 pair; None when either lacks the
+    metric. Jobs over the same conversations where some conversation failed (or lacks the metric) in one of
+    them are paired over the others, and "note" says how many were left out."""
     metric = POOLED[name]
     mine, theirs = _usable(rows, metric), _usable(baseline, metric)
     if not mine or not theirs:
         return None
-    if set(mine) != set(theirs):
-        only_mine, only_theirs = len(set(mine) - set(theirs)), len(set(theirs) - set(mine))
+    if set(rows) != set(baseline):
+        only_mine, only_theirs = len(set(rows) - set(baseline)), len(set(baseline) - set(rows))
         return {"reason": f"not paired: the jobs ran different conversations ({only_mine} only in this job, "
                           f"{only_theirs} only in the baseline)"}
-    ids = sorted(mine)
+    ids = sorted(set(mine) & set(theirs))
+    left_out = len(rows) - len(ids)
+    note = {"note": f"{left_out} of {len(rows)} conversations left out: failed or without {name} in one of the jobs"} if left_out else {}
+    if not ids:
+        return {"reason": f"not paired: no conversation has {name} in both jobs", **note}
     a = np.array([mine[i] for i in ids], dtype=float)
     b = np.array([theirs[i] for i in ids], dtype=float)
     difference = float(metric.value(a.sum(axis=0)) - metric.value(b.sum(axis=0)))
     if len(ids) < 2:
-        return {"difference": difference, "conversations": len(ids), "reason": "one conversation: no interval over conversations"}
+        return {"difference": difference, "conversations": len(ids), "reason": "one conversation: no interval over conversations", **note}
     low, high, method = _bootstrap(lambda idx: metric.value(a[idx].sum(axis=-2)) - metric.value(b[idx].sum(axis=-2)), len(ids))
     return {"difference": difference, "low": low, "high": high, "excludes_zero": bool(low > 0 or high < 0),
-            "conversations": len(ids), "method": method, "confidence": CONFIDENCE}
+            "conversations": len(ids), "method": method, "confidence": CONFIDENCE, **note}
 
 
 def interval_summary(found: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

@@ -7,6 +7,8 @@ Per conversation, from its predictions entry:
     ref_nll                   mean over turns of the turn's summed negative log-likelihood (nats)
     ref_ppl                   exp(sum of NLL / sum of tokens): perplexity of the reference tokens
     ref_top1                  mean over turns of the fraction of a turn's tokens that are the argmax
+    ref_truncated_turns       turns scored on their first tokens only (the reply was longer than the room
+                              left in the cache): their summed NLL covers fewer tokens
     speak_auc                 ROC AUC of P(speak) with the fed frames where a reference is due as positives
                               (Mann-Whitney U / (n_due * n_not_due); ties count one half); absent unless
                               the conversation has probed frames of both kinds
@@ -32,6 +34,7 @@ REF_TOKENS = "ref_tokens"
 REF_NLL = "ref_nll"
 REF_PPL = "ref_ppl"
 REF_TOP1 = "ref_top1"
+REF_TRUNCATED_TURNS = "ref_truncated_turns"
 SPEAK_AUC = "speak_auc"
 SPEAK_AUC_CONVERSATIONS = "speak_auc_conversations"  # pooled levels only
 SPEAK_PROB_DUE = "speak_prob_due"
@@ -39,7 +42,7 @@ SPEAK_PROB_NOT_DUE = "speak_prob_not_due"
 SPEAK_FRAMES_DUE = "speak_frames_due"
 SPEAK_FRAMES_NOT_DUE = "speak_frames_not_due"
 
-REFERENCE_METRICS = (REF_NLL, REF_PPL, REF_TOP1, REF_TURNS, REF_TOKENS)
+REFERENCE_METRICS = (REF_NLL, REF_PPL, REF_TOP1, REF_TURNS, REF_TOKENS, REF_TRUNCATED_TURNS)
 SPEAK_METRICS = (SPEAK_AUC, SPEAK_PROB_DUE, SPEAK_PROB_NOT_DUE, SPEAK_FRAMES_DUE, SPEAK_FRAMES_NOT_DUE)
 STREAM_SCORE_METRICS = REFERENCE_METRICS + SPEAK_METRICS
 SPEAK_FIELD = "speak_probability"  # predictions.json: {"index": [...], "p": [...], "due": [...]} per conversation
@@ -65,6 +68,7 @@ def conversation_scores(conversation: Mapping[str, Any]) -> dict[str, float | in
         scores.update({
             REF_TURNS: len(turns), REF_TOKENS: tokens, REF_NLL: nll / len(turns),
             REF_PPL: math.exp(nll / tokens), REF_TOP1: sum(float(t["ref_top1"]) for t in turns) / len(turns),
+            REF_TRUNCATED_TURNS: sum(bool(t.get("ref_truncated")) for t in turns),
         })
     speak = conversation.get(SPEAK_FIELD)
     if speak and speak.get("p"):
@@ -90,6 +94,7 @@ def pool(rows: Iterable[Mapping[str, Any]]) -> dict[str, float | int]:
         pooled.update({
             REF_TURNS: turns, REF_TOKENS: tokens, REF_NLL: nll / turns, REF_PPL: math.exp(nll / tokens),
             REF_TOP1: sum(r[REF_TOP1] * r[REF_TURNS] for r in scored) / turns,
+            REF_TRUNCATED_TURNS: sum(r.get(REF_TRUNCATED_TURNS, 0) for r in scored),
         })
     probed = [r for r in rows if SPEAK_FRAMES_DUE in r]
     if probed:

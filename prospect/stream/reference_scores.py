@@ -18,10 +18,11 @@ TURN_FIELDS = ("ref_nll", "ref_tokens", "ref_top1", "ref_truncated")
 
 def token_scores(logits: torch.Tensor, targets: Sequence[int]) -> tuple[float, int]:
     """(summed negative log-likelihood in nats, count of targets that are the argmax) of `targets` under
-    `logits` [n, vocab] (row i predicts targets[i]), in float32 as the model's logits come. One host read."""
+    `logits` [n, vocab] (row i predicts targets[i]): log-softmax in float32 as the model's logits come, the sum
+    in float64. One host read."""
     logits = logits.float()
     index = torch.tensor(list(targets), device=logits.device)
-    log_probs = torch.log_softmax(logits, dim=-1).gather(1, index[:, None])[:, 0]
+    log_probs = torch.log_softmax(logits, dim=-1).gather(1, index[:, None])[:, 0].double()
     hits = (logits.argmax(dim=-1) == index).sum()
     nll, hits = torch.stack([-log_probs.sum(), hits.to(log_probs.dtype)]).tolist()
     return float(nll), int(hits)

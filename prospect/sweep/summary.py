@@ -5,7 +5,7 @@ The overrides every job shares are listed once; each job or row is labelled by t
 A job folder without .hydra/overrides.yaml (e.g. copied by hand) has its overrides read from its
 results.json's config where that tells them; a key it leaves unknown is counted as varying, never shared.
 
-Intervals: every metric of INTERVAL_METRICS (F1, P, R, time_diff, ref_ppl, ref_nll, ref_top1, speak_auc,
+Intervals: every metric of SHOWN_WITH_INTERVALS (F1, P, R, time_diff, ref_ppl, ref_nll, ref_top1, speak_auc,
 avg_cache_size, time_per_frame) gets its 95% bootstrap interval over the job's conversations,
 recomputed from results.json's `per_conversation` rows with prospect.eval.intervals (so results written
 before runs recorded `intervals` get them too). Fewer than 2 conversations give no interval, and say why.
@@ -71,14 +71,14 @@ METRICS = (
     "kv_cache_peak_mb", "time_per_frame", "avg_cache_size", "max_cache_size", "cache_compressions",
 )
 # metrics shown with their interval over conversations (prospect.eval.intervals.POOLED knows each)
-INTERVAL_METRICS = ("f1", "precision", "recall", "time_diff", "ref_ppl", "ref_nll", "ref_top1", "speak_auc", "avg_cache_size",
+SHOWN_WITH_INTERVALS = ("f1", "precision", "recall", "time_diff", "ref_ppl", "ref_nll", "ref_top1", "speak_auc", "avg_cache_size",
                     "time_per_frame")
 DIFFERENCE_METRICS = ("f1", "ref_ppl", "ref_nll", "ref_top1", "speak_auc")  # paired against the baseline
 DEFAULT_BASELINE_STRATEGY = "drop_middle"
 # the keys of a row (one per distinct job) returned by write_summary, besides "label", "values", "legend",
 # "intervals" ({metric: interval or reason}), "differences" ({metric: paired difference or reason}) and
 # "is_baseline"
-COLUMNS = ("jobs", "overrides", "status", *METRICS, *(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("low", "high")),
+COLUMNS = ("jobs", "overrides", "status", *METRICS, *(f"{m}_{end}" for m in SHOWN_WITH_INTERVALS for end in ("low", "high")),
            "baseline", "baseline_jobs", "job_key", "cached", "error")
 NO_F1_NOTE = "F1 absent (no job was evaluated: eval=none)"
 NO_VALUES_REASON = "no interval: no conversation row gives this metric a value (time_diff needs a matched turn)"
@@ -315,7 +315,7 @@ def per_conversation(results: Mapping | None) -> dict[str, dict]:
     return rows if isinstance(rows, dict) else {}
 
 
-def metric_intervals(results: Mapping | None, names: Sequence[str] = INTERVAL_METRICS) -> dict[str, dict]:
+def metric_intervals(results: Mapping | None, names: Sequence[str] = SHOWN_WITH_INTERVALS) -> dict[str, dict]:
     """{metric: interval} of each of `names` the run reports, recomputed from its per-conversation rows
     (prospect.eval.intervals.interval): {"low", "high", "conversations", ...}, or {"reason"} when none can be given."""
     metrics = (results or {}).get("metrics") or {}
@@ -530,8 +530,9 @@ def difference_cell(found: Mapping | None, footnotes: dict[str, int]) -> str:
         return ""
     if "low" in found:
         mark = " *" if found["excludes_zero"] else ""
+        note = f" {footnote(footnotes, found['note'])}" if found.get("note") else ""  # conversations left out
         return (f"{number_text(found['difference'], True)} [{number_text(found['low'], True)}, "
-                f"{number_text(found['high'], True)}]{mark}")
+                f"{number_text(found['high'], True)}]{mark}{note}")
     reason = found.get("reason", "no interval")
     shown = number_text(found["difference"], True) if "difference" in found else reason.split(":", 1)[0]
     return f"{shown} {footnote(footnotes, reason)}"
@@ -552,7 +553,7 @@ def metrics_table(rows: Sequence[Mapping], overrides: Overrides) -> tuple[list[d
                  "status": row["status"]}
         for name in shown_metrics(rows):
             found = row.get("intervals", {}).get(name)
-            cells[name] = interval_cell(row.get(name), found, footnotes) if name in INTERVAL_METRICS else _fmt(row.get(name))
+            cells[name] = interval_cell(row.get(name), found, footnotes) if name in SHOWN_WITH_INTERVALS else _fmt(row.get(name))
         cells.update(job_key=_fmt(row.get("job_key")), cached=_fmt(row.get("cached")))
         table.append(cells)
     return table, footnote_lines(footnotes)
@@ -596,6 +597,8 @@ def _reasons(found: Mapping[str, Mapping]) -> str:
     for name, value in found.items():
         if "low" not in value:
             by_reason.setdefault(value.get("reason", "no interval"), []).append(name)
+        elif value.get("note"):
+            by_reason.setdefault(value["note"], []).append(name)
     return "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
 
 
@@ -603,7 +606,7 @@ def metric_columns() -> list[str]:
     """summary.csv's metric columns: each metric, and METRIC_low, METRIC_high for those with an interval."""
     columns = []
     for name in METRICS:
-        columns += [name, f"{name}_low", f"{name}_high"] if name in INTERVAL_METRICS else [name]
+        columns += [name, f"{name}_low", f"{name}_high"] if name in SHOWN_WITH_INTERVALS else [name]
     return columns
 
 
@@ -650,7 +653,7 @@ def job_records(jobs: list[Job], overrides: Overrides, sweep_dir: Path, rows_by_
         metrics = {}
         for name in METRICS:
             metrics[name] = results.get("metrics", {}).get(name)
-            if name in INTERVAL_METRICS:
+            if name in SHOWN_WITH_INTERVALS:
                 metrics[f"{name}_low"], metrics[f"{name}_high"] = found.get(name, {}).get("low"), found.get(name, {}).get("high")
         records.append({
             "job": job.number,
@@ -765,13 +768,13 @@ COST_AXES = {"kv_cache_peak_mb": "peak KV-cache memory (MB)", "time_per_frame": 
 
 
 def _error_bar(axis, x: float, row: Mapping, name: str, colour) -> None:
-    """The metric's interval as a vertical bar at the job's point (nothing without an interval)."""
-    low, high, y = row.get(f"{name}_low"), row.get(f"{name}_high"), row.get(name)
-    if low is None or high is None or y is None:
+    """The metric's interval as a vertical bar at the job's x, from its low to its high bound as they are (a BCa
+    interval of a skewed statistic may leave out the point itself); nothing without an interval."""
+    low, high = row.get(f"{name}_low"), row.get(f"{name}_high")
+    if low is None or high is None or row.get(name) is None:
         return
-    below, above = max(float(y) - float(low), 0.0), max(float(high) - float(y), 0.0)
-    axis.errorbar([x], [float(y)], yerr=[[below], [above]], fmt="none", ecolor=colour, elinewidth=1.1, capsize=3, zorder=2.5,
-                  label="_interval")
+    axis.vlines([x], [float(low)], [float(high)], colors=[colour], linewidth=1.1, zorder=2.5, label="_interval")
+    axis.scatter([x, x], [float(low), float(high)], marker="_", s=40, color=colour, zorder=2.5, label="_interval")
 
 
 def pareto_figure(rows: list[dict]):
@@ -1039,7 +1042,7 @@ def write_summary(sweep_dir: str | Path, baseline: str | int | None | FromSweepC
     for row in grouped:
         values = overrides.values(row.jobs)
         found = metric_intervals(row.results)
-        bounds = {f"{name}_{end}": found.get(name, {}).get(end) for name in INTERVAL_METRICS for end in ("low", "high")}
+        bounds = {f"{name}_{end}": found.get(name, {}).get(end) for name in SHOWN_WITH_INTERVALS for end in ("low", "high")}
         rows.append({**row.as_dict(), **bounds, "intervals": found, "label": label(values), "values": values,
                      "legend": label(values, names)})
     add_differences(rows, grouped, baselines)
