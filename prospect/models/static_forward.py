@@ -39,7 +39,6 @@ from prospect.models.vlm import VisionLanguageModel
 log = logging.getLogger(__name__)
 
 SLOT_ALIGN = 16  # buffer slots per lane rounded up to this: an attention mask row of 16-byte multiples lets SDPA use its fused kernel
-PEEK_ALIGN = 16  # a chunk that is not kept and returns every logit (a reference scored) is padded to a multiple of this
 
 
 def buffer_slots(capacity: int) -> int:
@@ -247,9 +246,7 @@ class StaticForward:
 
         append=False computes the chunk on top of each cache without keeping it: its keys/values go to the
         free slots after the cache's tokens (never visible: a later chunk overwrites them before anything
-        attends there) and lengths, positions and provenance stay as they were. Such a chunk returning every
-        logit (a reference scored, of any length) is padded to a multiple of PEEK_ALIGN tokens where the
-        buffers have room, so a few CUDA graphs serve all lengths; the padding's logits are not returned."""
+        attends there) and lengths, positions and provenance stay as they were."""
         ids = [list(chunk) for chunk in input_ids]
         n = len(ids[0]) if ids else 0
         provenances = list(provenances) if provenances is not None else [None] * len(caches)
@@ -263,11 +260,6 @@ class StaticForward:
             lanes.append(lane)
         if len(set(lanes)) != len(lanes):
             raise ValueError("a lane appears twice in one step")
-        returned = n
-        if not append and all_logits and n:
-            room = min(self.capacities[lane] - cache.get_seq_length() for lane, cache in zip(lanes, caches))
-            n = max(n, min(-(-n // PEEK_ALIGN) * PEEK_ALIGN, room))
-            ids = [chunk + chunk[-1:] * (n - len(chunk)) for chunk in ids]
         with_image = image_features is not None or any(self.model.image_token_id in chunk for chunk in ids)
         if with_image and any(chunk != ids[0] for chunk in ids):
             raise ValueError("a step with image tokens feeds the same ids to every lane")
@@ -305,7 +297,7 @@ class StaticForward:
             if single is None and lanes != list(range(self.lanes)):
                 logits = logits[lanes]
         if not append:
-            return logits[:, :returned] if all_logits else logits
+            return logits
         for cache in caches:
             for layer in cache.layers:
                 layer.length += n

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 KNOWLEDGE_PREFIX = "Task knowledge:"  # ProAssist's knowledge system turn (kept for summaries)
 STREAM_MEASUREMENTS = ("reference_scores", "speak_probe")  # StreamSettings fields set from the eval config group
+SCORE_ALIGN = 16  # a scored reference is fed padded to a multiple of this many tokens (room allowing): few graph shapes
 # the trace record's timings (ms): they differ between runs that compute the same thing
 TIMING_FIELDS = ("vision_ms", "frame_prefill_ms", "prefill_ms", "decode_ms", "reduce_ms", "summary_ms", "probe_ms", "score_ms", "wall_ms")
 
@@ -669,7 +670,7 @@ def score_references(lanes: list[StreamRunner], prompt_logits: dict[int, torch.T
                      records: dict[int, dict]) -> None:
     """Score the reference reply teacher-forced in each lane, which has just fed its reply prompt: the prompt's
     logits predict the reply's first token, and the reply's tokens fed on top of the cache without keeping them
-    (append=False) predict the rest; lanes of one scored length are one step. The reply's tokens are its text
+    (append=False) predict the rest; lanes of one scored shape are one step. The reply's tokens are its text
     as a reply in the model's chat format (several references due at one fed frame, with frame_stride > 1, are
     one reply, joined by spaces); its end of turn is not scored. A reply longer than the room left in a lane's
     cache is scored on its first tokens that fit (`ref_truncated`). Records per lane `ref_nll` (summed negative
@@ -679,14 +680,19 @@ def score_references(lanes: list[StreamRunner], prompt_logits: dict[int, torch.T
     if not target:
         return
     t0 = time.perf_counter()
-    by_length: dict[int, list[StreamRunner]] = {}
+    # each lane's shape from its own room only (so a lane scores exactly as its job alone): the tokens that fit,
+    # fed padded with the last one to a multiple of SCORE_ALIGN where the room allows (the padding's logits unread)
+    shapes: dict[tuple[int, int], list[StreamRunner]] = {}
     for lane in lanes:
-        fits = min(len(target), lane.capacity - cache_length(lane.cache) + 1)
-        by_length.setdefault(fits, []).append(lane)
-    for length, group in by_length.items():
-        fed = forward_lanes(group, [target[: length - 1]] * len(group), all_logits=True, append=False) if length > 1 else [None] * len(group)
+        room = lane.capacity - cache_length(lane.cache)
+        length = min(len(target), room + 1)
+        padded = min(-(-(length - 1) // SCORE_ALIGN) * SCORE_ALIGN, room)
+        shapes.setdefault((length, padded), []).append(lane)
+    for (length, padded), group in shapes.items():
+        chunk = target[: length - 1] + target[length - 2 : length - 1] * (padded - length + 1)
+        fed = forward_lanes(group, [chunk] * len(group), all_logits=True, append=False) if length > 1 else [None] * len(group)
         for lane, rest in zip(group, fed):
-            logits = prompt_logits[id(lane)][None] if rest is None else torch.cat([prompt_logits[id(lane)][None], rest])
+            logits = prompt_logits[id(lane)][None] if rest is None else torch.cat([prompt_logits[id(lane)][None], rest[: length - 1]])
             nll, hits = token_scores(logits, target[:length])
             record = records[id(lane)]
             record.update(ref_nll=nll, ref_tokens=length, ref_top1=hits / length)
