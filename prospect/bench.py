@@ -92,7 +92,8 @@ def measure(model, conversation, warmup, optimized: bool, args, reference_scores
             speak_probe: bool = False) -> tuple[dict, dict[int, str]]:
     """Stream `conversation` on one path (after `warmup` on the same runner); figures from its trace."""
     from prospect.context_strategies import DropMiddle
-    from prospect.stream.runner import StreamRunner, StreamSettings
+    from prospect.stream.runner import StreamRunner
+    from prospect.stream.settings import StreamSettings
 
     settings = StreamSettings(
         max_new_tokens=args.reply_tokens, min_new_tokens=args.reply_tokens, optimized=optimized,
@@ -343,7 +344,8 @@ def run_zoo(args) -> dict:
     """Each bounded strategy streams the bench video once (after a warm-up): ms per frame, per reduction.
     A strategy that fails is recorded with its error; the others still run."""
     from prospect.models.vlm import load_model
-    from prospect.stream.runner import StreamRunner, StreamSettings, _synchronize
+    from prospect.stream.runner import StreamRunner, _synchronize
+    from prospect.stream.settings import StreamSettings
     from prospect.tracking.results import environment
     from prospect.validation import compose_config
 

@@ -29,142 +29,18 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from prospect.data import load_dataset
+from prospect.signals import Interrupted, StopSignals
 from prospect.eval import PREDICTIONS_SCHEMA
 from prospect.eval.intervals import intervals, interval_summary
 from prospect.eval.stream_scores import SPEAK_FIELD
 from prospect.data.types import Conversation
-from prospect.stream.runner import STREAM_MEASUREMENTS, ConversationResult, StreamSettings
+from prospect.stream.runner import ConversationResult
+from prospect.stream.settings import stream_settings
 from prospect.tracking.results import environment, job_key, results_document, stream_metrics
 
 log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("results.json", "predictions.json", "trace.jsonl", "timeline.html", "cache_sizes.png")
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)  # SIGUSR2: submitit's "preempted / time is up"
-
-
-class Interrupted(BaseException):
-    """A stop signal reached a safe point (between frames). A BaseException, like KeyboardInterrupt, so that
-    no per-conversation `except Exception` takes it for a failed conversation. `exit_code` is the shell's
-    128 + signal number: 130 SIGINT, 143 SIGTERM, 140 SIGUSR2."""
-
-    def __init__(self, signum: int, where: str = "") -> None:
-        self.signum = int(signum)
-        self.signal_name = signal.Signals(signum).name
-        self.where = where
-        self.previous_handler: Any = None  # the handler installed before prospect's (submitit's), see hand_over
-        self.sweep_dir: str | None = None  # set by prospect.run in a multirun: the summary is still written
-        super().__init__(f"interrupted by {self.signal_name}{' ' + where if where else ''}")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-    def hand_over(self) -> bool:
-        """Pass the signal on to the handler that was installed before prospect's, when that is another
-        program's Python handler (submitit's: SIGUSR2 checkpoints and requeues the job, then exits; SIGTERM
-        is logged). Python's own defaults are not called. Returns whether a handler was called."""
-        handler = self.previous_handler
-        if not callable(handler) or handler is signal.default_int_handler:
-            return False
-        handler(self.signum, None)
-        return True
-
-
-class StopSignals:
-    """While active, SIGINT/SIGTERM/SIGUSR2 set a flag that `check()` turns into `Interrupted` at a safe
-    point; the same signal a second time raises `Interrupted` at once, wherever the run is. Installed only
-    from the main thread (signal handlers cannot be set elsewhere). Nested use shares the outer instance,
-    so a sweep can keep one installed across its jobs (prospect.run) while each run() enters it again."""
-
-    active: ClassVar["StopSignals | None"] = None
-
-    def __init__(self, signals: Iterable[int] = STOP_SIGNALS) -> None:
-        self.signals = tuple(signals)
-        self.received: list[int] = []
-        self.previous: dict[int, Any] = {}
-        self.raised = False  # an Interrupted was raised for the first signal
-        self.where = ""  # the last safe point passed, for a forced stop's message
-        self.writing = False  # the run is writing its files: a second signal must not cut them short
-        self._depth = 0
-
-    @classmethod
-    def current(cls) -> "StopSignals":
-        """The active instance, or a new (not yet installed) one."""
-        return cls.active if cls.active is not None else cls()
-
-    def install(self) -> "StopSignals":
-        if self._depth == 0 and threading.current_thread() is threading.main_thread():
-            for signum in self.signals:
-                try:
-                    self.previous[signum] = signal.signal(signum, self._handle)
-                except (ValueError, OSError):  # not settable here
-                    pass
-            StopSignals.active = self
-        self._depth += 1
-        return self
-
-    def uninstall(self) -> None:
-        self._depth -= 1
-        if self._depth == 0 and self.previous:
-            for signum, handler in self.previous.items():
-                with contextlib.suppress(ValueError, OSError, TypeError):
-                    signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-            self.previous = {}
-            if StopSignals.active is self:
-                StopSignals.active = None
-
-    def __enter__(self) -> "StopSignals":
-        return self.install()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.uninstall()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        repeated = bool(self.received)  # any stop signal after the first forces the stop
-        self.received.append(signum)
-        if repeated and self.writing:  # never cut the result files short; a third signal exits without them
-            if len(self.received) >= 3:
-                os._exit(128 + signum)
-            with contextlib.suppress(OSError):
-                os.write(2, f"\nprospect: {name} received while writing the results: finishing them "
-                            f"(send a signal again to exit at once without them)\n".encode())
-            return
-        if repeated:
-            self.raised = True
-            raise self._interrupted(signum, f"(sent twice: stopped at once{', ' + self.where if self.where else ''})")
-        if len(self.received) == 1:  # os.write: a print could re-enter a stream the run is writing to (tqdm)
-            with contextlib.suppress(OSError):
-                os.write(2, f"\nprospect: {name} received: stopping after the current frame and writing what was computed "
-                            f"(send {name} again to stop at once)\n".encode())
-
-    def _interrupted(self, signum: int, where: str) -> Interrupted:
-        stop = Interrupted(signum, where)
-        stop.previous_handler = self.previous.get(signum)
-        return stop
-
-    @property
-    def signum(self) -> int | None:
-        """The signal that stops the run: SIGUSR2 when it came at all (submitit requeues on it), else the first."""
-        if not self.received:
-            return None
-        return signal.SIGUSR2 if signal.SIGUSR2 in self.received else self.received[0]
-
-    def check(self, where: str = "") -> None:
-        """A safe point: raise Interrupted (once) if a stop signal came."""
-        if where:
-            self.where = where
-        if self.received and not self.raised:
-            self.raised = True
-            raise self._interrupted(self.signum, where)
-
-
-def stream_settings(cfg: DictConfig) -> StreamSettings:
-    """The stream settings of a config: `stream.*`, the seed, and the measurements `eval` asks of the stream."""
-    return StreamSettings(**OmegaConf.to_container(cfg.stream, resolve=True), seed=int(cfg.seed),
-                          **{key: bool(cfg.eval.get(key, True)) for key in STREAM_MEASUREMENTS})
 
 
 def predictions_document(results: list[ConversationResult]) -> dict:

@@ -13,7 +13,8 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from prospect.conf_files import CONF_DIR, group_options
+
 GROUPS = ("model", "strategy", "dataset", "eval", "logger", "experiment")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CHAT_FORMATS = ("smolvlm", "chatml")
@@ -40,14 +41,6 @@ class ConfigError(ValueError):
     """A bad config value; str() is one line naming the key, the value and what is allowed."""
 
 
-def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
-    """The options of a config group: its YAML files (and sub-folders' files as folder/name)."""
-    folder = conf_dir / group
-    if not folder.is_dir():
-        return []
-    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
-
-
 def check_group_choice(group: str, value: str, conf_dir: Path = CONF_DIR) -> None:
     options = group_options(group, conf_dir)
     if value not in options:
@@ -70,7 +63,7 @@ def check_command_line(argv: list[str]) -> None:
         return
     conf_dir = Path(args.config_dir).resolve() if args.config_dir else CONF_DIR
     overrides = [o for o in args.overrides if not o.lstrip("~+").startswith("hydra")]
-    for group, values in _group_overrides(overrides):  # (sweeper params of presets are checked per job below)
+    for group, values in _group_overrides(overrides, conf_dir):  # (sweeper params of presets are checked per job below)
         for value in values:
             check_group_choice(group, value, conf_dir)
     for job_overrides in _job_override_lists(overrides, args.multirun, args.config_name or "config", conf_dir):
@@ -123,11 +116,19 @@ def _first_line(error: Exception) -> str:
     return text
 
 
-def _group_overrides(overrides: list[str]) -> Iterable[tuple[str, list[str]]]:
+def _parser(conf_dir: Path = CONF_DIR):
+    """Hydra's override parser, with a config loader so that `glob(...)` sweeps over a group's options."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create(config_loader=ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir))))
+
+
+def _group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> Iterable[tuple[str, list[str]]]:
     from hydra.errors import HydraException
 
-    parser = OverridesParser.create()
+    parser = _parser(conf_dir)
     for text in overrides:
         try:
             parser.parse_override(text)
@@ -151,9 +152,8 @@ def _job_override_lists(overrides: list[str], multirun: bool, config_name: str =
     if not multirun:
         return [overrides]
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parser = OverridesParser.create()
+    parser = _parser(conf_dir)
     plain = [o for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
     params = _sweeper_params([o.input_line for o in plain], config_name, conf_dir)
     given = {o.key_or_group for o in parser.parse_overrides(overrides)}
@@ -309,7 +309,7 @@ def _check_strategy(strategy: DictConfig, stream: DictConfig, seed: int) -> None
     """Build the strategy and the stream settings from the config (nothing heavy loads): the rules live in
     their dataclasses (prospect.context_strategies, prospect.stream.runner.StreamSettings)."""
     from prospect.context_strategies import strategy_from_config
-    from prospect.stream.runner import check_reply_fits
+    from prospect.stream.settings import check_reply_fits
 
     if "_target_" not in strategy:
         raise ConfigError("strategy._target_: missing (the class implementing the strategy)")
@@ -337,7 +337,7 @@ def _check_strategy(strategy: DictConfig, stream: DictConfig, seed: int) -> None
 def _stream_settings(stream: DictConfig, seed: int):
     import dataclasses
 
-    from prospect.stream.runner import STREAM_MEASUREMENTS, StreamSettings
+    from prospect.stream.settings import STREAM_MEASUREMENTS, StreamSettings
 
     known = [f.name for f in dataclasses.fields(StreamSettings) if f.name != "seed" and f.name not in STREAM_MEASUREMENTS]
     for key in stream:

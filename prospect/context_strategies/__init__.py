@@ -12,8 +12,11 @@ at most last_keep_len tokens after the initial cache, ScoredKeep (define `score`
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 from typing import Any
+
+from prospect.conf_files import strategy_targets
 
 from prospect.context_strategies.base import POSITION_MODES, BaseContextStrategy, ContextOverflowError
 from prospect.context_strategies.budget import BudgetKeep, ScoredKeep, TextFirstKeep
@@ -29,25 +32,30 @@ from prospect.context_strategies.streaming_llm import StreamingLLM
 from prospect.context_strategies.summarize_and_drop import SummarizeAndDrop
 from prospect.context_strategies.tar_van import TarVan
 
-STRATEGIES: dict[str, type[BaseContextStrategy]] = {
-    "none": NoContext,
-    "full": FullContext,
-    "drop_all": DropAll,
-    "drop_middle": DropMiddle,
-    "summarize_and_drop": SummarizeAndDrop,
-    "streaming_llm": StreamingLLM,
-    "drop_frames": DropFrames,
-    "frame_coverage": FrameCoverage,
-    "tar_van": TarVan,
-    "key_norm": KeyNorm,
-    "snapkv": SnapKV,
-}
+def _registered() -> dict[str, type[BaseContextStrategy]]:
+    """Every strategy option of conf/strategy/ (the one source: a strategy is one file plus one YAML), by
+    name, sorted: the class its YAML's `_target_` names."""
+    classes = {}
+    for name, target in strategy_targets().items():
+        module, _, class_name = target.rpartition(".")
+        classes[name] = getattr(importlib.import_module(module), class_name)
+    return classes
+
+
+STRATEGIES: dict[str, type[BaseContextStrategy]] = _registered()
+
+
+def zoo_strategies() -> list[str]:
+    """The strategies the zoo compares at equal memory: every registered one whose cache is bounded (all but
+    `full`). experiment=strategy_zoo sweeps the same set (`glob(*,exclude=full)`); the bench times it."""
+    return [name for name, cls in STRATEGIES.items() if cls.bounded]
+
 
 __all__ = [
     "BaseContextStrategy", "BudgetKeep", "ContextOverflowError", "ContextStrategyFactory", "DropAll", "DropFrames",
     "DropMiddle", "FrameCoverage", "FullContext", "KeyNorm", "NoContext", "POSITION_MODES", "STRATEGIES", "ScoredKeep",
     "SnapKV", "StreamingLLM", "SummarizeAndDrop", "TarVan", "TextFirstKeep", "create_strategy", "strategy_from_config",
-    "strategy_parameters",
+    "strategy_parameters", "zoo_strategies",
 ]
 
 

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from prospect.typed_fields import check_field_types
 from prospect.cache import PositionedCache, cache_length, clone_cache, keep_spans, keep_tokens, make_contiguous
 
 POSITION_MODES = ("original", "contiguous", "cache_length")
@@ -44,6 +45,7 @@ class BaseContextStrategy(ABC):
     position_mode: str = "original"
 
     event: ClassVar[str] = "compress"  # what a reduction is called in the trace
+    bounded: ClassVar[bool] = True  # the cache never holds more than max_seq_len (the zoo compares these)
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -111,22 +113,6 @@ class BaseContextStrategy(ABC):
             make_contiguous(cache)
         elif self.position_mode == "cache_length":
             cache.next_position = length
-
-
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
-
-
-def check_field_types(strategy: Any) -> None:
-    """Raise ValueError `name=value: must be ...` for a dataclass field whose value is not of its declared
-    plain type (int, float, str, bool; a bool is not an int)."""
-    for field in dataclasses.fields(strategy):
-        declared = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
-        if declared not in _TYPES:
-            continue
-        value = getattr(strategy, field.name)
-        if (isinstance(value, bool) and declared != "bool") or not isinstance(value, _TYPES[declared]):
-            raise ValueError(f"{field.name}={value}: must be {_TYPE_WORDS[declared]}")
 
 
 def check_last_keep_len(strategy: Any, extra: int = 0, extra_name: str = "") -> None:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from prospect.cache import cache_length
 from prospect.context_strategies.base import BaseContextStrategy, ContextOverflowError
@@ -11,6 +11,8 @@ from prospect.context_strategies.base import BaseContextStrategy, ContextOverflo
 class FullContext(BaseContextStrategy):
     """`full`: keep everything (the unbounded reference). max_seq_len does not apply; the cache may grow
     to the model's max positions, past which the run fails with a clear error."""
+
+    bounded: ClassVar[bool] = False
 
     @property
     def name(self) -> str:

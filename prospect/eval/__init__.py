@@ -1,4 +1,4 @@
-"""Evaluation of a predictions document with ProAssist's protocol (DESIGN §6).
+"""Evaluation of a predictions document with ProAssist's protocol (README "Evaluation").
 
 `evaluate_predictions(document, eval_cfg)` scores every conversation (matching.py), micro-averages
 per subset and overall (metrics.py) and returns

@@ -1,4 +1,4 @@
-"""ProAssist's matching of generated to reference turns within one conversation (DESIGN §6).
+"""ProAssist's matching of generated to reference turns within one conversation (README "Evaluation").
 
 Rows are the frames where the model spoke; columns are all frames 0..num_frames-1. The cost of
 matching the generation at frame i to frame j is

@@ -1,4 +1,4 @@
-"""SmolVLM2 architectures (DESIGN §3) as full `SmolVLMConfig`s, for random-init runs and memory maths.
+"""SmolVLM2 architectures (README "Models") as full `SmolVLMConfig`s, for random-init runs and memory maths.
 
 The library's `SmolVLMConfig` defaults are not these models: every field that matters is set here.
 Token ids are those of the real SmolVLM2 tokenizer (vocab 49,280; `<image>` = 49190).

@@ -1,4 +1,4 @@
-"""Lanes (DESIGN.md §11): the jobs of a sweep that differ only in their context strategy stream one
+"""Lanes (README "Fused sweeps"): the jobs of a sweep that differ only in their context strategy stream one
 conversation together through one model.
 
 A lane is one job's strategy with its own cache, positions, provenance, trace and replies; the model, the
@@ -23,7 +23,8 @@ from prospect.context_strategies import BaseContextStrategy
 from prospect.data.types import Conversation
 from prospect.models.static_forward import StaticForward
 from prospect.models.vlm import VisionLanguageModel
-from prospect.stream.runner import ConversationResult, StreamRunner, StreamSettings, stream_lanes
+from prospect.stream.runner import ConversationResult, StreamRunner, stream_lanes
+from prospect.stream.settings import StreamSettings
 
 
 class LaneRunner:

@@ -20,71 +20,19 @@ import torch
 
 from prospect.cache import KIND, PositionedCache, Provenance, cache_length, crop_end, keep_spans, recover_provenance
 from prospect.context_strategies import BaseContextStrategy, ContextOverflowError
-from prospect.context_strategies.base import check_field_types
 from prospect.data.types import Conversation, StreamFrame, Turn
 from prospect.models.vlm import VisionLanguageModel
 from prospect.stream.decode import pick_token, suppression_bias
 from prospect.stream.reference_scores import TURN_FIELDS, token_scores
-from prospect.stream.talk import TALK_POLICIES, not_talk_probability
+from prospect.stream.settings import StreamSettings, check_reply_fits
+from prospect.stream.talk import not_talk_probability
 
 log = logging.getLogger(__name__)
 
 KNOWLEDGE_PREFIX = "Task knowledge:"  # ProAssist's knowledge system turn (kept for summaries)
-STREAM_MEASUREMENTS = ("reference_scores", "speak_probe")  # StreamSettings fields set from the eval config group
 SCORE_ALIGN = 16  # a scored reference is fed padded to a multiple of this many tokens (room allowing): few graph shapes
 # the trace record's timings (ms): they differ between runs that compute the same thing
 TIMING_FIELDS = ("vision_ms", "frame_prefill_ms", "prefill_ms", "decode_ms", "reduce_ms", "summary_ms", "probe_ms", "score_ms", "wall_ms")
-
-
-@dataclass
-class StreamSettings:
-    """How frames are fed and replies decoded. Token counts are tokens, thresholds probabilities."""
-
-    max_new_tokens: int = 100
-    talk_policy: str = "gt_turns"
-    talk_threshold: float = 0.5
-    temperature: float = 0.0
-    top_p: float = 1.0
-    min_new_tokens: int = 1  # the end of turn is excluded before this many tokens (a reply was asked for)
-    frame_stride: int = 1
-    seed: int = 0
-    # Speed (same semantics): "auto" = on CUDA. Frames are known ahead in offline evaluation, so the vision
-    # tower encodes vision_batch_size frames per call; optimized runs the language model over the fixed-size
-    # KV buffer with a mask and replays CUDA graphs (prospect/models/static_forward.py).
-    vision_batch_size: int | str = "auto"
-    optimized: bool | str = "auto"
-    # Measurements that leave the stream as it is (set from eval.reference_scores / eval.speak_probe):
-    # teacher-forced scores of each reference reply, and P(speak) at frames where gt_turns stays silent.
-    reference_scores: bool = True
-    speak_probe: bool = True
-
-    def __post_init__(self) -> None:
-        check_field_types(self)
-        if self.talk_policy not in TALK_POLICIES:
-            raise ValueError(f"talk_policy={self.talk_policy}: choose one of: {', '.join(TALK_POLICIES)}")
-        for name in ("frame_stride", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens={self.min_new_tokens}: must be in [0, max_new_tokens={self.max_new_tokens}]")
-        for name, low, high in (("talk_threshold", 0.0, 1.0), ("temperature", 0.0, 100.0)):
-            if not low <= getattr(self, name) <= high:
-                raise ValueError(f"{name}={getattr(self, name)}: must be in [{low}, {high}]")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p}: must be in (0.0, 1.0]")
-        if self.optimized not in ("auto", True, False):
-            raise ValueError(f"optimized={self.optimized}: choose one of: auto, true, false")
-        if self.vision_batch_size != "auto" and (
-            isinstance(self.vision_batch_size, bool) or not isinstance(self.vision_batch_size, int) or self.vision_batch_size < 1
-        ):
-            raise ValueError(f"vision_batch_size={self.vision_batch_size}: must be auto or an integer >= 1")
-
-
-def check_reply_fits(strategy: BaseContextStrategy, settings: StreamSettings) -> None:
-    """A reply of max_new_tokens must fit under the strategy's reduction threshold."""
-    room = strategy.max_seq_len - strategy.reserved_seq_len
-    if settings.max_new_tokens >= room:
-        raise ValueError(f"max_new_tokens={settings.max_new_tokens}: must be < max_seq_len - reserved_seq_len ({room})")
 
 
 @dataclass

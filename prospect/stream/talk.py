@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-TALK_POLICIES = ("gt_turns", "threshold")
+from prospect.stream.settings import TALK_POLICIES  # noqa: F401  (named here for its readers)
 
 
 def not_talk_probability(logits: torch.Tensor, stop_ids: Sequence[int]) -> float:

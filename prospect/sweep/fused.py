@@ -1,5 +1,5 @@
 """A Hydra launcher that runs the jobs of a sweep which differ only in their context strategy as lanes of one
-process (DESIGN.md §11): the model is loaded once and every frame is fed to all lanes together.
+process (README "Fused sweeps"): the model is loaded once and every frame is fed to all lanes together.
 
 Select it with `hydra/launcher=fused`; `hydra.launcher.gpus=[0,1,2,3]` (default: every visible GPU) and
 `hydra.launcher.lanes_per_gpu=12` (the most lanes one process runs at once), `hydra.launcher.batch_lanes` (null:
@@ -61,8 +61,9 @@ from typing import Any, Sequence
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
 from omegaconf import OmegaConf
 
-from prospect.sweep.gpu_pool import GpuPoolLauncher, PoolJob, SweepStop, check_launcher_settings, refuse, register_launcher, visible_gpus
-from prospect.sweep.result_cache import find_result, usable_result
+from prospect.signals import Interrupted, StopSignals, SweepStop
+from prospect.sweep.gpu_pool import GpuPoolLauncher, PoolJob, check_launcher_settings, refuse, register_launcher, visible_gpus, write_hydra_files
+from prospect.sweep.result_cache import find_result, key_lock, reuse_result, usable_result
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +379,7 @@ class FusedLauncher(GpuPoolLauncher):
             elif not stop.received:
                 del duplicates[index]
                 error = (source.result.return_value or {}).get("error")
-                self._write_hydra_files(job)
+                write_hydra_files(job)
                 self._finish(job, self._failed(job, f"job #{source.index} with the same job key {job.key} failed: {error}"))
 
     @staticmethod
@@ -461,7 +462,7 @@ def _run_lane_set(jobs: list[PoolJob], batch_lanes: bool | None = None) -> None:
     handlers = []
     for job in jobs:
         job.folder.mkdir(parents=True, exist_ok=True)
-        GpuPoolLauncher._write_hydra_files(job)
+        write_hydra_files(job)
         handler = logging.FileHandler(job.folder / f"{job.job_name}.log")
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().addHandler(handler)
@@ -494,9 +495,6 @@ def main(argv: list[str] | None = None) -> int:
                         force=True)
     log.info("fused worker %s: CUDA_VISIBLE_DEVICES=%s, %d lane(s): %s", plan.get("worker"), os.environ.get("CUDA_VISIBLE_DEVICES"),
              len(jobs), " ".join(f"#{j.index}" for j in jobs))
-    from prospect.experiment import Interrupted, StopSignals
-    from prospect.sweep.result_cache import key_lock, reuse_result
-
     stop = StopSignals.current().install()  # for the whole worker: a signal between lane sets is not lost
     try:
         with contextlib.ExitStack() as locks:
@@ -510,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 log.info("#%d reuses %s (job key %s)", job.index, source, job.key)
                 reuse_result(source, job.folder, job.config)
-                GpuPoolLauncher._write_hydra_files(job)
+                write_hydra_files(job)
             parts = [part for similar in capacity_sets(lanes) for part in memory_sets(similar)] if lanes else []
             for number, part in enumerate(parts):
                 stop.check(f"before lane set {number + 1} of {len(parts)}")

@@ -38,6 +38,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from prospect.signals import EXIT_USAGE, Interrupted, SweepStop, print_error
 from prospect.sweep import sweep_group
 from prospect.sweep.result_cache import find_result, reuse_result
 
@@ -76,61 +77,22 @@ class PoolJob:
     result: JobReturn | None = None
 
 
-# prospect.experiment.STOP_SIGNALS; not imported from there at start, as that module loads torch
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
-
-
-class SweepStop:
-    """While the pool runs, SIGINT/SIGTERM/SIGUSR2 only record the signal (the pattern of
-    prospect.experiment.StopSignals); the launcher's loop forwards each to the running jobs. Installed only
-    from the main thread; `uninstall` restores the handlers found."""
-
-    def __init__(self, signals: Sequence[int] = STOP_SIGNALS) -> None:
-        self.signals = tuple(signals)
-        self.received: list[int] = []
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> "SweepStop":
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.signals:
-                try:
-                    self.previous[signum] = signal.signal(signum, self._handle)
-                except (ValueError, OSError):  # not settable here
-                    pass
-        return self
-
-    def uninstall(self) -> None:
-        for signum, handler in self.previous.items():
-            with contextlib.suppress(ValueError, OSError, TypeError):
-                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self.previous = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received.append(signum)
-        name = signal.Signals(signum).name
-        message = {
-            1: f"{name} received: stopping the sweep: the running jobs stop after their current frame and write what they "
-               f"computed, no new job starts, then the summary is written (send {name} again to stop the jobs at once)",
-            2: f"{name} received again: the running jobs stop at once (a third signal kills them)",
-            3: f"{name} received a third time: killing the running jobs",
-        }.get(len(self.received))
-        if message:  # os.write: nothing that could re-enter a stream being written
-            with contextlib.suppress(OSError):
-                os.write(2, f"\nprospect: {message}\n".encode())
-
-    @property
-    def signum(self) -> int | None:
-        """The signal that stops the sweep: SIGUSR2 when it came at all (as StopSignals), else the first."""
-        if not self.received:
-            return None
-        return signal.SIGUSR2 if signal.SIGUSR2 in self.received else self.received[0]
+def write_hydra_files(job: PoolJob) -> None:
+    """.hydra/overrides.yaml and config.yaml of a job that reused a result, as Hydra writes them for a job it
+    runs (the sweep summary reads each job's overrides from there)."""
+    if not job.output_subdir:
+        return
+    folder = job.folder / job.output_subdir
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job.task_overrides)), encoding="utf-8")
+    (folder / "config.yaml").write_text(job.config_yaml, encoding="utf-8")
 
 
 def refuse(message: str) -> None:
     """A bad launcher setting: one line on stderr, exit 2 (as prospect.run's other command-line errors).
     SystemExit passes through Hydra's instantiate and error reporting, which would print three lines."""
-    print(f"prospect: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    print_error(message)
+    raise SystemExit(EXIT_USAGE)
 
 
 def _signal_name(code: int | None) -> str | None:
@@ -196,17 +158,6 @@ class GpuPoolLauncher(Launcher):
         """The job's resolved config as the launcher will run it, before its job key is computed (here: as is)."""
         return resolved
 
-    @staticmethod
-    def _write_hydra_files(job: PoolJob) -> None:
-        """.hydra/overrides.yaml and config.yaml of a job that reused a result, as Hydra writes them for a job it
-        runs (the sweep summary reads each job's overrides from there)."""
-        if not job.output_subdir:
-            return
-        folder = job.folder / job.output_subdir
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job.task_overrides)), encoding="utf-8")
-        (folder / "config.yaml").write_text(job.config_yaml, encoding="utf-8")
-
     def _start(self, job: PoolJob, gpu: str | None) -> None:
         job.folder.mkdir(parents=True, exist_ok=True)
         folder = str(job.folder).replace("\\", "\\\\").replace("'", "\\'")  # quoted: job folders hold '=' and ','
@@ -269,8 +220,6 @@ class GpuPoolLauncher(Launcher):
     def _raise_if_stopped(self, stop: SweepStop) -> None:
         """After a stop signal: raise Interrupted, for prospect.run's cli() to write the summary and exit 128 + signal."""
         if stop.received:
-            from prospect.experiment import Interrupted
-
             interrupted = Interrupted(stop.signum)
             interrupted.sweep_dir = str(self.config.hydra.sweep.dir)
             raise interrupted
@@ -302,7 +251,7 @@ class GpuPoolLauncher(Launcher):
         log.info("\t#%d reuses %s (job key %s)", job.index, source, job.key)
         document = reuse_result(source, job.folder, job.config)
         if source.resolve() != job.folder.resolve():  # resumed in place: the job's own .hydra stands
-            self._write_hydra_files(job)
+            write_hydra_files(job)
         self._finish(job, document)
 
     @staticmethod

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from prospect.signals import StopSignals
+
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("predictions.json", "trace.jsonl", "timeline.html", "cache_sizes.png")
@@ -111,8 +113,6 @@ def key_lock(root: str | Path, key: str, poll_s: float = 1.0, stale_after_s: flo
             if not waited:
                 log.info("job key %s is being computed by %s; waiting to reuse it", key, host or pid)
                 waited = True
-            from prospect.experiment import StopSignals
-
             StopSignals.current().check(f"while waiting for the lock of job key {key}")  # a stop signal ends the wait
             time.sleep(poll_s)
             continue

@@ -1,4 +1,4 @@
-"""Weights & Biases mirror of a run's local result files (DESIGN §8).
+"""Weights & Biases mirror of a run's local result files (README "Weights & Biases").
 
 The local files (results.json, predictions.json, trace.jsonl) are the record; W&B only mirrors them:
 config, per-frame history, summary metrics and a predictions table. The mirror never fails a run:
