@@ -36,6 +36,7 @@ from prospect.eval.stream_scores import SPEAK_FIELD
 from prospect.data.types import Conversation
 from prospect.stream.runner import ConversationResult
 from prospect.stream.settings import stream_settings
+from prospect.tracking.console import console_summary
 from prospect.tracking.results import environment, job_key, results_document, stream_metrics
 
 log = logging.getLogger(__name__)
@@ -290,30 +291,6 @@ def summarize(report: RunReport, scores: dict | None = None) -> dict[str, Any]:
     return metrics
 
 
-def console_summary(strategy: str, report: RunReport, metrics: dict, output_dir: Path) -> str:
-    """The end-of-run summary in the seed's shape."""
-    lines = [f"Strategy {strategy} {'completed' if report.status == 'ok' else 'FAILED: ' + str(report.error)}"]
-    lines.append(f"  Generated: {metrics.get('dialogues_generated', 0)}")
-    if "f1" in metrics:
-        lines.append(f"  Matched: {metrics.get('dialogues_matched', 0)}")
-        lines.append(f"  Precision: {metrics['precision']:.4f}  Recall: {metrics['recall']:.4f}  F1: {metrics['f1']:.4f}")
-    reductions = [red for r in report.results for rec in r.trace for red in rec.get("reductions", [])]
-    if reductions:
-        before = sum(r["before"] for r in reductions) / len(reductions)
-        after = sum(r["after"] for r in reductions) / len(reductions)
-        lines.append(f"  Cache compression: {before:.0f}->{after:.0f} tokens (mean of {len(reductions)} reductions)")
-    if "ref_ppl" in metrics:
-        lines.append(f"  Reference replies (teacher-forced): perplexity {metrics['ref_ppl']:.3f}, top-1 {metrics['ref_top1']:.3f}, "
-                     f"NLL per turn {metrics['ref_nll']:.2f} over {metrics['ref_turns']} turns")
-    if "speak_auc" in metrics:
-        lines.append(f"  Speak timing: AUC {metrics['speak_auc']:.3f}, P(speak) {metrics['speak_prob_due']:.3f} where a reference "
-                     f"is due, {metrics['speak_prob_not_due']:.3f} elsewhere")
-    lines.append(f"  Time/frame: {metrics.get('time_per_frame', 0):.3f} s (p95 {metrics.get('time_per_frame_p95', 0):.3f} s)")
-    lines.append(f"  Peak memory: {metrics.get('peak_memory_mb', 0):.1f} MB")
-    lines.append(f"  Files: {output_dir}")
-    return "\n".join(lines)
-
-
 def finish_run(
     report: RunReport, output_dir: Path, config: dict, env: dict, key: str, strategy_name: str, max_seq_len: int | None = None,
     mirror: Any = None, extra: dict | None = None,
@@ -351,7 +328,7 @@ def finish_run(
             write_timeline(output_dir / "timeline.html", predictions, records, title=f"{strategy_name} ({key})", max_seq_len=max_seq_len)
         except Exception as error:  # figures are a courtesy: they never cost the results
             log.warning("could not draw the plot/timeline: %s: %s", type(error).__name__, error)
-        log.info("\n%s", console_summary(strategy_name, report, metrics, output_dir))
+        log.info("\n%s", console_summary(strategy_name, report.status, report.error, metrics, report.results, output_dir))
     except Exception as error:  # still leave a results.json that says what happened
         log.exception("could not write the results")
         report.status, report.error = "failed", f"writing results failed: {type(error).__name__}: {error}"
