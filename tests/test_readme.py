@@ -1,4 +1,4 @@
-"""README, CI and configs agree."""
+"""README, docs, CI and configs agree."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ def test_top_level_layout():
         assert (REPO / name).exists(), name
 
 
-def test_every_strategy_has_a_config_file_and_a_readme_row():
+def test_every_strategy_has_a_config_file_and_a_docs_row():
     from prospect.context_strategies import STRATEGIES
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "strategies.md").read_text()
     for name in STRATEGIES:
         assert (REPO / "conf" / "strategy" / f"{name}.yaml").is_file(), name
         assert f"| `{name}` |" in text, name
