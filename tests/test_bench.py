@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from prospect.bench.__main__ import build_parser
+from prospect.context_strategies import zoo_strategies
 
 
 def test_bench_compares_both_paths_in_one_run(tmp_path, model_cache_dir):
@@ -107,3 +109,12 @@ def test_bench_zoo_rejects_bad_strategies_in_one_line(args, message):
     result = subprocess.run([sys.executable, "-m", "prospect.bench", "zoo", *args], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"prospect.bench: error: {message}") and "\n" not in result.stderr.strip()
+
+
+def test_bench_zoo_times_every_bounded_strategy_by_default():
+    """Without --strategies the zoo times the registry's bounded strategies (all but full), resolved after parsing."""
+    from prospect.bench.zoo import build_strategies
+
+    args = build_parser().parse_args(["zoo"])
+    assert args.strategies is None
+    assert list(build_strategies(args)) == zoo_strategies() and "full" not in zoo_strategies()

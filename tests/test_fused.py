@@ -17,9 +17,8 @@ import yaml
 
 from conftest import REPO, compose
 from test_sweep import _processes_mentioning
-from prospect.sweep.fused import (
-    GIB, activation_bytes_per_lane, balanced_sizes, group_key, kv_bytes_per_lane, lane_sets, split_for_memory,
-)
+from prospect.sweep.fused import group_key, lane_sets
+from prospect.sweep.lane_memory import GIB, activation_bytes_per_lane, balanced_sizes, kv_bytes_per_lane, split_for_memory
 from prospect.sweep.gpu_pool import PoolJob
 from prospect.tracking.results import job_key
 
@@ -100,7 +99,8 @@ def test_worker_splits_a_lane_set_by_the_gpus_free_memory(tmp_path, monkeypatch)
     from omegaconf import OmegaConf
 
     import prospect.models.vlm as vlm
-    from prospect.sweep.fused import memory_sets, model_footprint
+    from prospect.models.footprint import model_footprint
+    from prospect.sweep.lane_memory import memory_sets
 
     members = [PoolJob(i, [], tmp_path / str(i), None, True, str(tmp_path), None, OmegaConf.to_container(
         compose("model=smolvlm2_2b", "model.random_init=true", f"strategy={('drop_all', 'drop_middle', 'none')[i % 3]}"), resolve=True))
@@ -121,7 +121,7 @@ def test_worker_splits_lanes_by_capacity_so_full_does_not_widen_every_lane(tmp_p
     8192 for the offline model) runs apart from bounded strategies; lanes within 2x of each other stay together."""
     from omegaconf import OmegaConf
 
-    from prospect.sweep.fused import capacity_sets
+    from prospect.sweep.lane_memory import capacity_sets
 
     def job(index: int, *overrides: str) -> PoolJob:
         return PoolJob(index, list(overrides), tmp_path / str(index), None, True, str(tmp_path), None,

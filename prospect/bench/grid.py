@@ -1,0 +1,153 @@
+"""`python -m prospect.bench grid`: the sweep throughput of the 12-job strategy grid.
+
+Runs the grid (`experiment=strategy_grid`, cache=false) through `python -m prospect.run -m`: sequential eager,
+optimized with the GPU pool (`jobs_per_gpu` jobs per GPU) and, with --fused, as lanes of one process through
+`hydra/launcher=fused`; it reports jobs per hour, the ratios and how often the lanes' replies equal the same
+jobs run alone (the pool's); `--part` picks parts, `zoo_fused` times experiment=strategy_zoo as lanes. The
+sweeps run in their own processes: this one only starts them and reads their folders.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+GRID_PARTS = ("sequential_eager", "concurrent_optimized", "fused", "zoo_fused")
+
+
+def grid_parts(args) -> list[str]:
+    """The parts `--part` names (default: sequential eager and the GPU pool, and the fused grid with --fused)."""
+    if args.part in (None, "both"):
+        return ["sequential_eager", "concurrent_optimized"] + (["fused"] if args.fused else [])
+    if args.part == "all":
+        return list(GRID_PARTS)
+    parts = [part.strip() for part in args.part.split(",") if part.strip()]
+    unknown = [part for part in parts if part not in GRID_PARTS]
+    if unknown or not parts:
+        raise ValueError(f"--part {args.part!r}: expected a comma-separated list of {', '.join(GRID_PARTS)}")
+    return parts
+
+
+def _sweep(name: str, command: list[str], folder: Path) -> dict:
+    """Run one sweep command; its wall time, jobs, ok jobs and mean ms per frame from the jobs' results.json."""
+    started = time.perf_counter()
+    done = subprocess.run(command + [f"hydra.sweep.dir={folder}"], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    documents = [json.loads(p.read_text()) for p in folder.rglob("results.json")]
+    if done.returncode != 0 or not documents:
+        log.error("%s exited with %d:\n%s", name, done.returncode, (done.stdout + done.stderr)[-3000:])
+    computed = [d for d in documents if not d.get("cached")]
+    times = [d["metrics"]["time_per_frame"] * 1000 for d in computed if d.get("metrics")]
+    peaks = [d["metrics"].get("peak_memory_mb") for d in computed if (d.get("metrics") or {}).get("peak_memory_mb")]
+    log.info("%s: %d jobs (%d computed) in %.0f s", name, len(documents), len(computed), wall)
+    computed_ok = sum(d.get("status") == "ok" for d in computed)
+    return {"wall_s": wall, "jobs": len(documents), "computed": len(computed), "ok": sum(d.get("status") == "ok" for d in documents),
+            "exit_code": done.returncode, "jobs_per_hour": 3600 * computed_ok / wall,  # jobs computed and ok (not reused ones)
+            "ms_per_frame": statistics.mean(times) if times else None, "peak_memory_mb": max(peaks) if peaks else None}
+
+
+def _fused_workers(folder: Path) -> list[dict]:
+    """The fused launcher's workers (fused/workers.json): lanes and seconds from process start to exit."""
+    path = folder / "fused" / "workers.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    return [{"worker": r["worker"], "lanes": len(r["jobs"]),
+             "seconds": (r["finished_at"] - r["started_at"]) if r.get("finished_at") and r.get("started_at") else None} for r in rows]
+
+
+def _replies_by_job(folder: Path) -> dict[str, dict[tuple[str, int], str]]:
+    """{job key: {(conversation, frame): reply}} of a sweep folder's jobs (jobs sharing a key count once)."""
+    found = {}
+    for path in folder.glob("*/predictions.json"):
+        results = path.parent / "results.json"
+        key = json.loads(results.read_text()).get("job_key") if results.is_file() else None
+        if key:
+            document = json.loads(path.read_text())
+            found[key] = {(c["id"], f["index"]): f["gen"] for c in document.get("conversations", []) for f in c["frames"] if f["gen"]}
+    return found
+
+
+def reply_agreement(lanes: Path, alone: Path) -> dict:
+    """How often a fused lane's replies equal the same job's run alone (the GPU pool's optimized jobs): the
+    share of reply frames with the same text, over the jobs (by job key) both sweeps hold."""
+    mine, theirs = _replies_by_job(lanes), _replies_by_job(alone)
+    same = total = 0
+    per_job = {}
+    for job in sorted(set(mine) & set(theirs)):
+        frames = set(mine[job]) | set(theirs[job])
+        equal = sum(mine[job].get(f) == theirs[job].get(f) for f in frames)
+        per_job[job] = f"{equal}/{len(frames)}"
+        same, total = same + equal, total + len(frames)
+    return {"equal_replies": same, "replies": total, "rate": same / total if total else None, "per_job": per_job}
+
+
+def grid_commands(args, root: Path, keep_lens: tuple[str, ...]) -> dict[str, list[str]]:
+    """The `python -m prospect.run -m` command of each part (without its hydra.sweep.dir)."""
+    base = [sys.executable, "-m", "prospect.run", "-m", f"model={args.model}", "model.random_init=true",
+            "logger=none", "eval=none", f"dataset.generate.seconds={args.seconds}",
+            f"stream.max_new_tokens={args.reply_tokens}", f"stream.min_new_tokens={args.reply_tokens}"]
+    grid = [*base, "experiment=strategy_grid", "cache=false"]
+    eager_grid = ["strategy=none,drop_all,drop_middle,summarize_and_drop", f"strategy.last_keep_len={','.join(keep_lens)}"]
+    return {
+        "sequential_eager": grid + ["stream.optimized=false", "stream.vision_batch_size=1", *eager_grid],
+        "concurrent_optimized": grid + ["stream.optimized=true", "hydra/launcher=gpu_pool", f"hydra.launcher.jobs_per_gpu={args.jobs_per_gpu}"],
+        "fused": grid + ["hydra/launcher=fused", f"hydra.launcher.lanes_per_gpu={args.lanes_per_gpu}"],
+        # the result cache on (the zoo's shared keys run once), rooted in this run's fresh folder: every distinct job computed
+        "zoo_fused": [*base, "experiment=strategy_zoo", "hydra/launcher=fused", f"hydra.launcher.lanes_per_gpu={args.zoo_lanes_per_gpu}",
+                      f"cache_root={root / 'zoo_fused'}"],
+    }
+
+
+def run_grid(args) -> dict:
+    """The 12-job grid: sequential eager, optimized through the GPU pool, and (--fused) as lanes through the
+    fused launcher; `zoo_fused` times every distinct job of experiment=strategy_zoo as lanes."""
+    import torch  # only for the GPU's name: the sweeps load it in their own processes
+
+    # a fresh folder per bench run (earlier runs stay): no earlier job is counted or reused
+    root = Path(args.grid_dir) / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    keep_lens = ("512", "256", "1024")[: max(1, min(3, args.eager_jobs // 4))]
+    commands = grid_commands(args, root, keep_lens)
+    runs = {}
+    for name in grid_parts(args):
+        folder = root / name
+        runs[name] = _sweep(name, commands[name], folder)
+        if name in ("fused", "zoo_fused"):
+            runs[name]["workers"] = _fused_workers(folder)
+    report = {"grid": runs, "grid_dir": str(root), "model": args.model, "seconds": args.seconds, "reply_tokens": args.reply_tokens,
+              "jobs_per_gpu": args.jobs_per_gpu, "lanes_per_gpu": args.lanes_per_gpu,
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "note": "sequential eager ran the 4 strategies at last_keep_len " + ",".join(keep_lens) + " (jobs per hour compared)"}
+    ratios = {}
+    for faster, slower in (("concurrent_optimized", "sequential_eager"), ("fused", "sequential_eager"), ("fused", "concurrent_optimized")):
+        if faster in runs and slower in runs and runs[slower]["jobs_per_hour"]:
+            ratios[f"{faster}/{slower}"] = runs[faster]["jobs_per_hour"] / runs[slower]["jobs_per_hour"]
+    report["ratios"] = ratios
+    if "fused" in runs and "concurrent_optimized" in runs:
+        report["lane_agreement"] = reply_agreement(root / "fused", root / "concurrent_optimized")
+    return report
+
+
+def format_grid(report: dict) -> str:
+    """The grid report as the README's table."""
+    names = {"sequential_eager": "sequential eager", "concurrent_optimized": f"GPU pool, {report['jobs_per_gpu']} jobs per GPU",
+             "fused": "fused lanes (hydra/launcher=fused)", "zoo_fused": "strategy_zoo, fused"}
+    lines = [f"{report['model']} random-init, {report['seconds']:g} s video, {report['reply_tokens']}-token replies, GPU: {report['gpu']}", "",
+             "| sweep | jobs (computed) | ok | wall s | computed jobs/hour | ms/frame per job | peak MB |", "|---|---|---|---|---|---|---|"]
+    for name, run in report["grid"].items():
+        ms = f"{run['ms_per_frame']:.1f}" if run["ms_per_frame"] is not None else "-"
+        peak = f"{run['peak_memory_mb']:.0f}" if run.get("peak_memory_mb") else "-"
+        lines.append(f"| {names[name]} | {run['jobs']} ({run['computed']}) | {run['ok']} | {run['wall_s']:.0f} | {run['jobs_per_hour']:.0f} | {ms} | {peak} |")
+    lines.append("")
+    lines += [f"{ratio}: {value:.1f}x" for ratio, value in report["ratios"].items()]
+    agreement = report.get("lane_agreement")
+    if agreement and agreement["replies"]:
+        lines.append(f"fused lanes' replies equal to the same job run alone (GPU pool): {agreement['equal_replies']}/{agreement['replies']} "
+                     f"({100 * agreement['rate']:.0f}%)")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""`python -m prospect.bench` (mode `stream`): one stream on the eager path against the optimized path.
+
+Builds the model with random weights (no download), streams one synthetic video (seconds * fps + 1 frames,
+`turns` evenly spaced reference turns, replies of exactly `reply-tokens` tokens) under drop_middle
+4096/128/512, once per path after a short warm-up, and reports ms per frame (whole run), vision ms per frame,
+frame prefill ms, decode ms per token, peak memory, the eager/optimized ratio and how often the two paths'
+greedy replies agree. Both paths run without the stream's measurements (as before they existed); the
+optimized path then runs twice more in the same process, with the teacher-forced reference scores on and
+with the reference scores and the speak probe on (the defaults of a run), and the cost of each is reported as
+a ratio to the optimized run without them, with how many of its greedy replies equal the optimized run's. On
+a GPU in bf16 two optimized runs of one stream need not agree (kernels chosen under CUDA-graph capture round
+differently; random weights have near-flat logits), so a second optimized run without measurements gives
+that floor (on the CPU every run agrees).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+
+import torch
+
+from prospect.bench.common import bench_model, bench_videos, report_header
+from prospect.context_strategies import DropMiddle
+from prospect.stream.runner import StreamRunner, _synchronize, peak_memory_mb
+from prospect.stream.settings import StreamSettings
+
+log = logging.getLogger(__name__)
+
+# (name, path, reference scores, speak probe): the paths without measurements, then the optimized path with them
+RUNS = (("eager", False, False, False), ("optimized", True, False, False), ("optimized_again", True, False, False),
+        ("optimized+reference_scores", True, True, False), ("optimized+reference_scores+speak_probe", True, True, True))
+
+
+def measure(model, conversation, warmup, optimized: bool, args, reference_scores: bool = False,
+            speak_probe: bool = False) -> tuple[dict, dict[int, str]]:
+    """Stream `conversation` on one path (after `warmup` on the same runner); figures from its trace."""
+    settings = StreamSettings(
+        max_new_tokens=args.reply_tokens, min_new_tokens=args.reply_tokens, optimized=optimized,
+        vision_batch_size=args.vision_batch if optimized else 1, reference_scores=reference_scores, speak_probe=speak_probe,
+    )
+    strategy = DropMiddle(max_seq_len=args.max_seq_len, reserved_seq_len=args.reserved, last_keep_len=args.last_keep)
+    runner = StreamRunner(model, strategy, settings)
+    runner.run(warmup)
+    device = model.device
+    _synchronize(device)
+    started = time.perf_counter()
+    result = runner.run(conversation)
+    wall = time.perf_counter() - started
+    trace = result.trace
+    tokens = sum(r["generated_tokens"] for r in trace)
+    figures = {
+        "frames": len(trace),
+        "replies": len(result.replies),
+        "ms_per_frame": 1000 * wall / len(trace),
+        "vision_ms_per_frame": sum(r["vision_ms"] for r in trace) / len(trace),
+        "frame_prefill_ms": statistics.median(r["frame_prefill_ms"] for r in trace),
+        "decode_ms_per_token": sum(r["decode_ms"] for r in trace) / tokens if tokens else 0.0,
+        "peak_memory_mb": peak_memory_mb(device),
+        "compressions": sum("compress" in r["events"] for r in trace),
+        "max_cache": max(r["cache_max"] for r in trace),
+        "graphs_captured": runner.static.graphs_captured if runner.static is not None else 0,
+        "score_ms_per_frame": sum(r.get("score_ms", 0.0) for r in trace) / len(trace),
+        "probe_ms_per_frame": sum(r.get("probe_ms", 0.0) for r in trace) / len(trace),
+        "references_scored": sum("ref_nll" in r for r in trace),
+        "frames_probed": sum("speak_probability" in r for r in trace),
+    }
+    return figures, result.replies
+
+
+def run_bench(args) -> dict:
+    """The runs of RUNS that --paths and --no-measurements leave, on one model; the report (only
+    {"partial": figures} when eager or optimized was left out)."""
+    model = bench_model(args)
+    conversation, warmup = bench_videos(args)
+    results = {}
+    replies = {}
+    paths = args.paths.split(",")
+    for name, optimized, reference_scores, speak_probe in RUNS:
+        if (name.split("+")[0].removesuffix("_again") not in paths) or (name != "eager" and name != "optimized" and not args.measurements):
+            continue
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(model.device)
+        results[name], replies[name] = measure(model, conversation, warmup, optimized, args, reference_scores, speak_probe)
+        log.info("%s: %.1f ms/frame", name, results[name]["ms_per_frame"])
+    if not {"eager", "optimized"} <= set(results):
+        return {"partial": results}
+    common = sorted(set(replies["eager"]) & set(replies["optimized"]))
+    same = sum(replies["eager"][i] == replies["optimized"][i] for i in common)
+    measured = {name: {**results[name], "ratio_to_optimized": results[name]["ms_per_frame"] / results["optimized"]["ms_per_frame"],
+                       "reply_agreement_with_optimized": _agreement(replies[name], replies["optimized"])}
+                for name, *_ in RUNS[2:] if name in results}
+    return {
+        **report_header(args, model, conversation),
+        "strategy": f"drop_middle {args.max_seq_len}/{args.reserved}/{args.last_keep}",
+        "eager": results["eager"], "optimized": results["optimized"],
+        "ratio_eager_over_optimized": results["eager"]["ms_per_frame"] / results["optimized"]["ms_per_frame"],
+        "reply_agreement": same / len(common) if common else 0.0, "replies_compared": len(common),
+        "measurements": measured,
+    }
+
+
+def _agreement(replies: dict[int, str], reference: dict[int, str]) -> float:
+    """The share of `reference`'s replies that `replies` has identical, at the same frame."""
+    return sum(replies.get(index) == text for index, text in reference.items()) / len(reference) if reference else 1.0
+
+
+def format_bench(report: dict) -> str:
+    """The report as a table: eager against optimized, then one line per run with measurements (a partial
+    report, without one of the two paths, as its JSON)."""
+    if "partial" in report:
+        return json.dumps(report, indent=1)
+    rows = [("", "eager", "optimized", "eager/optimized")]
+    for key, label in (("ms_per_frame", "ms per frame (whole run)"), ("vision_ms_per_frame", "vision ms per frame"),
+                       ("frame_prefill_ms", "frame prefill ms (median)"), ("decode_ms_per_token", "decode ms per token"),
+                       ("peak_memory_mb", "peak memory MB")):
+        eager, fast = report["eager"][key], report["optimized"][key]
+        rows.append((label, f"{eager:.2f}", f"{fast:.2f}", f"{eager / fast:.2f}x" if fast else "-"))
+    width = [max(len(r[c]) for r in rows) for c in range(4)]
+    lines = [f"{report['model']} ({report['dtype']}) on {report['device']}, torch {report['torch']}, transformers "
+             f"{report['transformers']}, {report['date']}",
+             f"video: {report['video']['frames']} frames, {report['video']['reference_turns']} reference turns, replies of "
+             f"{report['video']['reply_tokens']} tokens; {report['strategy']}"]
+    lines += ["  ".join(cell.ljust(width[c]) if c == 0 else cell.rjust(width[c]) for c, cell in enumerate(row)) for row in rows]
+    lines.append(f"greedy replies identical on both paths: {report['reply_agreement']:.1%} of {report['replies_compared']}")
+    for name, figures in report.get("measurements", {}).items():
+        lines.append(f"{name}: {figures['ms_per_frame']:.2f} ms per frame = {figures['ratio_to_optimized']:.3f}x optimized "
+                     f"({figures['references_scored']} references scored, {figures['frames_probed']} frames probed; scoring "
+                     f"{figures['score_ms_per_frame']:.3f} + probing {figures['probe_ms_per_frame']:.3f} ms per frame; "
+                     f"{figures['reply_agreement_with_optimized']:.0%} of the replies identical to the optimized run's)")
+    return "\n".join(lines)
