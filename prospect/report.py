@@ -17,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from prospect.sweep.summary import FROM_SWEEP_CONFIG, BaselineError, write_summary
+from prospect.sweep.baselines import FROM_SWEEP_CONFIG, BaselineError
+from prospect.sweep.summary import write_summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 from scipy.stats import bootstrap
 
-from prospect.eval.intervals import CONFIDENCE, RESAMPLES, SEED, interval, interval_summary, intervals, paired_difference
-from prospect.eval.metrics import Tally, pool, summarize
+from prospect.eval.intervals import (
+    AGGREGATES, CONFIDENCE, POOLED, RESAMPLES, SEED, interval, interval_summary, intervals, paired_difference,
+)
+from prospect.eval.metrics import METRIC_NAMES, Tally, pool, summarize
+from prospect.eval.per_run_metrics import INTERVAL_METRICS, PER_RUN_METRICS, SHOWN_WITH_INTERVALS, SUMMARY_METRICS
+from prospect.eval.stream_scores import STREAM_SCORE_METRICS
+from prospect.tracking.results import stream_metrics
 
 
 def rows_from(values: dict[str, dict]) -> dict[str, dict]:
@@ -76,3 +81,12 @@ def test_the_wandb_summary_gets_the_bounds_of_the_metrics_that_have_an_interval(
     flat = interval_summary(found)
     assert set(flat) == {f"{m}_ci_{end}" for m in ("ref_nll", "ref_top1", "ref_ppl") for end in ("low", "high")}
     assert (flat["ref_nll_ci_low"], flat["ref_nll_ci_high"]) == (found["ref_nll"]["low"], found["ref_nll"]["high"])
+
+
+def test_every_declared_metric_is_computed_and_pools_by_a_known_rule():
+    """prospect.eval.per_run_metrics declares only what a computation writes; each aggregate names a rule here."""
+    record = {"events": ["frame"], "cache_after": 10, "wall_ms": 5.0}
+    computed = set(stream_metrics([[record]], 0.0)) | set(METRIC_NAMES) | set(STREAM_SCORE_METRICS) | {"dialogues_matched"}
+    assert {metric.name for metric in PER_RUN_METRICS} <= computed
+    assert {metric.aggregate for metric in PER_RUN_METRICS if metric.aggregate} <= set(AGGREGATES)
+    assert tuple(POOLED) == INTERVAL_METRICS and set(SHOWN_WITH_INTERVALS) == set(SUMMARY_METRICS) & set(INTERVAL_METRICS)

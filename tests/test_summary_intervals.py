@@ -21,11 +21,13 @@ import yaml
 
 from conftest import REPO
 from prospect.eval.intervals import interval, paired_difference
-from prospect.sweep.summary import (
-    DIFFERENCE_METRICS, SHOWN_WITH_INTERVALS, Overrides, collect_jobs, distinct_rows, number_text, pareto_figure,
-    ref_nll_by_turn_figure, write_summary,
-)
+from prospect.eval.per_run_metrics import DIFFERENCE_METRICS, SHOWN_WITH_INTERVALS
+from prospect.sweep.collect import collect_jobs, distinct_rows
+from prospect.sweep.overrides import Overrides
+from prospect.sweep.summary import ref_nll_by_turn_figure, write_summary
+from prospect.sweep.tables import number_text
 from prospect.tracking import REDUCTION_EVENTS
+from prospect.tracking.sweep_figures import pareto_figure
 from prospect.validation import ConfigError, check_command_line
 
 TINY_GRID = ["model=tiny_random", "model.device=cpu", "dataset.generate.videos=2", "dataset.generate.seconds=12",

@@ -19,11 +19,12 @@ from prospect.eval.intervals import interval
 from prospect.experiment import write_json
 from prospect.report import main as report_main
 from prospect.sweep.callbacks import SweepSummary
-from prospect.sweep.summary import (
-    NO_VALUES_REASON, Overrides, cache_timelines_figure, collect_jobs, distinct_rows, metrics_table, number_text, pareto_figure,
-    write_summary,
-)
+from prospect.sweep.collect import NO_VALUES_REASON, collect_jobs, distinct_rows
+from prospect.sweep.overrides import Overrides
+from prospect.sweep.summary import cache_timelines_figure, write_summary
+from prospect.sweep.tables import metrics_table, number_text
 from prospect.tracking.results import job_key, results_document, stream_metrics
+from prospect.tracking.sweep_figures import pareto_figure
 from prospect.validation import CONF_DIR
 
 STRATEGIES = ("none", "drop_all", "drop_middle", "summarize_and_drop")

@@ -2,7 +2,8 @@
 
 A run's metrics pool its conversations (F1 from summed counts, ref_ppl from summed NLL and tokens, ...).
 Their uncertainty comes from which conversations were drawn, so the interval resamples conversations:
-each metric is written as a function of additive per-conversation parts (`POOLED`), and
+each metric is written as a function of additive per-conversation parts (`POOLED`: the pooling rule,
+of `AGGREGATES`, that its declaration in prospect.eval.per_run_metrics names), and
 `scipy.stats.bootstrap` (BCa, CONFIDENCE, RESAMPLES, seeded with SEED: the same rows give the same
 interval) recomputes the pooled metric on every resample. A paired difference between two jobs resamples
 the conversations both ran (matched by id) and recomputes `metric(A) - metric(B)` on each: the
@@ -25,10 +26,8 @@ from typing import Any
 import numpy as np
 
 from prospect.eval import stream_scores as s
-from prospect.eval.metrics import (
-    F1, JACCARD_INDEX, MISSING_RATE, NUM_MATCHED, NUM_MISMATCHED, NUM_MISSED, NUM_REDUNDANT, PRECISION, RECALL,
-    REDUNDANT_RATE, TIME_DIFF,
-)
+from prospect.eval.metrics import NUM_MATCHED, NUM_MISMATCHED, NUM_MISSED, NUM_REDUNDANT
+from prospect.eval.per_run_metrics import BY_NAME, INTERVAL_METRICS
 
 CONFIDENCE = 0.95
 RESAMPLES = 9999
@@ -79,6 +78,11 @@ def _mean_of_parts(parts: np.ndarray) -> np.ndarray:
     return _ratio(parts[..., 0], parts[..., 1])
 
 
+def _reference_token_parts(row: Row) -> tuple[float, float] | None:
+    """Parts (summed NLL, tokens) of the reference tokens' perplexity (ref_nll is a mean over turns)."""
+    return (float(row[s.REF_NLL]) * row[s.REF_TURNS], float(row[s.REF_TOKENS])) if row.get(s.REF_TURNS) else None
+
+
 @dataclass(frozen=True)
 class PooledMetric:
     """A run metric as a function of summed per-conversation parts. `parts(row)`: the conversation's additive
@@ -90,28 +94,37 @@ class PooledMetric:
     value: Callable[[np.ndarray], np.ndarray]
 
 
-POOLED = {
-    metric.name: metric
-    for metric in (
-        PooledMetric(F1, _counts, _f1),
-        PooledMetric(PRECISION, _counts, _counts_ratio(lambda c, m, mi, r: c, lambda c, m, mi, r: c + m + r)),
-        PooledMetric(RECALL, _counts, _counts_ratio(lambda c, m, mi, r: c, lambda c, m, mi, r: c + m + mi)),
-        PooledMetric(JACCARD_INDEX, _counts, _counts_ratio(lambda c, m, mi, r: c, lambda c, m, mi, r: c + m + mi + r)),
-        PooledMetric(MISSING_RATE, _counts, _counts_ratio(lambda c, m, mi, r: mi, lambda c, m, mi, r: c + m + mi)),
-        PooledMetric(REDUNDANT_RATE, _counts, _counts_ratio(lambda c, m, mi, r: r, lambda c, m, mi, r: c + m + r)),
-        PooledMetric(TIME_DIFF, _weighted(TIME_DIFF, NUM_MATCHED), _mean_of_parts),
-        PooledMetric(s.REF_NLL, _weighted(s.REF_NLL, s.REF_TURNS), _mean_of_parts),
-        PooledMetric(s.REF_TOP1, _weighted(s.REF_TOP1, s.REF_TURNS), _mean_of_parts),
-        PooledMetric(s.REF_PPL, lambda row: (float(row[s.REF_NLL]) * row[s.REF_TURNS], float(row[s.REF_TOKENS]))
-                     if row.get(s.REF_TURNS) else None, lambda parts: np.exp(_mean_of_parts(parts))),
-        PooledMetric(s.SPEAK_AUC, lambda row: (float(row[s.SPEAK_AUC]), 1.0) if s.SPEAK_AUC in row else None, _mean_of_parts),
-        PooledMetric(s.SPEAK_PROB_DUE, _weighted(s.SPEAK_PROB_DUE, s.SPEAK_FRAMES_DUE), _mean_of_parts),
-        PooledMetric(s.SPEAK_PROB_NOT_DUE, _weighted(s.SPEAK_PROB_NOT_DUE, s.SPEAK_FRAMES_NOT_DUE), _mean_of_parts),
-        PooledMetric("avg_cache_size", _weighted("avg_cache_size", "frames_processed"), _mean_of_parts),
-        PooledMetric("time_per_frame", _weighted("time_per_frame", "frames_processed"), _mean_of_parts),
-    )
+def _of_counts(value: Callable[[np.ndarray], np.ndarray]) -> Callable[[str], PooledMetric]:
+    return lambda name: PooledMetric(name, _counts, value)
+
+
+def _mean_per(weight_key: str) -> Callable[[str], PooledMetric]:
+    return lambda name: PooledMetric(name, _weighted(name, weight_key), _mean_of_parts)
+
+
+def _mean_per_conversation(name: str) -> PooledMetric:
+    return PooledMetric(name, lambda row: (float(row[name]), 1.0) if name in row else None, _mean_of_parts)
+
+
+# The pooling rules a declared metric's `aggregate` names (prospect.eval.per_run_metrics): each makes the
+# metric's PooledMetric from its name.
+AGGREGATES: dict[str, Callable[[str], PooledMetric]] = {
+    "f1_of_counts": _of_counts(_f1),
+    "precision_of_counts": _of_counts(_counts_ratio(lambda c, m, mi, r: c, lambda c, m, mi, r: c + m + r)),
+    "recall_of_counts": _of_counts(_counts_ratio(lambda c, m, mi, r: c, lambda c, m, mi, r: c + m + mi)),
+    "jaccard_index_of_counts": _of_counts(_counts_ratio(lambda c, m, mi, r: c, lambda c, m, mi, r: c + m + mi + r)),
+    "missing_rate_of_counts": _of_counts(_counts_ratio(lambda c, m, mi, r: mi, lambda c, m, mi, r: c + m + mi)),
+    "redundant_rate_of_counts": _of_counts(_counts_ratio(lambda c, m, mi, r: r, lambda c, m, mi, r: c + m + r)),
+    "mean_per_matched_turn": _mean_per(NUM_MATCHED),
+    "mean_per_reference_turn": _mean_per(s.REF_TURNS),
+    "perplexity_per_reference_token": lambda name: PooledMetric(name, _reference_token_parts,
+                                                                lambda parts: np.exp(_mean_of_parts(parts))),
+    "mean_per_conversation": _mean_per_conversation,
+    "mean_per_due_frame": _mean_per(s.SPEAK_FRAMES_DUE),
+    "mean_per_not_due_frame": _mean_per(s.SPEAK_FRAMES_NOT_DUE),
+    "mean_per_frame": _mean_per("frames_processed"),
 }
-INTERVAL_METRICS = tuple(POOLED)
+POOLED = {name: AGGREGATES[BY_NAME[name].aggregate](name) for name in INTERVAL_METRICS}
 
 
 def _usable(rows: Mapping[str, Row], metric: PooledMetric) -> dict[str, tuple[float, ...]]:

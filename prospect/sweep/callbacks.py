@@ -13,7 +13,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from prospect.sweep.summary import FROM_SWEEP_CONFIG, BaselineError, FromSweepConfig, baseline_text, write_summary
+from prospect.sweep.baselines import FROM_SWEEP_CONFIG, BaselineError, FromSweepConfig, baseline_text
+from prospect.sweep.summary import write_summary
 
 log = logging.getLogger(__name__)
 

@@ -21,15 +21,10 @@ RESULTS_SCHEMA = "prospect.results/1"
 PROTOCOL_VERSION = 4  # 2: token provenance (cache_frame_share); 3: proassist_exact in ProAssist's float32 arithmetic;
 # 4: teacher-forced reference scores and P(speak) per frame in the trace and predictions
 
-# Stream metrics (the seed's names where it had them), computed from the per-frame trace.
-STREAM_METRICS = (
-    "frames_processed", "dialogues_generated", "tokens_generated", "cache_compressions", "avg_cache_size", "max_cache_size",
-    "kv_cache_peak_mb", "cache_frame_share", "time_per_frame", "time_per_frame_p95", "decode_ms_per_token", "peak_memory_mb",
-)
-
 
 def stream_metrics(traces: list[list[dict]], peak_memory_mb: float, kv_bytes_per_token: int = 0) -> dict[str, float]:
-    """Stream figures over all fed frames: counts, cache tokens, seconds per frame, ms per decoded token.
+    """Stream figures over all fed frames (the seed's names where it had them): counts, cache tokens, seconds
+    per frame, ms per decoded token. Those that outputs list are declared in prospect.eval.per_run_metrics.
 
     peak_memory_mb is the allocator's peak (CUDA max allocated; on CPU the process's peak RSS, model
     loading included); the KV buffer is preallocated to the strategy's capacity, so it barely differs
