@@ -26,9 +26,10 @@ from omegaconf import OmegaConf
 from prospect.context_strategies import BaseContextStrategy, create_strategy
 from prospect.data.proassist import conversation_from_images
 from prospect.models.vlm import VisionLanguageModel, load_model
-from prospect.stream.runner import ConversationResult, StreamRunner
+from prospect.stream.frame_record import ConversationResult
+from prospect.stream.runner import StreamRunner
 from prospect.stream.settings import StreamSettings
-from prospect.validation import CONF_DIR
+from prospect.conf_files import CONF_DIR
 
 log = logging.getLogger(__name__)
 

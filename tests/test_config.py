@@ -4,34 +4,60 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 
 import pytest
+from omegaconf import open_dict
 
 from conftest import REPO, compose
-from prospect.validation import ConfigError, check_command_line, group_options, validate
+from prospect.validation import CONF_DIR, ConfigError, check_command_line, group_options, validate
 
-GROUP_OPTIONS = {
+# The seed's options, which must stay; every option of every group (its YAML files) is composed below.
+REQUIRED_OPTIONS = {
     "model": ["offline_smollm2", "tiny_random", "smolvlm2_256m", "smolvlm2_500m", "smolvlm2_2b"],
     "strategy": ["none", "full", "drop_all", "drop_middle", "summarize_and_drop"],
     "dataset": ["synthetic", "proassist"],
     "eval": ["proassist", "offline"],
     "logger": ["wandb", "none"],
 }
+COMPOSED_GROUPS = ("model", "strategy", "dataset", "eval", "logger", "experiment")
 
 
 def test_every_required_option_exists():
-    for group, options in GROUP_OPTIONS.items():
+    for group, options in REQUIRED_OPTIONS.items():
         assert set(options) <= set(group_options(group)), group
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts])
+@pytest.mark.parametrize("group,option", [(g, o) for g in COMPOSED_GROUPS for o in group_options(g)])
 def test_every_option_composes_and_validates(group, option, synthetic_root):
     overrides = [f"{group}={option}"]
     if option == "proassist" and group == "dataset":
         overrides += [f"dataset.root={synthetic_root}", "dataset.subset=synthetic", "dataset.annotation=dialog_test_L0_I1"]
     cfg = compose(*overrides)
     validate(cfg)
-    assert cfg[group].name == option
+    if group != "experiment":  # a preset sets other groups; it has no node of its own
+        assert cfg[group].name == option
+
+
+def _compose_with_hydra(*overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize("option", group_options("hydra/launcher"))
+def test_every_launcher_composes_and_validates(option):
+    from hydra.errors import MissingConfigException
+
+    try:
+        cfg = _compose_with_hydra(f"hydra/launcher={option}")
+    except MissingConfigException as error:  # a launcher of a plugin that is not installed (slurm: prospect[slurm])
+        pytest.skip(f"hydra/launcher={option}: {error}".splitlines()[0])
+    assert "." in cfg.hydra.launcher._target_  # the launcher class (tests/test_sweep.py runs them)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    validate(cfg)
 
 
 def test_defaults_are_the_offline_embedded_run():
@@ -53,7 +79,7 @@ def test_strategy_parameter_override_and_shared_keys():
 
 
 def test_model_options_carry_hub_id_dtype_device_random_init():
-    for option in GROUP_OPTIONS["model"]:
+    for option in group_options("model"):
         model = compose(f"model={option}").model
         assert {"hub_id", "dtype", "device", "random_init"} <= set(model.keys())
         assert model.device == "auto"
@@ -101,6 +127,11 @@ BAD_COMMAND_LINES = [
     (["eval=none", "eval.speak_probe=2"], "eval.speak_probe=2: must be true or false"),
     (["+stream.reference_scores=false"], "stream.reference_scores: set it in the eval group: eval.reference_scores"),
     (["dataset.generate.named_user=3"], "dataset.generate.named_user=3: must be true or false"),
+    (["model.foo=1"], "model.foo=1: unknown key; model has: name, hub_id, path"),
+    (["dataset.foo=1"], "dataset.foo=1: unknown key; dataset has: name, subset, annotation"),
+    (["eval.foo=1"], "eval.foo=1: unknown key; eval has: name, sentence_model, match_threshold"),
+    (["logger.foo=1"], "logger.foo=1: unknown key; logger has: name, mode, project"),
+    (["+summary.foo=1"], "summary.foo: unknown key; summary has: baseline"),
 ]
 
 
@@ -162,3 +193,64 @@ def test_path_values_with_equals_signs_are_quoted_for_hydra():
         f"predictions='{job}/predictions.json'", "strategy=drop_all,none", "dataset.root=/a,/b"
     ]
     assert quote_path_overrides(["hydra.run.dir=/tmp/it's=1"]) == ["hydra.run.dir='/tmp/it\\'s=1'"]
+
+
+USER_STRATEGY = """
+from dataclasses import dataclass
+
+from prospect.cache import cache_length
+from prospect.context_strategies import BaseContextStrategy
+
+
+@dataclass
+class KeepTail(BaseContextStrategy):
+    \"\"\"Keep the initial cache and the last tail_len tokens.\"\"\"
+
+    tail_len: int = 256
+
+    @property
+    def name(self) -> str:
+        return "keep_tail"
+
+    def handle_overflow(self, past_key_values, last_msg, **context):
+        length = cache_length(past_key_values)
+        self.keep(past_key_values, [(0, self.init_len), (max(length - self.tail_len, self.init_len), length)])
+        return past_key_values, last_msg
+"""
+
+
+@pytest.fixture
+def user_conf(tmp_path, monkeypatch):
+    """A user's strategy outside the repository: one module on the Python path and one YAML in their own
+    config folder (selected with hydra.searchpath)."""
+    package = tmp_path / "user_strategies"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "keep_tail.py").write_text(textwrap.dedent(USER_STRATEGY))
+    conf = tmp_path / "conf"
+    (conf / "strategy").mkdir(parents=True)
+    (conf / "strategy" / "keep_tail.yaml").write_text("_target_: user_strategies.keep_tail.KeepTail\nname: keep_tail\ntail_len: 128\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return conf
+
+
+def test_strategy_in_a_config_folder_outside_the_repository(user_conf):
+    from prospect.validation import _job_override_lists
+
+    searchpath = f"hydra.searchpath=[file://{user_conf}]"
+    check_command_line(["-m", searchpath, "strategy=drop_middle,keep_tail", "summary.baseline=keep_tail"])
+    check_command_line([f"hydra.searchpath=[{user_conf}]", "strategy=keep_tail", "strategy.tail_len=64"])
+    jobs = _job_override_lists([searchpath, "strategy=glob(*)"], True, search_path=[f"file://{user_conf}"])
+    assert [job[-1] for job in jobs] == [f"strategy={name}" for name in sorted([*group_options("strategy"), "keep_tail"])]
+    with pytest.raises(ConfigError) as raised:
+        check_command_line(["-m", searchpath, "strategy=drop_middle,keep_tale"])
+    assert str(raised.value) == (
+        "strategy=keep_tale: unknown strategy; choose one of: drop_all, drop_frames, drop_middle, frame_coverage, full, "
+        "keep_tail, key_norm, none, snapkv, streaming_llm, summarize_and_drop, tar_van")
+    with pytest.raises(ConfigError) as raised:  # without the search path it is unknown, as before
+        check_command_line(["strategy=keep_tail"])
+    assert str(raised.value) == BAD_COMMAND_LINES[0][1].replace("drop_midle", "keep_tail")
+    with pytest.raises(ConfigError, match="^strategy.tail_len=x: must be an integer$"):  # the user's class checks its keys
+        check_command_line([searchpath, "strategy=keep_tail", "strategy.tail_len=x"])
+    with pytest.raises(ConfigError, match=r"must be a list of folders, e\.g\. hydra\.searchpath=\[file:///a,/b\]$"):
+        check_command_line([f"hydra.searchpath={user_conf}", "strategy=keep_tail"])
