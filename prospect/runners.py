@@ -26,8 +26,7 @@ from omegaconf import OmegaConf
 from prospect.context_strategies import BaseContextStrategy, create_strategy
 from prospect.data.proassist import conversation_from_images
 from prospect.models.vlm import VisionLanguageModel, load_model
-from prospect.stream.frame_record import ConversationResult
-from prospect.stream.runner import StreamRunner
+from prospect.stream.runner import ConversationResult, StreamRunner
 from prospect.stream.settings import StreamSettings
 from prospect.conf_files import CONF_DIR
 
