@@ -1,4 +1,4 @@
-"""Lanes: jobs that differ only in their strategy stream one conversation together (DESIGN.md §11).
+"""Lanes: jobs that differ only in their strategy stream one conversation together (docs/sweeps.md, "Fused sweeps").
 
 Each lane must give exactly what its job gives alone on the optimized path: bitwise replies and trace
 (timings aside) on CPU in fp32, for every strategy, under both talk policies, with lanes of different
@@ -13,7 +13,9 @@ from prospect.cache import cache_length
 from prospect.context_strategies import STRATEGIES, create_strategy
 from prospect.models.static_forward import StaticForward
 from prospect.stream.lanes import LaneRunner
-from prospect.stream.runner import TIMING_FIELDS, StreamRunner, StreamSettings
+from prospect.stream.frame_record import TIMING_FIELDS
+from prospect.stream.runner import StreamRunner
+from prospect.stream.settings import StreamSettings
 
 SMALL = dict(max_seq_len=384, reserved_seq_len=32, last_keep_len=64, summary_max_new_tokens=24)
 TIMING = set(TIMING_FIELDS)

@@ -14,8 +14,10 @@ from prospect.cache import clone_cache
 from prospect.context_strategies import STRATEGIES, ContextOverflowError, create_strategy
 from prospect.eval.stream_scores import conversation_scores, pool, speak_auc
 from prospect.stream.lanes import LaneRunner
-from prospect.stream.reference_scores import TURN_FIELDS
-from prospect.stream.runner import TIMING_FIELDS, ConversationResult, StreamRunner, StreamSettings
+from prospect.stream.frame_record import TURN_FIELDS
+from prospect.stream.frame_record import TIMING_FIELDS, ConversationResult
+from prospect.stream.runner import StreamRunner
+from prospect.stream.settings import StreamSettings
 
 SMALL = dict(max_seq_len=384, reserved_seq_len=32, last_keep_len=64, summary_max_new_tokens=24)
 TIMING = set(TIMING_FIELDS)
@@ -257,7 +259,7 @@ def test_a_reference_longer_than_the_room_left_is_scored_on_its_first_tokens(tin
         else:
             assert record["ref_tokens"] == len(target)
     from prospect.eval.stream_scores import conversation_scores as scores
-    from prospect.experiment import predictions_document
+    from prospect.tracking.job_files import predictions_document
 
     entry = predictions_document([on])["conversations"][0]
     assert scores(entry)["ref_truncated_turns"] == len(truncated)

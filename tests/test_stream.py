@@ -8,7 +8,8 @@ import torch
 
 from prospect.cache import cache_length, keep_spans, make_contiguous
 from prospect.context_strategies import DropAll, DropMiddle, FullContext, NoContext, SummarizeAndDrop, create_strategy
-from prospect.stream.runner import StreamRunner, StreamSettings
+from prospect.stream.runner import StreamRunner
+from prospect.stream.settings import StreamSettings
 
 SMALL = dict(max_seq_len=384, reserved_seq_len=32)
 

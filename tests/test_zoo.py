@@ -13,7 +13,8 @@ import torch
 from prospect.cache import KIND, PositionedCache, Provenance, cache_length, crop_end, keep_spans, make_contiguous
 from prospect.context_strategies import STRATEGIES, create_strategy
 from prospect.context_strategies.frame_coverage import evenly_in_time
-from prospect.stream.runner import StreamRunner, StreamSettings
+from prospect.stream.runner import StreamRunner
+from prospect.stream.settings import StreamSettings
 
 ZOO = ("streaming_llm", "drop_frames", "frame_coverage", "tar_van", "key_norm", "snapkv")
 TEXT_FIRST = ("drop_frames", "frame_coverage", "tar_van")

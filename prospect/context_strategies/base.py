@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from prospect.context_strategies.events import COMPRESS
 from prospect.typed_fields import check_field_types
 from prospect.cache import PositionedCache, cache_length, clone_cache, keep_spans, keep_tokens, make_contiguous
 
@@ -44,7 +45,11 @@ class BaseContextStrategy(ABC):
     reserved_seq_len: int = 128
     position_mode: str = "original"
 
-    event: ClassVar[str] = "compress"  # what a reduction is called in the trace
+    # What the runner reads off every strategy (seed-style strategies get these defaults):
+    event: ClassVar[str] = COMPRESS  # what a reduction is called in the trace (one of events.REDUCTION_EVENTS)
+    records_queries: ClassVar[bool] = False  # the stream records each token's pre-RoPE queries for `score` (SnapKV)
+    last_summary: ClassVar[str | None] = None  # a SUMMARY strategy sets it on itself: the summary its last reduction
+    # decoded, which the trace records (a class default, not a field: it is no config key)
     bounded: ClassVar[bool] = True  # the cache never holds more than max_seq_len (the zoo compares these)
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""What the zoo's strategies share (README "Comparing strategies"), written once: the equal-budget rule, the protected
+"""What the zoo's strategies share (docs/strategies.md), written once: the equal-budget rule, the protected
 prefix and window, text first, whole frames, and no orphan frame text.
 
 Equal budget: at a reduction a `BudgetKeep` strategy keeps the protected prefix (the initial cache, as

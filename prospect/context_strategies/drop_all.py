@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prospect.context_strategies.base import BaseContextStrategy
+from prospect.context_strategies.events import RESET
 
 
 @dataclass
@@ -11,7 +12,7 @@ class DropAll(BaseContextStrategy):
     """`drop_all` (ProAssist DROP_ALL): over the threshold, empty the cache entirely (the system prompt
     and goal are lost too) and continue; positions restart at 0."""
 
-    event = "reset"
+    event = RESET
 
     @property
     def name(self) -> str:

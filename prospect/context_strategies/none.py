@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prospect.context_strategies.base import BaseContextStrategy
+from prospect.context_strategies.events import RESET
 
 
 @dataclass
@@ -14,7 +15,7 @@ class NoContext(BaseContextStrategy):
     is constant (the seed's "each turn starts fresh"). Positions restart right after the initial context in
     every position mode, so a long video never runs positions up."""
 
-    event = "reset"
+    event = RESET
 
     @property
     def name(self) -> str:

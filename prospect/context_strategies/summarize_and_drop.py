@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prospect.context_strategies.base import BaseContextStrategy
+from prospect.context_strategies.events import SUMMARY
 
 
 @dataclass
@@ -21,7 +22,7 @@ class SummarizeAndDrop(BaseContextStrategy):
     summary_prompt: str = "Please summarize the progress."
     summary_max_new_tokens: int = 512
 
-    event = "summary"
+    event = SUMMARY
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,4 +1,4 @@
-"""Lanes (README "Fused sweeps"): the jobs of a sweep that differ only in their context strategy stream one
+"""Lanes (docs/sweeps.md, "Fused sweeps"): the jobs of a sweep that differ only in their context strategy stream one
 conversation together through one model.
 
 A lane is one job's strategy with its own cache, positions, provenance, trace and replies; the model, the
@@ -12,18 +12,21 @@ Equality: every lane runs exactly the operations of its job run alone on the opt
 `batch_lanes` false (the default off CUDA) a step computes the lanes one after the other, and each lane's
 replies and trace are bitwise those of the job alone; batched (the default on CUDA, where the graphs replay
 all lanes at once), a matrix product's rounding depends on how many lanes it holds, so results agree up to
-that rounding (README "Fused sweeps" gives the measured agreement).
+that rounding (docs/sweeps.md, "Fused sweeps", gives the measured agreement).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import inspect
+from typing import Any, Callable, Sequence
 
 from prospect.context_strategies import BaseContextStrategy
 from prospect.data.types import Conversation
 from prospect.models.static_forward import StaticForward
 from prospect.models.vlm import VisionLanguageModel
-from prospect.stream.runner import ConversationResult, StreamRunner, stream_lanes
+from prospect.stream.frame_record import ConversationResult
+from prospect.stream.frame_loop import stream_lanes
+from prospect.stream.runner import StreamRunner
 from prospect.stream.settings import StreamSettings
 
 
@@ -43,7 +46,7 @@ class LaneRunner:
         if settings.optimized is False:
             raise ValueError("optimized=false: lanes run the optimized (static) step; run the jobs alone for the eager one")
         capacities = [strategy.capacity(model.max_positions) for strategy in strategies]
-        record = any(getattr(strategy, "records_queries", False) for strategy in strategies)
+        record = any(strategy.records_queries for strategy in strategies)
         self.model = model
         self.static = StaticForward(model, capacities, record_queries=record, batch_lanes=batch_lanes)
         self.lanes = [StreamRunner(model, strategy, settings, static=self.static, lane=i) for i, strategy in enumerate(strategies)]
@@ -61,3 +64,40 @@ class LaneRunner:
         each frame of all lanes: the safe points (what they raise stops every lane)."""
         results = results if results is not None else [ConversationResult(conversation) for _ in self.lanes]
         return stream_lanes(self.lanes, conversation, results, progress, on_frames, on_step, isolate=True)
+
+
+class OneLane:
+    """A runner of one job (StreamRunner, the oracle, or a seed-style runner with `run(conversation, result,
+    progress[, on_frame])`) behind LaneRunner's interface, as its one lane: the run path treats a single job as
+    the one-lane case. Unlike LaneRunner's lanes, an error propagates (the caller records the conversation
+    failed). A runner whose run() takes no `on_frame` hands over its frames' records after the conversation."""
+
+    def __init__(self, runner: Any):
+        self.runner = runner
+        self.model = getattr(runner, "model", None)
+        try:
+            self.per_frame = "on_frame" in inspect.signature(runner.run).parameters
+        except (TypeError, ValueError):
+            self.per_frame = False
+
+    def run(self, conversation: Conversation, results: list[ConversationResult] | None = None, progress: bool = False,
+            on_frames: list | None = None, on_step: Callable[[int], None] | None = None) -> list[ConversationResult]:
+        """As LaneRunner.run, for the one lane."""
+        result = results[0] if results else ConversationResult(conversation)
+        on_frame = on_frames[0] if on_frames else None
+        if not self.per_frame:
+            try:
+                self.runner.run(conversation, result, progress=progress)
+            finally:  # what it made, also when it raised
+                for record in result.trace if on_frame is not None else ():
+                    on_frame(record)
+            return [result]
+
+        def each_frame(record: dict) -> None:  # the safe point between frames
+            if on_frame is not None:
+                on_frame(record)
+            if on_step is not None:
+                on_step(record["index"])
+
+        self.runner.run(conversation, result, progress=progress, on_frame=each_frame)
+        return [result]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from prospect.data.types import Conversation
-from prospect.stream.runner import ConversationResult
+from prospect.stream.frame_record import ConversationResult
 
 
 class OracleRunner:

@@ -12,9 +12,6 @@ from typing import Sequence
 
 import torch
 
-# what a frame whose reference was scored carries in trace.jsonl and predictions.json
-TURN_FIELDS = ("ref_nll", "ref_tokens", "ref_top1", "ref_truncated")
-
 
 def token_scores(logits: torch.Tensor, targets: Sequence[int]) -> tuple[float, int]:
     """(summed negative log-likelihood in nats, count of targets that are the argmax) of `targets` under

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from prospect.typed_fields import check_field_types
 
 TALK_POLICIES = ("gt_turns", "threshold")
@@ -58,13 +60,6 @@ class StreamSettings:
             raise ValueError(f"vision_batch_size={self.vision_batch_size}: must be auto or an integer >= 1")
 
 
-def check_reply_fits(strategy: BaseContextStrategy, settings: StreamSettings) -> None:
-    """A reply of max_new_tokens must fit under the strategy's reduction threshold."""
-    room = strategy.max_seq_len - strategy.reserved_seq_len
-    if settings.max_new_tokens >= room:
-        raise ValueError(f"max_new_tokens={settings.max_new_tokens}: must be < max_seq_len - reserved_seq_len ({room})")
-
-
 def check_reply_fits(strategy: Any, settings: StreamSettings) -> None:
     """A reply of max_new_tokens must fit under the strategy's reduction threshold."""
     room = strategy.max_seq_len - strategy.reserved_seq_len
@@ -75,7 +70,5 @@ def check_reply_fits(strategy: Any, settings: StreamSettings) -> None:
 def stream_settings(cfg: Any) -> StreamSettings:
     """The stream settings of a composed config: `stream.*`, the seed, and the measurements `eval` asks of
     the stream."""
-    from omegaconf import OmegaConf
-
     return StreamSettings(**OmegaConf.to_container(cfg.stream, resolve=True), seed=int(cfg.seed),
                           **{key: bool(cfg.eval.get(key, True)) for key in STREAM_MEASUREMENTS})

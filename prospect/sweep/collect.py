@@ -14,11 +14,17 @@ import yaml
 
 from prospect.eval.intervals import interval
 from prospect.eval.per_run_metrics import SHOWN_WITH_INTERVALS, SUMMARY_METRICS
-from prospect.sweep.overrides import split_override
+from prospect.stream.frame_record import FrameRecord
 
 log = logging.getLogger(__name__)
 
 NO_VALUES_REASON = "no interval: no conversation row gives this metric a value (time_diff needs a matched turn)"
+
+
+def split_override(override: str) -> tuple[str, str]:
+    """'strategy.last_keep_len=256' -> ('strategy.last_keep_len', '256'); '~key' -> ('~key', '')."""
+    key, _, value = override.partition("=")
+    return key, value
 
 
 @dataclass
@@ -139,7 +145,7 @@ def metric_intervals(results: Mapping | None, names: Sequence[str] = SHOWN_WITH_
     return found
 
 
-def trace_records(job: Job) -> list[dict]:
+def trace_records(job: Job) -> list[FrameRecord]:
     """The records of a job's trace.jsonl ([] without one); a line cut by a killed job is skipped."""
     trace = job.folder / "trace.jsonl"
     if not trace.is_file():

@@ -122,7 +122,7 @@ def memory_sets(jobs: list[PoolJob]) -> list[list[PoolJob]]:
         strategies = [strategy_from_config(OmegaConf.create(j.config["strategy"])) for j in jobs]
         capacity = max(strategy.capacity(text.max_position_embeddings) for strategy in strategies)
         lane = kv_bytes_per_lane(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, dtype_bytes, capacity)
-        if any(getattr(strategy, "records_queries", False) for strategy in strategies):  # every lane then keeps queries too
+        if any(strategy.records_queries for strategy in strategies):  # every lane then keeps queries too
             lane += query_bytes_per_lane(text.num_hidden_layers, text.num_attention_heads, text.head_dim, dtype_bytes, capacity)
         lane += activation_bytes_per_lane(text.hidden_size, text.intermediate_size, text.vocab_size, dtype_bytes)
         free, _ = torch.cuda.mem_get_info(device)

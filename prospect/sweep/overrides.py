@@ -8,18 +8,11 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-if TYPE_CHECKING:  # collect.py imports split_override from here
-    from prospect.sweep.collect import Job
-
-
-def split_override(override: str) -> tuple[str, str]:
-    """'strategy.last_keep_len=256' -> ('strategy.last_keep_len', '256'); '~key' -> ('~key', '')."""
-    key, _, value = override.partition("=")
-    return key, value
+from prospect.sweep.collect import Job, split_override
 
 
 def _join(key: str, value: str) -> str:

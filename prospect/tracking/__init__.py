@@ -1,18 +1,18 @@
 """Tracking: the W&B mirror of a run's local files, a reader for offline `.wandb` logs, and the cache-size
 plot and HTML timeline built from trace.jsonl and predictions.json.
 
-Shared here: how trace records (prospect/stream/runner.py) name and carry cache reductions.
+Shared here: how trace records (prospect/stream/frame_record.py) name and carry cache reductions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
-REDUCTION_EVENTS = ("compress", "reset", "summary")  # strategy events in a trace record's "events"
+from prospect.context_strategies.events import REDUCTION_EVENTS  # noqa: F401  (read by plots, timeline, results)
+from prospect.stream.frame_record import FrameRecord
 
 
-def reductions(record: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+def reductions(record: FrameRecord) -> list[tuple[str, int, int]]:
     """(event, tokens before, tokens after) for each cache reduction of one trace record, in order.
 
     The runner appends one strategy event and one {before, after} entry per reduction; a record without
@@ -28,9 +28,9 @@ def reductions(record: Mapping[str, Any]) -> list[tuple[str, int, int]]:
     return result
 
 
-def by_conversation(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+def by_conversation(records: Iterable[FrameRecord]) -> dict[str, list[FrameRecord]]:
     """Trace records grouped by conversation id, in first-seen order (records keep their order)."""
-    groups: dict[str, list[Mapping[str, Any]]] = {}
+    groups: dict[str, list[FrameRecord]] = {}
     for record in records:
         groups.setdefault(str(record.get("conversation", "")), []).append(record)
     return groups

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
+from prospect.stream.frame_record import FrameRecord
 from prospect.tracking import REDUCTION_EVENTS, by_conversation, reductions
 
 EVENT_COLOURS = {"compress": "#ff7f0e", "reset": "#d62728", "summary": "#2ca02c"}  # one per reduction event
@@ -13,7 +13,7 @@ EVENT_MARKERS = {"compress": "v", "reset": "x", "summary": "s"}
 MAX_LEGEND_CONVERSATIONS = 8  # more conversations than this: lines stay unlabelled
 
 
-def cache_curve(records: Iterable[Mapping[str, Any]]) -> list[tuple[float, int]]:
+def cache_curve(records: Iterable[FrameRecord]) -> list[tuple[float, int]]:
     """(time s, cache tokens) points of one conversation: per frame, the most tokens held during the step
     (`cache_max`, else the size before its reductions) when above the size after it, then the size after
     it, so a reduction shows as a vertical drop."""
@@ -26,10 +26,10 @@ def cache_curve(records: Iterable[Mapping[str, Any]]) -> list[tuple[float, int]]
     return points
 
 
-def plot_cache_sizes(path_png: str | Path, records: Iterable[Mapping[str, Any]], title: str, max_seq_len: int | None = None) -> Path:
+def plot_cache_sizes(path_png: str | Path, records: Iterable[FrameRecord], title: str, max_seq_len: int | None = None) -> Path:
     """Write a PNG of cache length (tokens) against stream time (s) per conversation, with compressions,
     resets and summaries marked and an optional max_seq_len line. Returns the path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy, with the next: matplotlib costs ~0.5 s, only when a figure is drawn
     from matplotlib.figure import Figure
 
     groups = by_conversation(records)

@@ -4,6 +4,7 @@ and job key. Written even when the run fails (status "failed" with the error).""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from prospect.stream.frame_record import FrameRecord
 from prospect.tracking import REDUCTION_EVENTS
 
 RESULTS_SCHEMA = "prospect.results/1"
@@ -22,7 +24,7 @@ PROTOCOL_VERSION = 4  # 2: token provenance (cache_frame_share); 3: proassist_ex
 # 4: teacher-forced reference scores and P(speak) per frame in the trace and predictions
 
 
-def stream_metrics(traces: list[list[dict]], peak_memory_mb: float, kv_bytes_per_token: int = 0) -> dict[str, float]:
+def stream_metrics(traces: list[list[FrameRecord]], peak_memory_mb: float, kv_bytes_per_token: int = 0) -> dict[str, float]:
     """Stream figures over all fed frames (the seed's names where it had them): counts, cache tokens, seconds
     per frame, ms per decoded token. Those that outputs list are declared in prospect.eval.per_run_metrics.
 
@@ -54,13 +56,11 @@ def stream_metrics(traces: list[list[dict]], peak_memory_mb: float, kv_bytes_per
 
 def _strategy_part(strategy: dict) -> dict:
     """Only the parameters the strategy class uses (strategies that ignore last_keep_len share a key)."""
-    from prospect.context_strategies import strategy_parameters
+    from prospect.context_strategies import strategy_parameters  # lazy: the strategy registry loads torch
 
     target = strategy.get("_target_")
     try:
         module_name, _, class_name = str(target).rpartition(".")
-        import importlib
-
         accepted = strategy_parameters(getattr(importlib.import_module(module_name), class_name))
     except (ImportError, AttributeError, ValueError):
         accepted = None
@@ -70,7 +70,7 @@ def _strategy_part(strategy: dict) -> dict:
 
 def resolved_execution(model: dict, stream: dict) -> dict:
     """What "auto" settles to on this machine: device type, dtype, optimized path."""
-    import torch
+    import torch  # lazy: the launchers and summaries import this module and load no torch
 
     device = str(model.get("device", "auto"))
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device.split(":")[0]
@@ -114,7 +114,7 @@ def _git(args: list[str]) -> str | None:
 
 def environment(device: str | None = None) -> dict[str, Any]:
     """Where the numbers came from: code version, libraries and device."""
-    import torch
+    import torch  # lazy, with the next: the launchers and summaries import this module and load no torch
     import transformers
 
     commit = _git(["rev-parse", "HEAD"])

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from prospect.stream.frame_record import FrameRecord
 from prospect.tracking import REDUCTION_EVENTS, by_conversation, reductions
 from prospect.tracking.plots import EVENT_COLOURS, cache_curve
 
@@ -64,7 +65,7 @@ def _simplify(points: list[tuple[float, float]], tolerance: float = 0.25) -> lis
     return kept
 
 
-def _conversation_svg(frames: list[Mapping[str, Any]], records: list[Mapping[str, Any]], duration: float, max_seq_len: int | None) -> str:
+def _conversation_svg(frames: list[Mapping[str, Any]], records: list[FrameRecord], duration: float, max_seq_len: int | None) -> str:
     plot_w = WIDTH - LEFT - RIGHT
     curve = cache_curve(records)
     top_tokens = max([size for _, size in curve] + [max_seq_len or 0, 1]) * 1.05
@@ -134,7 +135,7 @@ def _turns_table(frames: list[Mapping[str, Any]]) -> str:
 def write_timeline(
     path_html: str | Path,
     predictions: Mapping[str, Any],
-    records: Iterable[Mapping[str, Any]],
+    records: Iterable[FrameRecord],
     title: str,
     max_seq_len: int | None = None,
 ) -> Path:

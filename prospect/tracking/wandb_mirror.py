@@ -1,4 +1,4 @@
-"""Weights & Biases mirror of a run's local result files (README "Weights & Biases").
+"""Weights & Biases mirror of a run's local result files (docs/evaluation.md, "Weights & Biases").
 
 The local files (results.json, predictions.json, trace.jsonl) are the record; W&B only mirrors them:
 config, per-frame history, summary metrics and a predictions table. The mirror never fails a run:
@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
 
+from prospect.stream.frame_record import FrameRecord
 from prospect.tracking import REDUCTION_EVENTS, reductions
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def api_key_configured() -> bool:
     return bool(entry and entry[2])
 
 
-def history_row(record: Mapping[str, Any]) -> dict[str, Any]:
+def history_row(record: FrameRecord) -> dict[str, Any]:
     """One trace record (stream/runner.py) as a W&B history row. Times in s, latencies in ms, sizes in tokens."""
     events = record.get("events", [])
     row: dict[str, Any] = {
@@ -113,7 +114,7 @@ class WandbMirror:
         if logger_cfg.get("name") != "wandb":
             return
         try:
-            import wandb
+            import wandb  # lazy: wandb costs ~0.5 s, only with logger=wandb
 
             mode = logger_cfg.get("mode")
             forced_offline = mode is None and not os.environ.get("WANDB_MODE") and not api_key_configured()
@@ -135,7 +136,7 @@ class WandbMirror:
         except Exception as error:  # W&B must never fail the run
             self._disable("wandb.init", error)
 
-    def log_trace(self, records: Iterable[Mapping[str, Any]]) -> None:
+    def log_trace(self, records: Iterable[FrameRecord]) -> None:
         """Log trace records as history rows; steps continue across calls (one call per conversation is fine)."""
         if self.run is None:
             return
@@ -156,7 +157,7 @@ class WandbMirror:
             if summary:
                 run.summary.update(dict(_plain(summary)))
             if predictions:
-                import wandb
+                import wandb  # lazy: wandb costs ~0.5 s, only with logger=wandb
 
                 run.log({"predictions": wandb.Table(columns=PREDICTION_COLUMNS, data=prediction_rows(predictions))})
         except Exception as error:
@@ -192,7 +193,7 @@ def _teardown_broken_service() -> None:
     """After a run could not be finished (the W&B service process died, say), tear W&B's session down so
     that its exit hook does not print a traceback when the process ends; the next run starts a new service."""
     try:
-        import wandb
+        import wandb  # lazy: wandb costs ~0.5 s, only with logger=wandb
 
         wandb.teardown()
     except (Exception, SystemExit):  # teardown reports a broken service by raising or sys.exit

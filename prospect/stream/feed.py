@@ -1,0 +1,149 @@
+"""What the stream's modules share: which frames are fed with which turns, the provenance kind of a turn,
+CUDA-synchronized timing and peak memory, the vision features of the fed frames, one forward step over
+lanes, and the per-lane failure bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from prospect.cache import KIND, Provenance, cache_length
+from prospect.data.types import Conversation, StreamFrame, Turn
+from prospect.models.vlm import VisionLanguageModel
+from prospect.stream.frame_record import ConversationResult
+
+if TYPE_CHECKING:  # a type only: runner.py imports this module
+    from prospect.stream.runner import StreamRunner
+
+log = logging.getLogger(__name__)
+
+KNOWLEDGE_PREFIX = "Task knowledge:"  # ProAssist's knowledge system turn (kept for summaries)
+SCORE_ALIGN = 16  # a scored reference is fed padded to a multiple of this many tokens (room allowing): few graph shapes
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max allocated since the last reset; CPU: the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def turn_kind(turn: Turn) -> int:
+    """The provenance kind of a fed text turn (ProAssist's knowledge is a system turn)."""
+    if turn.role == "system":
+        return KIND["knowledge"] if turn.content.startswith(KNOWLEDGE_PREFIX) else KIND["system"]
+    return KIND["user"] if turn.role == "user" else KIND["assistant"]
+
+
+def frames_to_feed(conversation: Conversation, stride: int) -> list[tuple[StreamFrame, tuple[Turn, ...], tuple[str, ...]]]:
+    """(frame, turns fed before it, references due at it) for every `stride`-th frame; gt_turns speaks at the
+    frames with references due.
+
+    Turns and references of skipped frames move to the next fed frame, so nothing is lost by striding;
+    references stay at their own frame for evaluation.
+    """
+    fed = []
+    turns: list[Turn] = []
+    due: list[str] = []
+    last = len(conversation.frames) - 1
+    for frame in conversation.frames:
+        turns.extend(frame.turns_before)
+        if frame.reference is not None:
+            due.append(frame.reference)
+        if frame.index % stride == 0 or frame.index == last:
+            fed.append((frame, tuple(turns), tuple(due)))
+            turns, due = [], []
+    return fed
+
+
+def frame_features(model: VisionLanguageModel, conversation: Conversation, frames: list[StreamFrame], batch: int):
+    """(image features, vision ms per frame) of the fed frames, in order, `batch` frames per vision call."""
+    device = model.device
+    for start in range(0, len(frames), batch):
+        chunk = frames[start : start + batch]
+        images = [conversation.image(frame.index) for frame in chunk]
+        synchronize(device)
+        t0 = time.perf_counter()
+        encoded = model.image_features(images)
+        synchronize(device)
+        per_frame = (time.perf_counter() - t0) * 1000 / len(chunk)
+        for row in encoded:
+            yield row, per_frame
+
+
+def forward_lanes(
+    lanes: list[StreamRunner],
+    ids: list[list[int]],
+    image: torch.Tensor | None = None,
+    kind: int | None = None,
+    provenances: list[Provenance] | None = None,
+    all_logits: bool = False,
+    append: bool = True,
+) -> list[torch.Tensor]:
+    """Feed `ids[i]` to lane i (one step for lanes on one StaticForward, else one after the other); returns each
+    lane's last logits (every token's with all_logits). append=False: computed on top of each cache, which is
+    left as it was (a measurement, see score_references and probe_speak)."""
+    if not lanes:
+        return []
+    if provenances is None:
+        provenances = [Provenance.of(len(chunk), KIND["assistant"] if kind is None else kind) for chunk in ids]
+    static = lanes[0].static
+    if len(lanes) == 1 or static is None or any(lane.static is not static for lane in lanes) or len({len(c) for c in ids}) > 1:
+        return [lane._forward(chunk, image, provenance=p, all_logits=all_logits, append=append)
+                for lane, chunk, p in zip(lanes, ids, provenances)]
+    firsts = [lane.cache.next_position for lane in lanes]
+    logits = static.forward_lanes([lane.cache for lane in lanes], ids, image, all_logits, provenances, append)
+    for row, lane, chunk, first in zip(logits, lanes, ids, firsts):
+        lane._cache_max = max(lane._cache_max, cache_length(lane.cache))
+        if lane.on_forward is not None and append:
+            lane.on_forward(chunk, image, torch.arange(first, first + len(chunk)), row)
+    return list(logits)
+
+
+class LaneFailures:
+    """Per-lane error handling of `stream_lanes`: with `isolate`, a lane that raises is recorded failed (its
+    result's error) and leaves this conversation while the others go on; without, the error propagates."""
+
+    def __init__(self, lanes: list[StreamRunner], results: list[ConversationResult], isolate: bool):
+        self.results = {id(lane): result for lane, result in zip(lanes, results)}
+        self.isolate = isolate
+        self.alive = list(lanes)
+
+    def fail(self, lanes: list[StreamRunner], error: Exception) -> None:
+        if not self.isolate:
+            raise error
+        for lane in lanes:
+            if lane in self.alive:
+                self.alive.remove(lane)
+                result = self.results[id(lane)]
+                result.error = f"{type(error).__name__}: {error}"
+                log.error("lane %s (%s): conversation %s failed after %d frames: %s", lane.lane, lane.strategy.name,
+                          result.conversation.id, len(result.trace), result.error)
+
+    def each(self, lanes: list[StreamRunner], action: Callable[[StreamRunner], Any]) -> dict[int, Any]:
+        """action(lane) for each live lane of `lanes`; returns {id(lane): value} of those that did not fail."""
+        values = {}
+        for lane in [lane for lane in lanes if lane in self.alive]:
+            try:
+                values[id(lane)] = action(lane)
+            except Exception as error:
+                self.fail([lane], error)
+        return values
+
+    def together(self, lanes: list[StreamRunner], action: Callable[[list[StreamRunner]], Any]) -> Any:
+        """action(live lanes) once; if it raises, every one of them failed. Returns its value or None."""
+        lanes = [lane for lane in lanes if lane in self.alive]
+        try:
+            return action(lanes) if lanes else None
+        except Exception as error:
+            self.fail(lanes, error)
+            return None
