@@ -1,219 +1,50 @@
-"""One run as a plain function (tests call it): config -> dataset -> model -> stream (strategy inside)
--> predictions.json + trace.jsonl -> evaluation -> results.json, plots, timeline -> W&B mirror.
+"""The run path, one plain function for 1..L jobs (tests call it): config -> dataset -> model -> stream
+(strategy inside) -> predictions.json + trace.jsonl -> evaluation -> results.json, plots, timeline -> W&B.
+
+`run(cfg, output_dir)` is one job; `run_jobs(cfgs, output_dirs, lanes=True)` runs jobs that differ only in
+their strategy as lanes of one model (prospect.stream.lanes; the fused launcher calls it). A single job is
+the one-lane case: the same skeleton validates each job, loads the dataset and the model once, streams,
+scores and writes each job's files.
 
 Local files are the source of truth and are written first; results.json is written even when the run
-fails, without losing the predictions already made.
-
-Interruptions (README "Interruptions and preemption"): while a run is on, SIGINT, SIGTERM and SIGUSR2
-(submitit's preemption/time-limit signal) only set a flag (`StopSignals`); the stream stops at the next
-safe point, after the frame in progress, by raising `Interrupted`. trace.jsonl is appended and flushed
-frame by frame, predictions.json gets the replies of the conversation in progress (marked partial),
-results.json says failed and names the signal, W&B finishes with exit code 128 + the signal's number, and
-`python -m prospect.run` exits with that code (130, 143, 140). The same signal a second time stops at once.
+fails, without losing the predictions already made. Stop signals (prospect/signals.py; docs/sweeps.md,
+"Interruptions and preemption") stop every lane after the frame in progress; what was computed is
+written, then `Interrupted` is raised.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import json
 import logging
-import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from prospect.context_strategies import strategy_from_config
 from prospect.data import load_dataset
-from prospect.signals import Interrupted, StopSignals
-from prospect.eval import PREDICTIONS_SCHEMA
-from prospect.eval.intervals import intervals, interval_summary
-from prospect.eval.stream_scores import SPEAK_FIELD
 from prospect.data.types import Conversation
-from prospect.stream.runner import ConversationResult
+from prospect.eval import evaluate_predictions, measured_scores
+from prospect.eval.intervals import interval_summary, intervals
+from prospect.models.vlm import load_model
+from prospect.signals import Interrupted, StopSignals
+from prospect.stream.frame_record import ConversationResult
+from prospect.stream.lanes import LaneRunner, OneLane
+from prospect.stream.oracle import OracleRunner
+from prospect.stream.feed import peak_memory_mb
+from prospect.stream.runner import StreamRunner
 from prospect.stream.settings import stream_settings
 from prospect.tracking.console import console_summary
+from prospect.tracking.job_files import JobFiles, predictions_document, write_json
 from prospect.tracking.results import environment, job_key, results_document, stream_metrics
+from prospect.validation import validate
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("results.json", "predictions.json", "trace.jsonl", "timeline.html", "cache_sizes.png")
-
-
-def predictions_document(results: list[ConversationResult]) -> dict:
-    """predictions.json: per conversation, the frames where the model spoke or a reference exists."""
-    conversations = []
-    for result in results:
-        c = result.conversation
-        entry = {
-            "id": c.id,
-            "video_uid": c.video_uid,
-            "subset": c.subset,
-            "user_type": c.user_type,
-            "fps": c.fps,
-            "num_frames": c.num_frames,
-            "frames": result.prediction_frames(),
-        }
-        speak = result.speak_probabilities()
-        if speak is not None:
-            entry[SPEAK_FIELD] = speak
-        if result.error:
-            entry["error"] = result.error
-        partial = getattr(result, "partial", None)
-        if partial:  # interrupted: the replies up to the frame it stopped at (skipped by evaluation: error)
-            entry["partial"] = True
-            entry.update(partial)
-        conversations.append(entry)
-    return {"schema": PREDICTIONS_SCHEMA, "conversations": conversations}
-
-
-def write_json(path: Path, document: Any) -> None:
-    """Write atomically (a crash never leaves half a file)."""
-    staging = path.with_suffix(path.suffix + ".tmp")
-    staging.write_text(json.dumps(document, indent=1, ensure_ascii=False, default=str) + "\n")
-    os.replace(staging, path)
-
-
-@dataclass
-class StreamedConversation(ConversationResult):
-    """A ConversationResult that can say it was cut short: `partial` = {"frames_streamed", "stopped_at"}."""
-
-    partial: dict | None = None
-
-
-def _takes_on_frame(runner: Any) -> bool:
-    try:
-        return "on_frame" in inspect.signature(runner.run).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-class JobFiles:
-    """A job's streamed outputs: trace.jsonl gets each frame's record as soon as the frame is processed
-    (appended and flushed) and `on_record(record)` follows (the W&B mirror); predictions.json is rewritten
-    after each conversation, and when anything stops the stream with the replies of the conversation in
-    progress, marked partial."""
-
-    def __init__(self, output_dir: Path, results: list[ConversationResult], on_record: Callable[[dict], None] | None = None):
-        self.output_dir, self.results, self.on_record = output_dir, results, on_record
-        self.trace = (output_dir / "trace.jsonl").open("w", encoding="utf-8")
-
-    def record(self, record: dict) -> None:
-        self.trace.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.trace.flush()
-        if self.on_record is not None:
-            self.on_record(record)
-
-    def predictions(self) -> None:
-        write_json(self.output_dir / "predictions.json", predictions_document(self.results))
-
-    def conversation_done(self, result: ConversationResult) -> None:
-        self.predictions()
-        for index, reply in sorted(result.replies.items()):
-            log.info("%s @%.1fs: %s", result.conversation.id, result.conversation.frames[index].time, reply)
-
-    def stopped(self, result: StreamedConversation, runner: Any, error: BaseException) -> None:
-        _mark_partial(result, runner, error)
-        self.predictions()
-
-    def close(self) -> None:
-        self.trace.close()
-
-
-def _conversation_failed(result: ConversationResult, error: Exception) -> None:
-    result.error = f"{type(error).__name__}: {error}"
-    log.error("conversation %s failed after %d frames: %s", result.conversation.id, len(result.trace), result.error)
-
-
-def stream_conversations(
-    runner: Any,
-    conversations: Iterable[Conversation],
-    output_dir: Path,
-    on_result: Callable[[ConversationResult], None] | None = None,
-    results: list[ConversationResult] | None = None,
-    on_record: Callable[[dict], None] | None = None,
-    stop: StopSignals | None = None,
-) -> list[ConversationResult]:
-    """Stream each conversation into `results` (appended as they start, so an interrupted run keeps them),
-    writing the job's files as it goes (JobFiles). After each frame `stop.check()` may end the run with
-    `Interrupted`. A failing conversation is recorded (error) and the others still run. A runner whose run()
-    takes no `on_frame` gets its records written after each conversation."""
-    results = [] if results is None else results
-    per_frame = _takes_on_frame(runner)
-    files = JobFiles(output_dir, results, on_record)
-
-    def on_frame(record: dict) -> None:  # the safe point between frames
-        files.record(record)
-        if stop is not None:
-            stop.check(f"at frame {record['index']} of conversation {record['conversation']}")
-
-    try:
-        for conversation in conversations:
-            result = StreamedConversation(conversation)
-            results.append(result)
-            try:
-                if per_frame:
-                    runner.run(conversation, result, progress=True, on_frame=on_frame)
-                else:
-                    runner.run(conversation, result, progress=True)
-            except Exception as error:  # recorded per conversation; the others still run
-                _conversation_failed(result, error)
-            except BaseException as error:  # interrupted: keep what this conversation made, then stop
-                if not per_frame:
-                    for record in result.trace:
-                        files.record(record)
-                files.stopped(result, runner, error)
-                raise
-            if not per_frame:
-                for record in result.trace:
-                    files.record(record)
-            files.conversation_done(result)
-            if on_result is not None:
-                on_result(result)
-            if stop is not None:
-                stop.check(f"after conversation {conversation.id}")
-    finally:
-        files.close()
-    return results
-
-
-def _mark_partial(result: StreamedConversation, runner: Any, error: BaseException) -> None:
-    """Mark the conversation in progress as cut short by `error`: what was streamed stays."""
-    last = result.trace[-1] if result.trace else None
-    result.partial = {
-        "frames_streamed": len(result.trace),
-        "stopped_at": None if last is None else {"index": last["index"], "time": last["time"]},
-    }
-    reason = str(error) if isinstance(error, Interrupted) else f"interrupted ({type(error).__name__})"
-    result.error = f"{reason}; partial: {len(result.trace)} of {result.conversation.num_frames} frames streamed"
-    device = getattr(getattr(runner, "model", None), "device", None)
-    if device is not None and not result.peak_memory_mb:
-        from prospect.stream.runner import peak_memory_mb
-
-        with contextlib.suppress(Exception):
-            result.peak_memory_mb = peak_memory_mb(device)
-
-
-def build_runner(cfg: DictConfig):
-    """The stream runner of the config: the oracle, or a model under a context strategy."""
-    if cfg.model.get("oracle"):
-        from prospect.stream.oracle import OracleRunner
-
-        return OracleRunner(), "cpu"
-    from prospect.context_strategies import strategy_from_config
-    from prospect.models.vlm import load_model
-    from prospect.stream.runner import StreamRunner
-
-    model = load_model(cfg.model, cfg.paths.cache_dir, seed=int(cfg.seed))
-    strategy = strategy_from_config(cfg.strategy)
-    log.info(
-        "model %s (%s, %s), strategy %s", model.name, model.device, str(model.dtype).removeprefix("torch."), strategy.name
-    )
-    return StreamRunner(model, strategy, stream_settings(cfg)), str(model.device)
+SHARED_EXCLUDED = ("strategy", "logger")  # what may differ between the jobs of one run_jobs call
 
 
 @dataclass
@@ -251,8 +82,6 @@ def recording_failure(report: RunReport) -> Iterator[None]:
 def score(report: RunReport, eval_cfg: DictConfig) -> None:
     """Evaluate the predictions made so far (ProAssist protocol) unless eval=none."""
     if eval_cfg.name != "none":
-        from prospect.eval import evaluate_predictions
-
         report.evaluation = evaluate_predictions(predictions_document(report.results), eval_cfg)
 
 
@@ -261,8 +90,6 @@ def scored(report: RunReport, predictions: dict) -> dict:
     of the predictions (reference scores, P(speak)): {"metrics", "per_conversation", ...}."""
     if report.evaluation:
         return report.evaluation
-    from prospect.eval import measured_scores
-
     return measured_scores(predictions)
 
 
@@ -321,7 +148,7 @@ def finish_run(
         write_json(output_dir / "results.json", document)
         records = [rec for r in report.results for rec in r.trace]
         try:
-            from prospect.tracking.plots import plot_cache_sizes
+            from prospect.tracking.plots import plot_cache_sizes  # lazy: matplotlib costs ~1 s, only when the figure is drawn
             from prospect.tracking.timeline import write_timeline
 
             plot_cache_sizes(output_dir / "cache_sizes.png", records, title=f"{strategy_name}: cache length", max_seq_len=max_seq_len)
@@ -346,8 +173,6 @@ def run_name(cfg: DictConfig) -> str:
     if cfg.logger.get("job_name"):
         return str(cfg.logger.job_name)
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         overrides = HydraConfig.get().job.override_dirname
     except ValueError:  # not inside a Hydra app
         overrides = ""
@@ -355,144 +180,65 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """Run the experiment of `cfg` into `output_dir`; returns the results.json document.
-
-    SIGINT/SIGTERM/SIGUSR2 stop it at the next safe point (module docstring): the files are written, then
-    `Interrupted` is raised. A signal that comes once the last frame is streamed lets the run finish (its
-    result stands, status ok) and `Interrupted` is raised after the files are written."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    key = job_key(config)
-    report = RunReport()
-    mirror = None
-    device = None
-    with StopSignals.current() as stop:
-        if cfg.logger.name == "wandb":
-            from prospect.tracking.wandb_mirror import WandbMirror
-
-            mirror = WandbMirror()
-            mirror.start(cfg.logger, output_dir, config, name=run_name(cfg))
-        try:
-            with recording_failure(report):
-                loaded = load_dataset(cfg.dataset)
-                stop.check("while loading the dataset, before the stream started")
-                if not loaded.conversations:
-                    raise RuntimeError(f"dataset {cfg.dataset.name}: no conversation to run ({len(loaded.skipped)} skipped)")
-                runner, device = build_runner(cfg)
-                stop.check("while loading the model, before the stream started")
-                report.kv_bytes_per_token = getattr(getattr(runner, "model", None), "kv_bytes_per_token", 0)
-                log.info("%d conversations, job key %s", len(loaded.conversations), key)
-                on_record = (lambda record: mirror.log_trace([record])) if mirror is not None else None  # per frame
-                stream_conversations(runner, loaded.conversations, output_dir, None, report.results, on_record, stop)
-                score(report, cfg.eval)
-        finally:  # also when interrupted: what was computed is written
-            stop.writing = True
-            try:
-                document = finish_run(
-                    report, output_dir, config, environment(device), key, str(cfg.strategy.name), int(cfg.strategy.max_seq_len), mirror
-                )
-            finally:
-                stop.writing = False
-        stop.check("after the run finished (its results are complete)")
-    return document
+    """Run the job of `cfg` into `output_dir` (its own step: eager or optimized, as `stream.optimized` says);
+    returns its results.json document. See run_jobs."""
+    return run_jobs([cfg], [output_dir])[0]
 
 
+def run_jobs(cfgs: Sequence[DictConfig], output_dirs: Sequence[str | Path], lanes: bool = False,
+             batch_lanes: bool | None = None) -> list[dict]:
+    """Run jobs that differ only in their strategy (and logger) with one dataset and one model; each job
+    writes exactly its own files (results.json with its job key, predictions, trace, plots, its own W&B run)
+    into its own folder. Returns the results.json documents, in order.
 
-def _lane_stream(runner: Any, conversations: Iterable[Conversation], files: list["JobFiles"], results: list[list], stop: StopSignals) -> None:
-    """stream_conversations for the lanes of a LaneRunner: each lane's files are written as its job's."""
-    for conversation in conversations:
-        lane_results = [StreamedConversation(conversation) for _ in files]
-        for job_results, result in zip(results, lane_results):
-            job_results.append(result)
-        try:
-            runner.run(conversation, lane_results, progress=True, on_frames=[f.record for f in files],
-                       on_step=lambda index: stop.check(f"at frame {index} of conversation {conversation.id}"))
-        except Exception as error:  # a failure of what the lanes share (frames, vision): every lane's conversation
-            for result in lane_results:
-                result.error = result.error or f"{type(error).__name__}: {error}"
-            log.error("conversation %s failed in every lane: %s: %s", conversation.id, type(error).__name__, error)
-        except BaseException as error:  # interrupted: keep what each lane made, then stop
-            for job_files, result in zip(files, lane_results):
-                job_files.stopped(result, runner, error)
-            raise
-        for job_files, result in zip(files, lane_results):
-            job_files.conversation_done(result)
-        stop.check(f"after conversation {conversation.id}")
+    One job without `lanes` runs alone (prospect.stream.lanes.OneLane), on the step `stream.optimized` picks.
+    With `lanes`, the jobs are lanes of one LaneRunner on the optimized step: `stream.optimized: auto` is
+    settled to true before the job keys are computed, a lane that raises is recorded failed and the others go
+    on, and results.json names the lane set. `batch_lanes`: see LaneRunner.
 
-
-def run_lanes(cfgs: list[DictConfig], output_dirs: list[str | Path], batch_lanes: bool | None = None) -> list[dict]:
-    """Run jobs that differ only in their strategy as lanes of one process (prospect.stream.lanes): the
-    dataset and model are loaded once, each frame's vision features computed once, and each job writes
-    exactly the files `run` writes (results.json with its job key, predictions, trace, plots, its own W&B
-    run) into its own folder. A job whose strategy cannot be built, or whose lane raises, is recorded failed
-    and the others go on. Lanes run the optimized step: `stream.optimized: auto` is settled to true before the
-    job keys are computed. Signals stop every lane at the next frame, as `run` stops (module docstring).
-    `batch_lanes` (prospect.stream.lanes.LaneRunner): None batches the lanes' steps where CUDA graphs run.
-    Returns the results.json documents, in order."""
-    from omegaconf import open_dict
-
+    Each job's config is validated here (prospect.validation), before anything loads: a job whose config
+    is bad, or whose strategy cannot be built, is recorded failed alone. SIGINT/SIGTERM/SIGUSR2 stop every
+    job at the next frame (prospect/signals.py): the files are written, then `Interrupted` is raised. A
+    signal that comes once the last frame is streamed lets the jobs finish (status ok) and `Interrupted` is
+    raised after their files are written."""
     if len(cfgs) != len(output_dirs) or not cfgs:
-        raise ValueError(f"run_lanes: {len(cfgs)} configs for {len(output_dirs)} output folders")
-    if any(cfg.model.get("oracle") for cfg in cfgs):  # no model, nothing to share
+        raise ValueError(f"run_jobs: {len(cfgs)} configs for {len(output_dirs)} output folders")
+    if not lanes and len(cfgs) > 1:
+        raise ValueError(f"run_jobs: {len(cfgs)} jobs without lanes; pass lanes=True to run them as lanes of one model")
+    if lanes and any(cfg.model.get("oracle") for cfg in cfgs):  # no model, nothing to share
         return [run(cfg, output_dir) for cfg, output_dir in zip(cfgs, output_dirs)]
-    for cfg in cfgs:
-        if cfg.stream.optimized == "auto":
-            with open_dict(cfg):
-                cfg.stream.optimized = True
+    if lanes:
+        for cfg in cfgs:
+            if cfg.stream.optimized == "auto":
+                with open_dict(cfg):
+                    cfg.stream.optimized = True
     dirs = [Path(d) for d in output_dirs]
     for folder in dirs:
         folder.mkdir(parents=True, exist_ok=True)
     configs = [OmegaConf.to_container(cfg, resolve=True) for cfg in cfgs]
     keys = [job_key(config) for config in configs]
-    shared_parts = [{k: v for k, v in config.items() if k not in ("strategy", "logger")} for config in configs]
     reports = [RunReport() for _ in cfgs]
-    shared = RunReport()  # a failure of what the lanes share is every job's failure
-    mirrors: list[Any] = [None] * len(cfgs)
+    shared = RunReport()  # a failure of what the jobs share is every job's failure
     device = None
     lanes_info: dict[str, Any] = {"jobs": len(cfgs), "job_keys": keys}
     with StopSignals.current() as stop:
-        for index, cfg in enumerate(cfgs):
-            if cfg.logger.name == "wandb":
-                from prospect.tracking.wandb_mirror import WandbMirror
-
-                mirrors[index] = WandbMirror()
-                mirrors[index].start(cfg.logger, dirs[index], configs[index], name=run_name(cfg), concurrent=True)
+        mirrors = [start_mirror(cfg, folder, config, concurrent=lanes) for cfg, folder, config in zip(cfgs, dirs, configs)]
         try:
             with recording_failure(shared):
-                if any(part != shared_parts[0] for part in shared_parts):
-                    raise ValueError("run_lanes: the jobs differ in more than their strategy (and logger)")
+                check_shared(configs)
                 loaded = load_dataset(cfgs[0].dataset)
                 stop.check("while loading the dataset, before the stream started")
                 if not loaded.conversations:
                     raise RuntimeError(f"dataset {cfgs[0].dataset.name}: no conversation to run ({len(loaded.skipped)} skipped)")
-                from prospect.context_strategies import strategy_from_config
-                from prospect.models.vlm import load_model
-                from prospect.stream.lanes import LaneRunner
-
-                settings = stream_settings(cfgs[0])
-                model = load_model(cfgs[0].model, cfgs[0].paths.cache_dir, seed=int(cfgs[0].seed))
-                device = str(model.device)
+                runner, live, device = build_runner(cfgs, reports, lanes, batch_lanes)
                 stop.check("while loading the model, before the stream started")
-                from prospect.validation import validate
-
-                strategies, live = [], []
-                for index, cfg in enumerate(cfgs):
-                    reports[index].kv_bytes_per_token = model.kv_bytes_per_token
-                    with recording_failure(reports[index]):  # a job whose config is bad fails alone
-                        validate(cfg)
-                        strategies.append(strategy_from_config(cfg.strategy))
-                        live.append(index)
-                if not live:
-                    raise RuntimeError("no job of this lane set could start (see each job's error)")
-                runner = LaneRunner(model, strategies, settings, batch_lanes=batch_lanes)
-                lanes_info.update(lanes=len(live), batched=runner.static.batch_lanes)
-                log.info("%d lanes (%s) on %s, %d conversations", len(live), ", ".join(s.name for s in strategies), device,
-                         len(loaded.conversations))
-                files = [JobFiles(dirs[i], reports[i].results,
-                                  (lambda record, m=mirrors[i]: m.log_trace([record])) if mirrors[i] is not None else None) for i in live]
+                if lanes:
+                    lanes_info.update(lanes=len(live), batched=runner.static.batch_lanes)
+                log.info("%d conversations, job key%s %s", len(loaded.conversations), "s" if len(live) > 1 else "",
+                         ", ".join(keys[i] for i in live))
+                files = [JobFiles(dirs[i], reports[i].results, mirror_trace(mirrors[i])) for i in live]
                 try:
-                    _lane_stream(runner, loaded.conversations, files, [reports[i].results for i in live], stop)
+                    stream_jobs(runner, loaded.conversations, files, [reports[i].results for i in live], stop)
                 finally:
                     for job_files in files:
                         job_files.close()
@@ -501,17 +247,98 @@ def run_lanes(cfgs: list[DictConfig], output_dirs: list[str | Path], batch_lanes
                         score(reports[index], cfgs[index].eval)
         finally:  # also when interrupted: what was computed is written, job by job
             stop.writing = True
-            documents = []
             try:
+                documents = []
                 for index, cfg in enumerate(cfgs):
                     report = reports[index]
                     if shared.status != "ok" and report.status == "ok":
                         report.status, report.error, report.exit_code = shared.status, shared.error, shared.exit_code
-                    documents.append(finish_run(
-                        report, dirs[index], configs[index], environment(device), keys[index], str(cfg.strategy.name),
-                        int(cfg.strategy.max_seq_len), mirrors[index], extra={"lanes": {**lanes_info, "job": index}},
-                    ))
+                    extra = {"lanes": {**lanes_info, "job": index}} if lanes else None
+                    documents.append(finish_run(report, dirs[index], configs[index], environment(device), keys[index],
+                                                str(cfg.strategy.name), int(cfg.strategy.max_seq_len), mirrors[index], extra))
             finally:
                 stop.writing = False
         stop.check("after the run finished (its results are complete)")
     return documents
+
+
+def check_shared(configs: Sequence[dict]) -> None:
+    """The jobs of one call share everything but their strategy and logger."""
+    shared_parts = [{k: v for k, v in config.items() if k not in SHARED_EXCLUDED} for config in configs]
+    if any(part != shared_parts[0] for part in shared_parts):
+        raise ValueError("run_jobs: the jobs differ in more than their strategy (and logger)")
+
+
+def start_mirror(cfg: DictConfig, output_dir: Path, config: dict, concurrent: bool) -> Any:
+    """The job's W&B mirror, started (logger=wandb), or None."""
+    if cfg.logger.name != "wandb":
+        return None
+    from prospect.tracking.wandb_mirror import WandbMirror  # lazy: wandb takes seconds to import
+
+    mirror = WandbMirror()
+    mirror.start(cfg.logger, output_dir, config, name=run_name(cfg), concurrent=concurrent)
+    return mirror
+
+
+def mirror_trace(mirror: Any):
+    """The per-frame callback that logs a trace record to the job's W&B run, or None."""
+    return (lambda record: mirror.log_trace([record])) if mirror is not None else None
+
+
+def build_runner(cfgs: Sequence[DictConfig], reports: Sequence[RunReport], lanes: bool, batch_lanes: bool | None):
+    """(runner, indices of the jobs that start, device) for the jobs: each job's config validated and its
+    strategy built (a job that fails either is recorded failed alone), then the oracle or one model under a
+    LaneRunner (lanes) or the job alone (OneLane)."""
+    live, strategies = [], []
+    oracle = bool(cfgs[0].model.get("oracle"))
+    for index, cfg in enumerate(cfgs):
+        with recording_failure(reports[index]):
+            validate(cfg)
+            strategies.append(None if oracle else strategy_from_config(cfg.strategy))
+            live.append(index)
+    if not live:
+        raise RuntimeError("no job could start (see each job's error)" if lanes else reports[0].error)
+    if oracle:
+        return OneLane(OracleRunner()), live, "cpu"
+    model = load_model(cfgs[0].model, cfgs[0].paths.cache_dir, seed=int(cfgs[0].seed))
+    for report in reports:
+        report.kv_bytes_per_token = model.kv_bytes_per_token
+    log.info("model %s (%s, %s), strateg%s %s", model.name, model.device, str(model.dtype).removeprefix("torch."),
+             "ies" if len(strategies) > 1 else "y", ", ".join(s.name for s in strategies))
+    settings = stream_settings(cfgs[0])
+    if lanes:
+        runner = LaneRunner(model, strategies, settings, batch_lanes=batch_lanes)
+    else:
+        runner = OneLane(StreamRunner(model, strategies[0], settings))
+    return runner, live, str(model.device)
+
+
+def stream_jobs(runner: Any, conversations: Iterable[Conversation], files: Sequence[JobFiles],
+                results: Sequence[list[ConversationResult]], stop: StopSignals | None = None) -> None:
+    """Stream each conversation through the runner's lanes (LaneRunner or OneLane), one job's files per lane.
+    Each lane's results are appended as the conversation starts (an interrupted run keeps them). After each
+    frame `stop.check()` may end the run with `Interrupted`: each lane's conversation in progress is kept,
+    marked partial. A conversation that fails in what the lanes share (or in a job alone) is recorded in
+    every lane and the next one still runs."""
+    check = stop.check if stop is not None else (lambda where: None)
+    device = getattr(getattr(runner, "model", None), "device", None)
+    for conversation in conversations:
+        lane_results = [ConversationResult(conversation) for _ in files]
+        for job_results, result in zip(results, lane_results):
+            job_results.append(result)
+        try:
+            runner.run(conversation, lane_results, progress=True, on_frames=[f.record for f in files],
+                       on_step=lambda index: check(f"at frame {index} of conversation {conversation.id}"))
+        except Exception as error:  # recorded per conversation; the others still run
+            for result in lane_results:
+                result.error = result.error or f"{type(error).__name__}: {error}"
+            log.error("conversation %s failed after %d frames: %s: %s", conversation.id, len(lane_results[0].trace),
+                      type(error).__name__, error)
+        except BaseException as error:  # interrupted: keep what each lane made, then stop
+            peak = (lambda: peak_memory_mb(device)) if device is not None else None
+            for job_files, result in zip(files, lane_results):
+                job_files.stopped(result, error, peak)
+            raise
+        for job_files, result in zip(files, lane_results):
+            job_files.conversation_done(result)
+        check(f"after conversation {conversation.id}")

@@ -14,8 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from prospect.data.proassist import LoadedDataset, conversation_from_images
 from prospect.data.types import Conversation
-from prospect.experiment import RunReport, finish_run, recording_failure, score, stream_conversations
+from prospect.experiment import RunReport, finish_run, recording_failure, score, stream_jobs
+from prospect.stream.lanes import OneLane
+from prospect.tracking.job_files import JobFiles
 from prospect.tracking.results import environment, job_key
+from prospect.validation import compose_config
 
 
 def _conversations(dataset: Any) -> list[Conversation]:
@@ -40,8 +43,6 @@ class BaselineGenerator:
         self.conversations = _conversations(dataset)
         self.output_dir = Path(output_dir)
         if eval_cfg is None:
-            from prospect.validation import compose_config
-
             eval_cfg = compose_config(["eval=offline"]).eval
         self.eval_cfg = eval_cfg if isinstance(eval_cfg, DictConfig) else OmegaConf.create(eval_cfg)
 
@@ -69,7 +70,11 @@ class BaselineGenerator:
         report = RunReport(kv_bytes_per_token=getattr(getattr(self.runner, "model", None), "kv_bytes_per_token", 0))
         try:
             with recording_failure(report):
-                stream_conversations(self.runner, self.conversations, self.output_dir, results=report.results)
+                files = JobFiles(self.output_dir, report.results)
+                try:
+                    stream_jobs(OneLane(self.runner), self.conversations, [files], [report.results])
+                finally:
+                    files.close()
                 score(report, self.eval_cfg)
         finally:
             model = getattr(self.runner, "model", None)

@@ -11,30 +11,23 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 
-from prospect.validation import ConfigError, check_command_line, quote_path_overrides, validate
-
-
-def _print_error(message: str) -> None:
-    print(f"prospect: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+from prospect.signals import EXIT_FAILED, EXIT_USAGE, Interrupted, StopSignals, print_error
+from prospect.sweep import register_launchers, sweep_group
+from prospect.sweep.result_cache import reuse_or_run
+from prospect.validation import ConfigError, check_command_line, quote_path_overrides
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
-        validate(cfg)
-    except ConfigError as error:
-        _print_error(error)
-        sys.exit(2)
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from prospect.experiment import Interrupted, StopSignals
-
+    """One job of the command (cli() validated every job's config before Hydra started)."""
     output_dir = HydraConfig.get().runtime.output_dir
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     stop = StopSignals.current().install()  # for the whole process: a signal between sweep jobs is not lost
@@ -44,7 +37,7 @@ def main(cfg: DictConfig) -> None:
     except Interrupted as interrupted:
         where = f" (what was computed is in {output_dir})" if Path(output_dir, "results.json").is_file() else ""
         if not multirun or os.environ.get("SUBMITIT_FOLDER"):
-            _print_error(f"{interrupted}{where}")
+            print_error(f"{interrupted}{where}")
         try:
             handed_over = interrupted.hand_over()
         except Exception as error:  # e.g. submitit: "Job not requeued because: ..."
@@ -59,37 +52,19 @@ def main(cfg: DictConfig) -> None:
             interrupted.sweep_dir = str(HydraConfig.get().sweep.dir)
         raise  # prospect.run's cli() writes the sweep summary and exits 128 + signal
     if document is not None and document.get("status") != "ok" and not document.get("cached"):
-        _print_error(document.get("error") or "the run failed")
+        print_error(document.get("error") or "the run failed")
         if not multirun:
-            sys.exit(1)  # a single run reports failure in its exit code (results.json is already written)
+            sys.exit(EXIT_FAILED)  # a single run reports failure in its exit code (results.json is already written)
 
 
 def _job(cfg: DictConfig, output_dir: str, multirun: bool) -> dict | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from prospect.experiment import run
+    from prospect.experiment import run  # lazy: torch and the model code load only once a job runs
 
     if multirun and cfg.logger.name == "wandb" and not cfg.logger.get("group"):
-        from omegaconf import open_dict
-
-        from prospect.sweep import sweep_group
-
         with open_dict(cfg):
             cfg.logger.group = sweep_group(HydraConfig.get().sweep.dir)  # a sweep's jobs share one W&B group
     if multirun and cfg.cache:
-        from omegaconf import OmegaConf
-
-        from prospect.sweep.result_cache import find_result, key_lock, reuse_result
-        from prospect.tracking.results import job_key
-
-        config = OmegaConf.to_container(cfg, resolve=True)
-        key = job_key(config)
-        with key_lock(cfg.cache_root, key):
-            source = find_result(cfg.cache_root, key, prefer=output_dir)
-            if source is not None:
-                print(f"prospect: job key {key} already has a result in {source}: reused (cache=false recomputes)")
-                return reuse_result(source, Path(output_dir), config)
-            return run(cfg, output_dir)
+        return reuse_or_run(cfg, Path(output_dir), run)
     return run(cfg, output_dir)
 
 
@@ -123,8 +98,6 @@ def output_dir_problem(argv: list[str], create: bool = False) -> str | None:
     if existing.exists() and not existing.is_dir():
         return f"{key}={value}: cannot create the output folder: {existing} is a file, not a folder"
     if create:
-        import tempfile
-
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -142,38 +115,32 @@ def cli() -> None:
     sys.argv[1:] = quote_path_overrides(sys.argv[1:])
     problem = output_dir_problem(sys.argv[1:])  # first: it is instant, composing every job's config is not
     if problem:
-        _print_error(problem)
-        sys.exit(2)
+        print_error(problem)
+        sys.exit(EXIT_USAGE)
     try:
         check_command_line(sys.argv[1:])
     except ConfigError as error:
-        _print_error(error)
-        sys.exit(2)
+        print_error(error)
+        sys.exit(EXIT_USAGE)
     problem = output_dir_problem(sys.argv[1:], create=True)  # once the command is known to be valid
     if problem:
-        _print_error(problem)
-        sys.exit(2)
-    from prospect.sweep import fused, gpu_pool
-
-    gpu_pool.register()  # hydra/launcher=gpu_pool
-    fused.register()  # hydra/launcher=fused
+        print_error(problem)
+        sys.exit(EXIT_USAGE)
+    register_launchers()  # hydra/launcher=gpu_pool, fused: every prospect launcher conf/hydra/launcher/ names
     try:
         main()
-    except BaseException as error:  # Interrupted lives in prospect.experiment, imported once a job started
-        experiment = sys.modules.get("prospect.experiment")
-        if experiment is None or not isinstance(error, experiment.Interrupted):
-            raise
+    except Interrupted as error:
         if error.sweep_dir:
-            from prospect.sweep.callbacks import summarize_sweep
+            from prospect.sweep.callbacks import summarize_sweep  # lazy: the summary's imports cost seconds
 
             summarize_sweep(error.sweep_dir, interrupted=str(error))
-            _print_error(f"sweep stopped: {error} (jobs after it were not started; rerun the same command to resume: "
+            print_error(f"sweep stopped: {error} (jobs after it were not started; rerun the same command to resume: "
                          "finished jobs are reused)")
         sys.exit(error.exit_code)
-    from prospect.sweep.callbacks import failed_jobs
+    from prospect.sweep.callbacks import failed_jobs  # lazy: as above, and only after a sweep
 
     if failed_jobs():
-        sys.exit(1)  # after the sweep summary was written
+        sys.exit(EXIT_FAILED)  # after the sweep summary was written
 
 
 if __name__ == "__main__":

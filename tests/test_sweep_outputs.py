@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from prospect.eval.intervals import interval
-from prospect.experiment import write_json
+from prospect.tracking.job_files import write_json
 from prospect.report import main as report_main
 from prospect.sweep.callbacks import SweepSummary
 from prospect.sweep.collect import NO_VALUES_REASON, collect_jobs, distinct_rows

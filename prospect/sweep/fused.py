@@ -1,5 +1,5 @@
 """A Hydra launcher that runs the jobs of a sweep which differ only in their context strategy as lanes of one
-process (README "Fused sweeps"): the model is loaded once and every frame is fed to all lanes together.
+process (docs/sweeps.md, "Fused sweeps"): the model is loaded once and every frame is fed to all lanes together.
 
 Select it with `hydra/launcher=fused`; `hydra.launcher.gpus=[0,1,2,3]` (default: every visible GPU) and
 `hydra.launcher.lanes_per_gpu=12` (the most lanes one process runs at once), `hydra.launcher.batch_lanes` (null:
@@ -18,7 +18,7 @@ true batches them on the CPU too: faster, equal to each job alone up to float ro
    a lane computes and each lane has its own anyway: its own W&B run, named as the job's would be
    (`logger.job_name`: STRATEGY-OVERRIDES, set per job since the lanes share one process), in the sweep's
    group. Everything else (model, dataset, eval, stream, seed, paths, and also cache and cache_root, which
-   do not change results either but which run_lanes requires equal) must be equal within a group.
+   do not change results either but which run_jobs requires equal) must be equal within a group.
 4. Each group is split into lane sets of at most lanes_per_gpu lanes (of balanced sizes: 13 lanes with 12
    per GPU run as 7 + 6, which two GPUs run at once). Each lane set is one worker process,
    `python -m prospect.sweep.fused PLAN.json`, pinned with CUDA_VISIBLE_DEVICES; at most one worker runs on
@@ -28,7 +28,7 @@ true batches them on the CPU too: faster, equal to each job alone up to float ro
    splits its lanes into sets of similar capacity (`capacity_sets`: `full`, whose buffer is the model's max
    positions, does not share a set with bounded strategies) and further when they would not fit the GPU's
    free memory (`split_for_memory`), and calls
-   prospect.experiment.run_lanes, which writes each job's files into its folder (results.json with its job
+   prospect.experiment.run_jobs (lanes=True), which writes each job's files into its folder (results.json with its job
    key, predictions.json, trace.jsonl, plots, a W&B run in the sweep's group); a lane that raises is
    recorded failed and the other lanes go on. Each job's run.log (Hydra's job log) gets its lane set's log
    lines, those of the other lanes included.
@@ -320,8 +320,8 @@ class FusedLauncher(GpuPoolLauncher):
 
 
 def _run_lane_set(jobs: list[PoolJob], batch_lanes: bool | None = None) -> None:
-    """Run one lane set through prospect.experiment.run_lanes; each job's JOB_NAME.log gets the log lines."""
-    from prospect.experiment import run_lanes
+    """Run one lane set through prospect.experiment.run_jobs; each job's JOB_NAME.log gets the log lines."""
+    from prospect.experiment import run_jobs  # lazy: the launcher process itself never loads torch
 
     handlers = []
     for job in jobs:
@@ -332,8 +332,8 @@ def _run_lane_set(jobs: list[PoolJob], batch_lanes: bool | None = None) -> None:
         logging.getLogger().addHandler(handler)
         handlers.append(handler)
     try:
-        run_lanes([OmegaConf.create(j.config) for j in jobs], [j.folder for j in jobs], batch_lanes=batch_lanes)
-    except Exception as error:  # run_lanes records its lanes' failures; this is the set's own (e.g. a bug)
+        run_jobs([OmegaConf.create(j.config) for j in jobs], [j.folder for j in jobs], lanes=True, batch_lanes=batch_lanes)
+    except Exception as error:  # run_jobs records its lanes' failures; this is the set's own (e.g. a bug)
         log.exception("lane set %s failed", " ".join(f"#{j.index}" for j in jobs))
         for job in jobs:
             if not (job.folder / "results.json").is_file():

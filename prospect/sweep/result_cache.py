@@ -18,13 +18,17 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
+
+from omegaconf import OmegaConf
 
 from prospect.signals import StopSignals
+from prospect.tracking.job_files import OUTPUT_FILES
+from prospect.tracking.results import job_key
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("predictions.json", "trace.jsonl", "timeline.html", "cache_sizes.png")
+RUN_FILES = tuple(name for name in OUTPUT_FILES if name != "results.json")  # copied when a result is reused
 
 
 def usable_result(folder: Path, key: str) -> bool:
@@ -133,3 +137,16 @@ def key_lock(root: str | Path, key: str, poll_s: float = 1.0, stale_after_s: flo
     finally:
         stop.set()
         path.unlink(missing_ok=True)
+
+
+def reuse_or_run(cfg: Any, output_dir: Path, run: Callable[[Any, Path], dict]) -> dict:
+    """A sweep job under the result cache: under its job key's lock, reuse an ok result of the same key found
+    under `cfg.cache_root` (its own folder first: a resumed sweep), else `run(cfg, output_dir)`."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    key = job_key(config)
+    with key_lock(cfg.cache_root, key):
+        source = find_result(cfg.cache_root, key, prefer=output_dir)
+        if source is not None:
+            print(f"prospect: job key {key} already has a result in {source}: reused (cache=false recomputes)")
+            return reuse_result(source, output_dir, config)
+        return run(cfg, output_dir)
