@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from omegaconf import DictConfig, OmegaConf
 
 from prospect.eval import DISABLED, EvalSetupError, PredictionsError, evaluate_predictions, read_predictions
@@ -119,8 +120,6 @@ def main(cfg: DictConfig) -> None:
 
 def check_command_line(argv: list[str]) -> None:
     """One-line errors before Hydra starts: unparsable overrides, unknown eval option or key, sweeps."""
-    from hydra._internal.utils import get_args_parser
-
     try:
         args = get_args_parser().parse_args(argv)
     except SystemExit:

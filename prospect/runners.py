@@ -26,8 +26,10 @@ from omegaconf import OmegaConf
 from prospect.context_strategies import BaseContextStrategy, create_strategy
 from prospect.data.proassist import conversation_from_images
 from prospect.models.vlm import VisionLanguageModel, load_model
-from prospect.stream.runner import ConversationResult, StreamRunner
+from prospect.stream.frame_record import ConversationResult
+from prospect.stream.runner import StreamRunner
 from prospect.stream.settings import StreamSettings
+from prospect.tracking.results import stream_metrics
 from prospect.conf_files import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -129,8 +131,6 @@ def summarize_result(result: ConversationResult, kv_bytes_per_token: int = 0) ->
 
     kv_bytes_per_token: the model's (VisionLanguageModel.kv_bytes_per_token); kv_cache_peak_mb is
     max_cache_size x kv_bytes_per_token, as in results.json (0 without it)."""
-    from prospect.tracking.results import stream_metrics
-
     return {
         "video_id": result.conversation.video_uid,
         "predictions": result.prediction_frames(),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from typing import Any, ClassVar, Iterable
 
@@ -30,8 +31,6 @@ def exit_code(signum: int) -> int:
 
 def print_error(message: str) -> None:
     """`prospect: error: MESSAGE` on one line of stderr (the message's whitespace folded)."""
-    import sys
-
     print(f"prospect: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 

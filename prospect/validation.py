@@ -7,8 +7,6 @@ prospect.data, prospect.eval, prospect.tracking) on the typed reads of prospect.
 
 A user's own config folders (`hydra.searchpath=[file:///their/conf]`) count: their YAML files are options of
 their groups, composition reads them and sweeps (`strategy=a,b`, `glob(*)`) expand over them.
-
-Hydra is imported inside the functions that use it: it costs start-up time to every importer of this module.
 """
 
 from __future__ import annotations
@@ -19,7 +17,16 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import create_config_search_path, get_args_parser
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from prospect.conf_files import CONF_DIR, group_options
 from prospect.config_values import ConfigError, first_line, get_bool, get_int, get_value
@@ -65,8 +72,6 @@ def check_command_line(argv: list[str]) -> None:
     Checks group choices (also inside sweeps), composes the config of every job the command would
     launch (all combinations of a multirun) and validates each. Raises ConfigError.
     """
-    from hydra._internal.utils import get_args_parser
-
     try:
         args = get_args_parser().parse_args(argv)
     except SystemExit:  # argparse already printed its usage error
@@ -90,9 +95,6 @@ def _is_searchpath(override: str) -> bool:
 
 def _search_path(overrides: list[str]) -> list[str]:
     """The entries of the command line's hydra.searchpath (the first one, as Hydra reads it), or []."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     for text in filter(_is_searchpath, overrides):
         try:
             value = OverridesParser.create().parse_override(text).value()
@@ -107,11 +109,6 @@ def _search_path(overrides: list[str]) -> list[str]:
 def compose_config(overrides: list[str], config_name: str = "config", conf_dir: Path = CONF_DIR) -> DictConfig:
     """Compose the job config the app would see (without the hydra node); errors become one line.
     A `hydra.searchpath=[...]` among the overrides adds its folders, as on the command line."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
@@ -146,10 +143,6 @@ def _unknown_key_message(key: str, overrides: list[str], config_name: str, compo
 def _parser(conf_dir: Path = CONF_DIR, search_path: Iterable[str] = ()):
     """Hydra's override parser, with a config loader so that `glob(...)` sweeps over a group's options
     (those of conf_dir and of the search path's folders)."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     config_search_path = create_config_search_path(str(conf_dir))
     for entry in search_path:
         config_search_path.append(provider=f"{SEARCHPATH} in command-line", path=entry)
@@ -158,8 +151,6 @@ def _parser(conf_dir: Path = CONF_DIR, search_path: Iterable[str] = ()):
 
 def _group_overrides(overrides: list[str], conf_dir: Path = CONF_DIR, search_path: Iterable[str] = ()
                      ) -> Iterable[tuple[str, list[str]]]:
-    from hydra.errors import HydraException
-
     parser = _parser(conf_dir, search_path)
     for text in overrides:
         try:
@@ -184,8 +175,6 @@ def _job_override_lists(overrides: list[str], multirun: bool, config_name: str =
     """The override list of every job the command launches (sweeper params of presets included)."""
     if not multirun:
         return [overrides]
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
     parser = _parser(conf_dir, search_path)
     plain = [o for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
     params = _sweeper_params([o.input_line for o in plain], config_name, conf_dir)
@@ -197,9 +186,6 @@ def _job_override_lists(overrides: list[str], multirun: bool, config_name: str =
 
 def _sweeper_params(overrides: list[str], config_name: str, conf_dir: Path) -> dict[str, str]:
     """hydra.sweeper.params set by the config (e.g. an experiment preset)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
@@ -238,8 +224,6 @@ def validate(cfg: DictConfig, search_path: Sequence[str] | None = None) -> None:
 
 def _running_search_path() -> list[str]:
     """hydra.searchpath of the Hydra app this process runs (a job checked again when it starts), else []."""
-    from hydra.core.hydra_config import HydraConfig  # lazy: hydra loads only when a command line is checked
-
     return [str(entry) for entry in HydraConfig.get().searchpath] if HydraConfig.initialized() else []
 
 

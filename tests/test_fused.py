@@ -77,7 +77,7 @@ def fused_key(overrides: list[str], tmp_path: Path) -> str:
 
 
 def test_memory_arithmetic_splits_lanes_that_would_not_fit():
-    # SmolVLM2-2.2B text model in bf16, 4096-slot caches: 808 MB of K/V per lane (DESIGN §11's 12-lane setup)
+    # SmolVLM2-2.2B text model in bf16, 4096-slot caches: 808 MB of K/V per lane (the 12-lane setup of docs/performance.md)
     kv = kv_bytes_per_lane(layers=24, kv_heads=32, head_dim=64, dtype_bytes=2, capacity=4096)
     assert kv == 2 * 24 * 32 * 64 * 2 * 4112 == 808_452_096  # 4096 slots, the scratch slot, aligned to 16
     lane = kv + activation_bytes_per_lane(hidden=2048, ffn=8192, vocab=49280, dtype_bytes=2)

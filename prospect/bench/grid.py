@@ -108,7 +108,7 @@ def grid_commands(args, root: Path, keep_lens: tuple[str, ...]) -> dict[str, lis
 def run_grid(args) -> dict:
     """The 12-job grid: sequential eager, optimized through the GPU pool, and (--fused) as lanes through the
     fused launcher; `zoo_fused` times every distinct job of experiment=strategy_zoo as lanes."""
-    import torch  # only for the GPU's name: the sweeps load it in their own processes
+    import torch  # lazy: only for the GPU's name; the sweeps load torch in their own processes
 
     # a fresh folder per bench run (earlier runs stay): no earlier job is counted or reused
     root = Path(args.grid_dir) / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -135,7 +135,7 @@ def run_grid(args) -> dict:
 
 
 def format_grid(report: dict) -> str:
-    """The grid report as the README's table."""
+    """The grid report as docs/performance.md's "Sweep throughput" table."""
     names = {"sequential_eager": "sequential eager", "concurrent_optimized": f"GPU pool, {report['jobs_per_gpu']} jobs per GPU",
              "fused": "fused lanes (hydra/launcher=fused)", "zoo_fused": "strategy_zoo, fused"}
     lines = [f"{report['model']} random-init, {report['seconds']:g} s video, {report['reply_tokens']}-token replies, GPU: {report['gpu']}", "",

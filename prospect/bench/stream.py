@@ -24,7 +24,8 @@ import torch
 
 from prospect.bench.common import bench_model, bench_videos, report_header
 from prospect.context_strategies import DropMiddle
-from prospect.stream.runner import StreamRunner, _synchronize, peak_memory_mb
+from prospect.stream.feed import peak_memory_mb, synchronize
+from prospect.stream.runner import StreamRunner
 from prospect.stream.settings import StreamSettings
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def measure(model, conversation, warmup, optimized: bool, args, reference_scores
     runner = StreamRunner(model, strategy, settings)
     runner.run(warmup)
     device = model.device
-    _synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     result = runner.run(conversation)
     wall = time.perf_counter() - started

@@ -16,7 +16,8 @@ import torch
 
 from prospect.bench.common import bench_model, bench_videos, report_header
 from prospect.context_strategies import BaseContextStrategy, create_strategy, zoo_strategies
-from prospect.stream.runner import StreamRunner, _synchronize
+from prospect.stream.feed import synchronize
+from prospect.stream.runner import StreamRunner
 from prospect.stream.settings import StreamSettings
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def run_zoo(args) -> dict:
         try:
             runner = StreamRunner(model, strategy, settings)
             runner.run(warmup)
-            _synchronize(model.device)
+            synchronize(model.device)
             started = time.perf_counter()
             trace = runner.run(conversation).trace
             wall = time.perf_counter() - started

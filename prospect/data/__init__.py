@@ -13,7 +13,7 @@ __all__ = ["Conversation", "LoadedDataset", "StreamFrame", "Turn", "load_convers
 def load_dataset(dataset: DictConfig) -> LoadedDataset:
     """Conversations of the `dataset` config group; synthetic data is generated on first use."""
     if dataset.name == "synthetic":
-        from prospect.data.synthetic import ensure_generated
+        from prospect.data.synthetic import ensure_generated  # lazy: at the top, `python -m prospect.data.synthetic` would import itself twice (runpy's RuntimeWarning)
 
         g = dataset.generate
         ensure_generated(dataset.root, g.videos, g.seconds, g.fps, g.seed, g.knowledge, bool(g.get("named_user", False)))

@@ -38,7 +38,7 @@ class FrameSource:
     """Lazy access to one video's frames: the arrow file is memory-mapped, a frame is decoded on request."""
 
     def __init__(self, path: str | Path, video_uid: str):
-        from datasets import Dataset
+        from datasets import Dataset  # lazy: datasets costs ~0.7 s, only when a video's frames are read
 
         self.path = Path(path)
         self.video_uid = video_uid

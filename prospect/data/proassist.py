@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from prospect.data.frames import FrameError, FrameSource
+from prospect.data.frames import FrameError, FrameSource, ImageListSource
 from prospect.data.types import Conversation, StreamFrame, Turn
 
 log = logging.getLogger(__name__)
@@ -329,8 +329,6 @@ def conversation_from_images(video_uid: str, images: list, turns: list[dict], fp
 
     With timestamped turns every image is streamed, the ones after the last turn included; with
     prepared turns the `frames` turns choose the frames."""
-    from prospect.data.frames import ImageListSource
-
     if not any(t.get("role") == "frames" for t in turns):
         try:
             turns = timed_turns_to_prepared(turns, fps, len(images))

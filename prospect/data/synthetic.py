@@ -362,7 +362,7 @@ def annotation_name(knowledge: bool) -> str:
 def generate(root: str | Path, videos: int = 2, seconds: float = 60, fps: float = 2, seed: int = 0, knowledge: bool = False,
              named_user: bool = False) -> Path:
     """Write the synthetic subset under root; returns the subset folder. Deterministic in its arguments."""
-    from datasets.arrow_writer import ArrowWriter
+    from datasets.arrow_writer import ArrowWriter  # lazy: datasets costs ~0.7 s, only when files are written
 
     if videos < 1:
         raise ValueError(f"--videos must be at least 1, got {videos}")

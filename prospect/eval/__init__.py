@@ -1,4 +1,4 @@
-"""Evaluation of a predictions document with ProAssist's protocol (README "Evaluation").
+"""Evaluation of a predictions document with ProAssist's protocol (docs/evaluation.md).
 
 `evaluate_predictions(document, eval_cfg)` scores every conversation (matching.py), micro-averages
 per subset and overall (metrics.py) and returns
@@ -29,6 +29,7 @@ from prospect.eval.embeddings import EmbeddingSimilarity, EvalSetupError, ProAss
 from prospect.eval.intervals import intervals
 from prospect.eval.matching import NoFullMatching, SemanticCostFn, SimilarityFn, match_conversation
 from prospect.eval.metrics import NUM_CONVERSATIONS, Tally, pool, summarize, with_nlg
+from prospect.eval.nlg import NLGScorer
 from prospect.eval.windows import window_frames, window_seconds
 
 __all__ = [
@@ -83,7 +84,7 @@ class EvalSettings:
 
 def _plain(node: Any) -> dict:
     try:
-        from omegaconf import DictConfig, OmegaConf
+        from omegaconf import DictConfig, OmegaConf  # lazy: prospect.eval loads no omegaconf; a DictConfig here means it is loaded
 
         if isinstance(node, DictConfig):
             return OmegaConf.to_container(node, resolve=True)
@@ -268,8 +269,6 @@ def evaluate_predictions(
         row for cid, row in per_conversation.items() if subsets[cid] == subset)} for subset, tally in pooled.items()}
     metrics = {**_pooled_metrics(overall), **stream_scores.pool(per_conversation.values())}
     if settings.nlg_metrics:
-        from prospect.eval.nlg import NLGScorer
-
         with NLGScorer() as scorer:
             metrics = with_nlg(metrics, scorer.score(overall.correct_pairs))
             for subset, tally in pooled.items():

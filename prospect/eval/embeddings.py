@@ -61,10 +61,10 @@ def load_sentence_model(name: str) -> Any:
         return _MODELS[name]
     location = resolve_sentence_model(name)
     try:
-        from sentence_transformers import SentenceTransformer
+        from sentence_transformers import SentenceTransformer  # lazy: sentence-transformers costs seconds, only when texts are embedded
     except ImportError:
         raise EvalSetupError("eval.sentence_model: sentence-transformers is not installed; run: pip install sentence-transformers") from None
-    from transformers.utils import logging as transformers_logging
+    from transformers.utils import logging as transformers_logging  # lazy: transformers costs seconds, loaded with sentence-transformers above
 
     bar_was_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
@@ -134,7 +134,7 @@ class ProAssistSemanticCost:
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         if not pairs:
             return np.zeros(0, dtype=np.float32)
-        import torch
+        import torch  # lazy, with the next: torch and sentence-transformers load only when pairs are scored
         from sentence_transformers.util import pairwise_cos_sim
 
         model = load_sentence_model(self.model_name)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.stats import bootstrap
 
 from prospect.eval import stream_scores as s
 from prospect.eval.metrics import NUM_MATCHED, NUM_MISMATCHED, NUM_MISSED, NUM_REDUNDANT
@@ -140,8 +141,6 @@ def _usable(rows: Mapping[str, Row], metric: PooledMetric) -> dict[str, tuple[fl
 
 def _bootstrap(statistic: Callable[[np.ndarray], np.ndarray], count: int) -> tuple[float, float, str]:
     """(low, high, method) of `statistic(indices)` over resampled conversation indices 0..count-1."""
-    from scipy.stats import bootstrap
-
     def on_indices(sample: np.ndarray, axis: int = -1) -> np.ndarray:
         return statistic(np.moveaxis(np.asarray(sample), axis, -1))
 

@@ -1,4 +1,4 @@
-"""ProAssist's matching of generated to reference turns within one conversation (README "Evaluation").
+"""ProAssist's matching of generated to reference turns within one conversation (docs/evaluation.md).
 
 Rows are the frames where the model spoke; columns are all frames 0..num_frames-1. The cost of
 matching the generation at frame i to frame j is
@@ -147,7 +147,7 @@ def proassist_distance_costs(reach: int, window: tuple[int, int], factor: float,
     differently for some offsets >= 70 frames). rg = 0 (window (0, 0), where ProAssist divides by
     zero) gives D = 0 at the only allowed offset.
     """
-    import torch
+    import torch  # lazy: torch loads only for eval.proassist_exact
 
     rg = max(abs(window[0]), window[1])
     if rg == 0:

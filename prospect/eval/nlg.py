@@ -37,7 +37,7 @@ class NLGScorer:
 
     def __init__(self) -> None:
         try:
-            from pycocoevalcap.bleu.bleu import Bleu
+            from pycocoevalcap.bleu.bleu import Bleu  # lazy, with the next: the optional nlg extra, only with eval.nlg_metrics=true
             from pycocoevalcap.cider.cider import Cider
         except ImportError:
             raise EvalSetupError(
@@ -46,7 +46,7 @@ class NLGScorer:
         self._bleu, self._cider = Bleu(4), Cider()
         self._meteor = None
         if meteor_available():
-            from pycocoevalcap.meteor.meteor import Meteor
+            from pycocoevalcap.meteor.meteor import Meteor  # lazy: the optional nlg extra, only with eval.nlg_metrics=true
 
             self._meteor = Meteor()
         else:

@@ -1,4 +1,4 @@
-"""SmolVLM2 architectures (README "Models") as full `SmolVLMConfig`s, for random-init runs and memory maths.
+"""SmolVLM2 architectures (docs/offline.md, "Models") as full `SmolVLMConfig`s, for random-init runs and memory maths.
 
 The library's `SmolVLMConfig` defaults are not these models: every field that matters is set here.
 Token ids are those of the real SmolVLM2 tokenizer (vocab 49,280; `<image>` = 49190).
@@ -73,7 +73,7 @@ OFFLINE_VISION = dict(vision_hidden=32, vision_layers=1, vision_heads=2, vision_
 
 def smolvlm_config(arch: Architecture):
     """A transformers `SmolVLMConfig` with every size of `arch` set explicitly."""
-    from transformers import SmolVLMConfig
+    from transformers import SmolVLMConfig  # lazy: transformers costs seconds; the sizes alone need none
 
     text = dict(
         model_type="llama",

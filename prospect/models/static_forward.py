@@ -9,7 +9,7 @@ length..length+n-1. Shapes then depend on n alone: on CUDA each chunk length is 
 graph and replayed; elsewhere the same computation runs directly (which is how the tests check, on CPU in
 fp32, that it reproduces the eager step).
 
-Lanes (README "Fused sweeps"): every layer's keys and values live in one buffer [lanes, kv_heads, slots,
+Lanes (docs/sweeps.md, "Fused sweeps"): every layer's keys and values live in one buffer [lanes, kv_heads, slots,
 head_dim] (slots: the largest capacity and a scratch slot, aligned to 16); lane l's PositionedCache sees row l, its first `capacities[l]` slots, so strategies reduce it in
 place as they reduce a cache of their own. A step runs all lanes as one batch, each at its own length,
 positions and mask; the lanes not in the call are inactive: they write into the scratch slot after the

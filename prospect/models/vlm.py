@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -47,7 +48,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def image_processor_for(arch: Architecture):
     """SmolVLM's image processor (PIL backend: no torchvision) for unsplit frames of `arch`."""
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil  # lazy: transformers' model code costs seconds, only when a model loads
 
     size = {"longest_edge": arch.image_size}
     return SmolVLMImageProcessorPil(
@@ -200,8 +201,6 @@ class VisionLanguageModel:
         is then the identity and the rest (x / 255 - 0.5) / 0.5 runs on the model's device."""
         size = self.model.config.vision_config.image_size
         if all(getattr(image, "mode", None) == "RGB" and image.size == (size, size) for image in images):
-            import numpy as np
-
             array = torch.from_numpy(np.stack([np.asarray(image) for image in images]))
             pixels = array.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
             pixels = (pixels / 255.0 - 0.5) / 0.5
@@ -260,7 +259,7 @@ def load_model(model_cfg: DictConfig, cache_dir: str | Path, seed: int = 0) -> V
     device = resolve_device(str(model_cfg.device))
     dtype = resolve_dtype(str(model_cfg.dtype), device)
     chat = CHAT_FORMATS[model_cfg.chat_format]
-    from transformers import AutoTokenizer, SmolVLMForConditionalGeneration
+    from transformers import AutoTokenizer, SmolVLMForConditionalGeneration  # lazy: transformers' model code costs seconds, only when a model loads
 
     if model_cfg.get("gguf_file"):
         folder = offline_smollm2_dir(cache_dir, model_cfg.gguf_package, model_cfg.gguf_file)
@@ -291,7 +290,7 @@ def load_model(model_cfg: DictConfig, cache_dir: str | Path, seed: int = 0) -> V
 
 
 def _load_pretrained(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype, chat: ChatFormat) -> VisionLanguageModel:
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForImageTextToText, AutoTokenizer  # lazy, with the next: transformers' model code costs seconds, only when a model loads
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
     source = str(Path(model_cfg.path).expanduser()) if model_cfg.get("path") else model_cfg.hub_id

@@ -21,6 +21,7 @@ so `register()` (called by `python -m prospect.run` before Hydra starts) files t
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -29,10 +30,12 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
@@ -41,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from prospect.signals import EXIT_USAGE, Interrupted, SweepStop, print_error
 from prospect.sweep import sweep_group
 from prospect.sweep.result_cache import find_result, reuse_result
+from prospect.tracking.results import job_key
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ def visible_gpus() -> list[str]:
     if os.environ.get("CUDA_VISIBLE_DEVICES"):
         return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
     try:
-        import torch
+        import torch  # lazy: the launcher loads torch only to count GPUs, when CUDA_VISIBLE_DEVICES is unset
 
         return [str(i) for i in range(torch.cuda.device_count())]
     except ImportError:
@@ -134,8 +138,6 @@ class GpuPoolLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def _prepare(self, overrides: list[str], index: int) -> PoolJob:
-        from prospect.tracking.results import job_key
-
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = index
@@ -296,11 +298,6 @@ PLUGIN_MODULE = "hydra_plugins.prospect_gpu_pool"
 
 def register_launcher(launcher: type, module_name: str, doc: str) -> None:
     """File a launcher class as hydra_plugins.<module_name>.<class name> and register it with Hydra."""
-    import importlib
-    import types
-
-    from hydra.core.plugins import Plugins
-
     if module_name not in sys.modules:
         try:
             namespace = importlib.import_module("hydra_plugins")

@@ -41,7 +41,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def _figure(width: float, height: float):
     """An Agg figure without pyplot (no display, no change of the global backend: notebooks keep theirs)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy, with the next: matplotlib costs ~0.5 s, only when a figure is drawn
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
@@ -54,7 +54,7 @@ _MARKERS = "osD^vP*Xh<>p"
 
 def _styles(count: int) -> list[dict]:
     """A distinct colour and marker per point (tab10 colours, then tab20's light ones)."""
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # lazy: matplotlib costs ~0.5 s, only when a figure is drawn
 
     colours = list(colormaps["tab10"].colors) + list(colormaps["tab20"].colors[1::2])
     return [{"color": colours[i % len(colours)], "marker": _MARKERS[i % len(_MARKERS)]} for i in range(count)]
@@ -84,7 +84,7 @@ def pareto_figure(rows: list[dict]):
     """The pareto.png figure, or None when no job finished. F1 and the reference perplexity (lower is better)
     each against KV-cache memory, and F1 (else the perplexity) against time per frame, the metric intervals as
     vertical error bars; with neither metric, KV-cache memory against time per frame with a note that F1 is absent."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # lazy: matplotlib costs ~0.5 s, only when a figure is drawn
 
     done = [r for r in rows if r["status"] == "ok"]
     if not done:

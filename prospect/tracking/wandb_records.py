@@ -69,7 +69,7 @@ def iter_payloads(data: bytes, source: str = "<bytes>") -> Iterator[bytes]:
 
 def read_wandb_records(path: str | Path) -> list[Any]:
     """All records of an offline `.wandb` file, as `wandb_internal_pb2.Record` messages, in file order."""
-    from wandb.proto import wandb_internal_pb2
+    from wandb.proto import wandb_internal_pb2  # lazy: wandb's protobufs cost ~0.6 s, only to read an offline run log
 
     path = Path(path)
     records = []
