@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
@@ -16,8 +16,9 @@ from prospect.data.types import Conversation, StreamFrame, Turn
 from prospect.models.vlm import VisionLanguageModel
 from prospect.stream.frame_record import ConversationResult
 
-if TYPE_CHECKING:  # a type only: runner.py imports this module
-    from prospect.stream.runner import StreamRunner
+# A lane: a prospect.stream.runner.StreamRunner. Named by this alias, not imported: runner.py imports the
+# stream's step modules, which read its lanes' attributes only.
+Lane = Any
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def frame_features(model: VisionLanguageModel, conversation: Conversation, frame
 
 
 def forward_lanes(
-    lanes: list[StreamRunner],
+    lanes: list[Lane],
     ids: list[list[int]],
     image: torch.Tensor | None = None,
     kind: int | None = None,
@@ -113,12 +114,12 @@ class LaneFailures:
     """Per-lane error handling of `stream_lanes`: with `isolate`, a lane that raises is recorded failed (its
     result's error) and leaves this conversation while the others go on; without, the error propagates."""
 
-    def __init__(self, lanes: list[StreamRunner], results: list[ConversationResult], isolate: bool):
+    def __init__(self, lanes: list[Lane], results: list[ConversationResult], isolate: bool):
         self.results = {id(lane): result for lane, result in zip(lanes, results)}
         self.isolate = isolate
         self.alive = list(lanes)
 
-    def fail(self, lanes: list[StreamRunner], error: Exception) -> None:
+    def fail(self, lanes: list[Lane], error: Exception) -> None:
         if not self.isolate:
             raise error
         for lane in lanes:
@@ -129,7 +130,7 @@ class LaneFailures:
                 log.error("lane %s (%s): conversation %s failed after %d frames: %s", lane.lane, lane.strategy.name,
                           result.conversation.id, len(result.trace), result.error)
 
-    def each(self, lanes: list[StreamRunner], action: Callable[[StreamRunner], Any]) -> dict[int, Any]:
+    def each(self, lanes: list[Lane], action: Callable[[Lane], Any]) -> dict[int, Any]:
         """action(lane) for each live lane of `lanes`; returns {id(lane): value} of those that did not fail."""
         values = {}
         for lane in [lane for lane in lanes if lane in self.alive]:
@@ -139,7 +140,7 @@ class LaneFailures:
                 self.fail([lane], error)
         return values
 
-    def together(self, lanes: list[StreamRunner], action: Callable[[list[StreamRunner]], Any]) -> Any:
+    def together(self, lanes: list[Lane], action: Callable[[list[Lane]], Any]) -> Any:
         """action(live lanes) once; if it raises, every one of them failed. Returns its value or None."""
         lanes = [lane for lane in lanes if lane in self.alive]
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -21,19 +21,16 @@ from tqdm import tqdm
 from prospect.cache import KIND, PositionedCache, Provenance, cache_length
 from prospect.context_strategies.base import ContextOverflowError
 from prospect.data.types import Conversation
-from prospect.stream.feed import (KNOWLEDGE_PREFIX, LaneFailures, forward_lanes, frame_features, frames_to_feed, peak_memory_mb,
-                                  synchronize, turn_kind)
+from prospect.stream.feed import (KNOWLEDGE_PREFIX, Lane, LaneFailures, forward_lanes, frame_features, frames_to_feed,
+                                  peak_memory_mb, synchronize, turn_kind)
 from prospect.stream.frame_record import ConversationResult
 from prospect.stream.replies import reply_lanes
-
-if TYPE_CHECKING:  # a type only: runner.py imports this module
-    from prospect.stream.runner import StreamRunner
 
 log = logging.getLogger(__name__)
 
 
 def stream_lanes(
-    lanes: list[StreamRunner],
+    lanes: list[Lane],
     conversation: Conversation,
     results: list[ConversationResult],
     progress: bool = False,
@@ -107,7 +104,7 @@ def stream_lanes(
         pieces.append((model.chat.frame(model.image_tokens, frame.time), KIND["frame_text"], frame.index))
         text_ids, text_provenance = model.encode_labeled(pieces)
 
-        def make_room(lane: StreamRunner) -> None:
+        def make_room(lane: Lane) -> None:
             lane._pending = lane._make_room(len(lane._pending) + len(text_ids), lane._pending, records[id(lane)], frame)
 
         failures.each(lanes, make_room)
@@ -120,7 +117,7 @@ def stream_lanes(
             synchronize(device)
             t0 = time.perf_counter()
 
-            def feed(live: list[StreamRunner]) -> None:
+            def feed(live: list[Lane]) -> None:
                 chunks = [lane._pending + text_ids for lane in live]
                 provenances = [Provenance.concat([Provenance.of(len(lane._pending), lane._pending_kind), text_provenance]) for lane in live]
                 forward_lanes(live, chunks, image, provenances=provenances)
@@ -136,7 +133,7 @@ def stream_lanes(
         speak = bool(references) if settings.talk_policy == "gt_turns" else None
         replies = reply_lanes(failures, speak, records, frame, references)
 
-        def finish_frame(lane: StreamRunner) -> None:
+        def finish_frame(lane: Lane) -> None:
             record, result = records[id(lane)], failures.results[id(lane)]
             reply_ids = replies.get(id(lane))
             if reply_ids is not None:

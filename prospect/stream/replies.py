@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,11 +12,8 @@ from prospect.cache import KIND, cache_length, crop_end
 from prospect.data.types import StreamFrame
 from prospect.stream.decode import pick_token
 from prospect.stream.reference_scores import token_scores
-from prospect.stream.feed import SCORE_ALIGN, LaneFailures, forward_lanes
+from prospect.stream.feed import SCORE_ALIGN, Lane, LaneFailures, forward_lanes
 from prospect.stream.talk import not_talk_probability
-
-if TYPE_CHECKING:  # a type only: runner.py imports this module
-    from prospect.stream.runner import StreamRunner
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +34,7 @@ def reply_lanes(
         return {}
     lanes = list(failures.alive)
 
-    def make_room(lane: StreamRunner) -> None:
+    def make_room(lane: Lane) -> None:
         budget = len(lane.prompt_ids) + lane.settings.max_new_tokens + len(lane.closing_ids)
         pending = lane._make_room(budget, [], records[id(lane)], frame)
         if pending:  # a reduction (summary) just queued a new context: feed it before the prompt
@@ -87,7 +83,7 @@ def probe_speak(failures: LaneFailures, records: dict[int, dict]) -> None:
         return
     t0 = time.perf_counter()
 
-    def probe(live: list[StreamRunner]) -> None:
+    def probe(live: list[Lane]) -> None:
         logits = forward_lanes(live, [lane.prompt_ids for lane in live], kind=KIND["assistant"], append=False)
         for lane, row in zip(live, logits):
             records[id(lane)]["speak_probability"] = 1.0 - not_talk_probability(row, lane.model.stop_ids)
@@ -98,7 +94,7 @@ def probe_speak(failures: LaneFailures, records: dict[int, dict]) -> None:
         lane._timing["probe_ms"] = elapsed
 
 
-def score_references(lanes: list[StreamRunner], prompt_logits: dict[int, torch.Tensor], references: tuple[str, ...],
+def score_references(lanes: list[Lane], prompt_logits: dict[int, torch.Tensor], references: tuple[str, ...],
                      records: dict[int, dict]) -> None:
     """Score the reference reply teacher-forced in each lane, which has just fed its reply prompt: the prompt's
     logits predict the reply's first token, and the reply's tokens fed on top of the cache without keeping them
@@ -114,7 +110,7 @@ def score_references(lanes: list[StreamRunner], prompt_logits: dict[int, torch.T
     t0 = time.perf_counter()
     # each lane's shape from its own room only (so a lane scores exactly as its job alone): the tokens that fit,
     # fed padded with the last one to a multiple of SCORE_ALIGN where the room allows (the padding's logits unread)
-    shapes: dict[tuple[int, int], list[StreamRunner]] = {}
+    shapes: dict[tuple[int, int], list[Lane]] = {}
     for lane in lanes:
         room = lane.capacity - cache_length(lane.cache)
         length = min(len(target), room + 1)
@@ -136,7 +132,7 @@ def score_references(lanes: list[StreamRunner], prompt_logits: dict[int, torch.T
 
 
 def decode_lanes(
-    lanes: list[StreamRunner], logits: torch.Tensor, max_new_tokens: int, timing_key: str = "decode_ms", kind: int = KIND["assistant"]
+    lanes: list[Lane], logits: torch.Tensor, max_new_tokens: int, timing_key: str = "decode_ms", kind: int = KIND["assistant"]
 ) -> list[list[int]]:
     """Decode each lane's reply from its prompt logits (`logits[i]`) until its end of turn or max_new_tokens,
     the lanes still speaking as one step; each reply and its closing tokens stay in its lane's cache. The
@@ -161,7 +157,7 @@ def decode_lanes(
         tokens, stopped = _choose_on_host(lanes, logits, max_new_tokens, kind)
     elapsed = (time.perf_counter() - t0) * 1000
     t0 = time.perf_counter()
-    closings: dict[int, list[StreamRunner]] = {}
+    closings: dict[int, list[Lane]] = {}
     for lane in lanes:
         lane._timing[timing_key] = lane._timing.get(timing_key, 0.0) + elapsed
         reply = tokens[id(lane)]
@@ -175,7 +171,7 @@ def decode_lanes(
     return [tokens[id(lane)] for lane in lanes]
 
 
-def _choose_on_host(lanes: list[StreamRunner], logits: torch.Tensor, max_new_tokens: int, kind: int) -> tuple[dict, dict]:
+def _choose_on_host(lanes: list[Lane], logits: torch.Tensor, max_new_tokens: int, kind: int) -> tuple[dict, dict]:
     """decode_lanes' token choice, one host read per token and lane (sampling, or lanes without a shared
     StaticForward): ({id(lane): reply}, {id(lane): whether a stop id ended it})."""
     tokens: dict[int, list[int]] = {id(lane): [] for lane in lanes}
