@@ -19,6 +19,7 @@ import hydra
 from hydra._internal.utils import get_args_parser
 from omegaconf import DictConfig, OmegaConf
 
+from prospect.signals import EXIT_USAGE
 from prospect.eval import DISABLED, EvalSetupError, PredictionsError, evaluate_predictions, read_predictions
 from prospect.eval.stream_scores import REF_PPL, REF_TOP1, SPEAK_AUC
 from prospect.eval.metrics import (
@@ -105,7 +106,7 @@ def format_table(result: dict) -> str:
 def _fail(error: Exception) -> None:
     message = " ".join(str(error).split()) or type(error).__name__
     print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(EXIT_USAGE)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=CONFIG_NAME)

@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from prospect.signals import EXIT_USAGE
 from prospect.sweep.baselines import FROM_SWEEP_CONFIG, BaselineError
 from prospect.sweep.summary import write_summary
 
@@ -29,15 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"prospect.report: error: {args.sweep_dir}: no such directory", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         summary = write_summary(args.sweep_dir, baseline=FROM_SWEEP_CONFIG if args.baseline is None else args.baseline)
     except BaselineError as error:
         print(f"prospect.report: error: --baseline={args.baseline}: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if not summary["jobs"]:
         print(f"prospect.report: error: {args.sweep_dir}: no job folders (with .hydra/ or results.json) inside", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print((args.sweep_dir / "summary.md").read_text(), end="")
     print(f"wrote {', '.join(str(p) for p in summary['files'])}")
     for note in summary["notes"]:  # e.g. F1 absent (eval=none): pareto.png plots KV memory against time

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import prospect.bench
+from prospect.signals import EXIT_USAGE
 from prospect.bench.grid import GRID_PARTS, format_grid, grid_parts, run_grid
 
 
@@ -76,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     error = count_error(args)
     if error:
         print(f"prospect.bench: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     check, run, format_report = mode_functions(args.mode)
     if check is not None:
         try:
             check(args)
         except ValueError as bad:
             print(f"prospect.bench: error: {bad}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     report = run(args)
     text = format_report(report)
     out = args.out or Path({"grid": "grid.json", "zoo": "zoo.json"}.get(args.mode, "bench.json"))

@@ -60,7 +60,7 @@ from typing import Any, Sequence
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
 from omegaconf import OmegaConf
 
-from prospect.signals import Interrupted, StopSignals, SweepStop
+from prospect.signals import EXIT_USAGE, Interrupted, StopSignals, SweepStop
 from prospect.sweep.gpu_pool import GpuPoolLauncher, PoolJob, check_launcher_settings, refuse, register_launcher, visible_gpus, write_hydra_files
 from prospect.sweep.lane_memory import balanced_sizes, capacity_sets, chunks, memory_sets
 from prospect.sweep.result_cache import find_result, key_lock, reuse_result, usable_result
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except (IndexError, OSError, ValueError, KeyError, TypeError) as error:
         print(f"prospect.sweep.fused: error: usage: python -m prospect.sweep.fused PLAN.json ({type(error).__name__}: {error})",
               file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
                         force=True)
     log.info("fused worker %s: CUDA_VISIBLE_DEVICES=%s, %d lane(s): %s", plan.get("worker"), os.environ.get("CUDA_VISIBLE_DEVICES"),
