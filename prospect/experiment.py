@@ -186,7 +186,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
 
 
 def run_jobs(cfgs: Sequence[DictConfig], output_dirs: Sequence[str | Path], lanes: bool = False,
-             batch_lanes: bool | None = None) -> list[dict]:
+             batch_lanes: bool | None = None, search_path: Sequence[str] | None = None) -> list[dict]:
     """Run jobs that differ only in their strategy (and logger) with one dataset and one model; each job
     writes exactly its own files (results.json with its job key, predictions, trace, plots, its own W&B run)
     into its own folder. Returns the results.json documents, in order.
@@ -197,7 +197,8 @@ def run_jobs(cfgs: Sequence[DictConfig], output_dirs: Sequence[str | Path], lane
     on, and results.json names the lane set. `batch_lanes`: see LaneRunner.
 
     Each job's config is validated here (prospect.validation), before anything loads: a job whose config
-    is bad, or whose strategy cannot be built, is recorded failed alone. SIGINT/SIGTERM/SIGUSR2 stop every
+    is bad, or whose strategy cannot be built, is recorded failed alone. `search_path`: the sweep's
+    hydra.searchpath entries (a fused worker runs outside Hydra; default: the running Hydra app's). SIGINT/SIGTERM/SIGUSR2 stop every
     job at the next frame (prospect/signals.py): the files are written, then `Interrupted` is raised. A
     signal that comes once the last frame is streamed lets the jobs finish (status ok) and `Interrupted` is
     raised after their files are written."""
@@ -226,11 +227,12 @@ def run_jobs(cfgs: Sequence[DictConfig], output_dirs: Sequence[str | Path], lane
         try:
             with recording_failure(shared):
                 check_shared(configs)
+                strategies, live = validated_jobs(cfgs, reports, lanes, search_path)
                 loaded = load_dataset(cfgs[0].dataset)
                 stop.check("while loading the dataset, before the stream started")
                 if not loaded.conversations:
                     raise RuntimeError(f"dataset {cfgs[0].dataset.name}: no conversation to run ({len(loaded.skipped)} skipped)")
-                runner, live, device = build_runner(cfgs, reports, lanes, batch_lanes)
+                runner, device = build_runner(cfgs, strategies, reports, lanes, batch_lanes)
                 stop.check("while loading the model, before the stream started")
                 if lanes:
                     lanes_info.update(lanes=len(live), batched=runner.static.batch_lanes)
@@ -285,21 +287,28 @@ def mirror_trace(mirror: Any):
     return (lambda record: mirror.log_trace([record])) if mirror is not None else None
 
 
-def build_runner(cfgs: Sequence[DictConfig], reports: Sequence[RunReport], lanes: bool, batch_lanes: bool | None):
-    """(runner, indices of the jobs that start, device) for the jobs: each job's config validated and its
-    strategy built (a job that fails either is recorded failed alone), then the oracle or one model under a
-    LaneRunner (lanes) or the job alone (OneLane)."""
+def validated_jobs(cfgs: Sequence[DictConfig], reports: Sequence[RunReport], lanes: bool,
+                   search_path: Sequence[str] | None = None) -> tuple[list, list[int]]:
+    """(strategies, indices of the jobs that start): each job's config validated (prospect.validation: the one
+    place a job's config is checked before it runs) and its strategy built (None for the oracle), before
+    anything loads. A job that fails either is recorded failed alone; if none is left, this raises."""
     live, strategies = [], []
     oracle = bool(cfgs[0].model.get("oracle"))
     for index, cfg in enumerate(cfgs):
         with recording_failure(reports[index]):
-            validate(cfg)
+            validate(cfg, search_path)
             strategies.append(None if oracle else strategy_from_config(cfg.strategy))
             live.append(index)
     if not live:
         raise RuntimeError("no job could start (see each job's error)" if lanes else reports[0].error)
-    if oracle:
-        return OneLane(OracleRunner()), live, "cpu"
+    return strategies, live
+
+
+def build_runner(cfgs: Sequence[DictConfig], strategies: list, reports: Sequence[RunReport], lanes: bool,
+                 batch_lanes: bool | None) -> tuple[Any, str]:
+    """(runner, device): the oracle, or one model under a LaneRunner (lanes) or the job alone (OneLane)."""
+    if cfgs[0].model.get("oracle"):
+        return OneLane(OracleRunner()), "cpu"
     model = load_model(cfgs[0].model, cfgs[0].paths.cache_dir, seed=int(cfgs[0].seed))
     for report in reports:
         report.kv_bytes_per_token = model.kv_bytes_per_token
@@ -310,7 +319,7 @@ def build_runner(cfgs: Sequence[DictConfig], reports: Sequence[RunReport], lanes
         runner = LaneRunner(model, strategies, settings, batch_lanes=batch_lanes)
     else:
         runner = OneLane(StreamRunner(model, strategies[0], settings))
-    return runner, live, str(model.device)
+    return runner, str(model.device)
 
 
 def stream_jobs(runner: Any, conversations: Iterable[Conversation], files: Sequence[JobFiles],

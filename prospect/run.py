@@ -20,8 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from prospect.signals import EXIT_FAILED, EXIT_USAGE, Interrupted, StopSignals, print_error
-from prospect.sweep import register_launchers, sweep_group
-from prospect.sweep.result_cache import reuse_or_run
+from prospect.sweep import sweep_group
 from prospect.validation import ConfigError, check_command_line, quote_path_overrides
 
 
@@ -64,6 +63,8 @@ def _job(cfg: DictConfig, output_dir: str, multirun: bool) -> dict | None:
         with open_dict(cfg):
             cfg.logger.group = sweep_group(HydraConfig.get().sweep.dir)  # a sweep's jobs share one W&B group
     if multirun and cfg.cache:
+        from prospect.sweep.result_cache import reuse_or_run  # lazy: the sweep's modules load only in a sweep
+
         return reuse_or_run(cfg, Path(output_dir), run)
     return run(cfg, output_dir)
 
@@ -126,6 +127,8 @@ def cli() -> None:
     if problem:
         print_error(problem)
         sys.exit(EXIT_USAGE)
+    from prospect.sweep import register_launchers  # lazy: the launchers' modules load once the command line is valid
+
     register_launchers()  # hydra/launcher=gpu_pool, fused: every prospect launcher conf/hydra/launcher/ names
     try:
         main()

@@ -254,3 +254,34 @@ def test_strategy_in_a_config_folder_outside_the_repository(user_conf):
         check_command_line([searchpath, "strategy=keep_tail", "strategy.tail_len=x"])
     with pytest.raises(ConfigError, match=r"must be a list of folders, e\.g\. hydra\.searchpath=\[file:///a,/b\]$"):
         check_command_line([f"hydra.searchpath={user_conf}", "strategy=keep_tail"])
+
+
+def test_the_zoo_presets_sweep_the_registered_strategies():
+    """One source: experiment=strategy_zoo sweeps the bounded strategies the bench times, zoo_embedded all of them."""
+    from prospect.context_strategies import STRATEGIES, zoo_strategies
+    from prospect.validation import _job_override_lists
+
+    def swept(preset: str) -> set[str]:
+        jobs = _job_override_lists([f"experiment={preset}"], True)
+        return {override.split("=", 1)[1] for job in jobs for override in job if override.startswith("strategy=")}
+
+    assert swept("strategy_zoo") == set(zoo_strategies()) == set(STRATEGIES) - {"full"}
+    assert swept("zoo_embedded") == set(STRATEGIES)
+
+
+def test_prospect_launchers_are_found_from_their_config(tmp_path):
+    """run.py keeps no list: every conf/hydra/launcher YAML whose _target_ is hydra_plugins.prospect_NAME.Class is
+    served by prospect.sweep.NAME, registered with Hydra under that name; other launchers' YAMLs are left to Hydra."""
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+
+    from prospect.sweep import register_launchers
+
+    assert register_launchers() == ["prospect.sweep.fused", "prospect.sweep.gpu_pool"]
+    for target in ("hydra_plugins.prospect_fused.FusedLauncher", "hydra_plugins.prospect_gpu_pool.GpuPoolLauncher"):
+        assert issubclass(Plugins.instance().class_name_to_class[target], Launcher)
+    conf = tmp_path / "hydra" / "launcher"
+    conf.mkdir(parents=True)
+    (conf / "pool_copy.yaml").write_text("_target_: hydra_plugins.prospect_gpu_pool.GpuPoolLauncher\njobs_per_gpu: 2\n")
+    (conf / "other.yaml").write_text("_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher\n")
+    assert register_launchers(tmp_path) == ["prospect.sweep.gpu_pool"]

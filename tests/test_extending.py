@@ -1,6 +1,7 @@
 """docs/extending.md's promise: a strategy is one Python file plus one YAML. Here both live outside the package
 (a module on PYTHONPATH, a YAML in the user's own config folder on hydra.searchpath) and a real sweep runs the
-new strategy beside a built-in one, with no other edit."""
+new strategy beside a built-in one, with no other edit, under each of prospect's launchers (the job processes of
+gpu_pool and the lanes of a fused worker see the user's config folder too)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO
 
@@ -34,7 +37,8 @@ class KeepNewerHalf(BaseContextStrategy):
 '''
 
 
-def test_a_strategy_from_outside_the_package_runs_in_a_sweep(tmp_path, model_cache_dir):
+@pytest.mark.parametrize("launcher", ["basic", "gpu_pool", "fused"])
+def test_a_strategy_from_outside_the_package_runs_in_a_sweep(tmp_path, model_cache_dir, launcher):
     package = tmp_path / "my_strategies"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -47,7 +51,7 @@ def test_a_strategy_from_outside_the_package_runs_in_a_sweep(tmp_path, model_cac
     command = [sys.executable, "-m", "prospect.run", "-m", f"hydra.searchpath=[file://{conf}]",
                "strategy=drop_middle,keep_newer_half", "model=tiny_random", "model.device=cpu", "logger=none", "eval=none",
                "dataset.generate.seconds=8", "strategy.max_seq_len=400", "strategy.reserved_seq_len=64",
-               "strategy.last_keep_len=128", "stream.max_new_tokens=4", f"hydra.sweep.dir={sweep}", f"cache_root={tmp_path}",
+               "strategy.last_keep_len=128", "stream.max_new_tokens=4", f"hydra.sweep.dir={sweep}", f"cache_root={tmp_path}", f"hydra/launcher={launcher}",
                f"paths.cache_dir={model_cache_dir}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

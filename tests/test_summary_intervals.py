@@ -26,7 +26,7 @@ from prospect.sweep.collect import collect_jobs, distinct_rows
 from prospect.sweep.overrides import Overrides
 from prospect.sweep.summary import ref_nll_by_turn_figure, write_summary
 from prospect.sweep.tables import number_text
-from prospect.tracking import REDUCTION_EVENTS
+from prospect.context_strategies.events import REDUCTION_EVENTS
 from prospect.tracking.sweep_figures import pareto_figure
 from prospect.validation import ConfigError, check_command_line
 

@@ -26,6 +26,8 @@ from prospect.context_strategies.events import REDUCTION_EVENTS  # noqa: F401  (
 def __getattr__(name: str) -> Any:
     """Lazy: the registry (and torch with it) loads when a strategy name is first used, not when a light
     module imports the reduction events."""
+    if name.startswith("__"):
+        raise AttributeError(name)
     registry = importlib.import_module("prospect.context_strategies.registry")
     if hasattr(registry, name):
         return getattr(registry, name)

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import bootstrap
 
-from prospect.eval import stream_scores as s
+import prospect.eval.stream_scores as s
 from prospect.eval.metrics import NUM_MATCHED, NUM_MISMATCHED, NUM_MISSED, NUM_REDUNDANT
 from prospect.eval.per_run_metrics import BY_NAME, INTERVAL_METRICS
 
@@ -141,6 +140,8 @@ def _usable(rows: Mapping[str, Row], metric: PooledMetric) -> dict[str, tuple[fl
 
 def _bootstrap(statistic: Callable[[np.ndarray], np.ndarray], count: int) -> tuple[float, float, str]:
     """(low, high, method) of `statistic(indices)` over resampled conversation indices 0..count-1."""
+    from scipy.stats import bootstrap  # lazy: scipy.stats costs ~1.5 s at start-up; only when an interval is computed
+
     def on_indices(sample: np.ndarray, axis: int = -1) -> np.ndarray:
         return statistic(np.moveaxis(np.asarray(sample), axis, -1))
 

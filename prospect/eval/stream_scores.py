@@ -27,7 +27,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from scipy.stats import mannwhitneyu
+from prospect.stream.frame_record import SPEAK_FIELD
+
 
 REF_TURNS = "ref_turns"
 REF_TOKENS = "ref_tokens"
@@ -45,7 +46,6 @@ SPEAK_FRAMES_NOT_DUE = "speak_frames_not_due"
 REFERENCE_METRICS = (REF_NLL, REF_PPL, REF_TOP1, REF_TURNS, REF_TOKENS, REF_TRUNCATED_TURNS)
 SPEAK_METRICS = (SPEAK_AUC, SPEAK_PROB_DUE, SPEAK_PROB_NOT_DUE, SPEAK_FRAMES_DUE, SPEAK_FRAMES_NOT_DUE)
 STREAM_SCORE_METRICS = REFERENCE_METRICS + SPEAK_METRICS
-SPEAK_FIELD = "speak_probability"  # predictions.json: {"index": [...], "p": [...], "due": [...]} per conversation
 
 
 def speak_auc(due: Iterable[float], not_due: Iterable[float]) -> float | None:
@@ -54,6 +54,8 @@ def speak_auc(due: Iterable[float], not_due: Iterable[float]) -> float | None:
     due, not_due = list(due), list(not_due)
     if not due or not not_due:
         return None
+    from scipy.stats import mannwhitneyu  # lazy: scipy.stats costs ~1.5 s at start-up; only when an AUC is computed
+
     statistic = mannwhitneyu(due, not_due, alternative="two-sided", method="asymptotic").statistic
     return float(statistic) / (len(due) * len(not_due))
 

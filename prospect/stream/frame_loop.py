@@ -23,7 +23,7 @@ from prospect.context_strategies.base import ContextOverflowError
 from prospect.data.types import Conversation
 from prospect.stream.feed import (KNOWLEDGE_PREFIX, Lane, LaneFailures, forward_lanes, frame_features, frames_to_feed,
                                   peak_memory_mb, synchronize, turn_kind)
-from prospect.stream.frame_record import ConversationResult
+from prospect.stream.frame_record import ConversationResult, FrameRecord
 from prospect.stream.replies import reply_lanes
 
 log = logging.getLogger(__name__)
@@ -80,21 +80,16 @@ def stream_lanes(
     iterator = schedule
     if progress:
         iterator = tqdm(schedule, desc=conversation.id, unit="frame", leave=False)
-    records: dict[int, dict] = {}
+    records: dict[int, FrameRecord] = {}
     for frame, turns, references in iterator:
         if not failures.alive:
             break
         synchronize(device)
         frame_start = time.perf_counter()
         for lane in failures.alive:
-            records[id(lane)] = {
-                "conversation": conversation.id,
-                "index": frame.index,
-                "time": frame.time,
-                "cache_before": cache_length(lane.cache),
-                "events": ["frame"],
-                "reference_due": bool(references),
-            }
+            records[id(lane)] = FrameRecord(conversation=conversation.id, index=frame.index, time=frame.time,
+                                            cache_before=cache_length(lane.cache), events=["frame"],
+                                            reference_due=bool(references))
             lane._timing = {"vision_ms": 0.0, "frame_prefill_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "reduce_ms": 0.0}
             lane._cache_max = cache_length(lane.cache)
             for turn in turns:

@@ -15,6 +15,8 @@ from prospect.data.types import Conversation
 # the record's timings (ms, CUDA-synchronized): they differ between runs that compute the same thing
 TIMING_FIELDS = ("vision_ms", "frame_prefill_ms", "prefill_ms", "decode_ms", "reduce_ms", "summary_ms", "probe_ms", "score_ms", "wall_ms")
 TURN_FIELDS = ("ref_nll", "ref_tokens", "ref_top1", "ref_truncated")  # a scored reference's fields, also in predictions.json
+PREDICTIONS_SCHEMA = "prospect.predictions/1"  # predictions.json's "schema" (prospect/tracking/job_files.py writes it)
+SPEAK_FIELD = "speak_probability"  # predictions.json: {"index": [...], "p": [...], "due": [...]} per conversation
 
 
 class Reduction(TypedDict):

@@ -24,7 +24,7 @@ from prospect.context_strategies import BaseContextStrategy
 from prospect.data.types import Conversation
 from prospect.models.static_forward import StaticForward
 from prospect.models.vlm import VisionLanguageModel
-from prospect.stream.frame_record import ConversationResult
+from prospect.stream.frame_record import ConversationResult, FrameRecord
 from prospect.stream.frame_loop import stream_lanes
 from prospect.stream.runner import StreamRunner
 from prospect.stream.settings import StreamSettings
@@ -93,7 +93,7 @@ class OneLane:
                     on_frame(record)
             return [result]
 
-        def each_frame(record: dict) -> None:  # the safe point between frames
+        def each_frame(record: FrameRecord) -> None:  # the safe point between frames
             if on_frame is not None:
                 on_frame(record)
             if on_step is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from prospect.data.types import Conversation
-from prospect.stream.frame_record import ConversationResult
+from prospect.stream.frame_record import ConversationResult, FrameRecord
 
 
 class OracleRunner:
@@ -21,12 +21,10 @@ class OracleRunner:
             if frame.reference:
                 result.replies[frame.index] = frame.reference
                 events.append("speak")
-            result.trace.append(
-                {
-                    "conversation": conversation.id, "index": frame.index, "time": frame.time, "cache_before": 0,
-                    "cache_after": 0, "cache_max": 0, "next_position": 0, "events": events, "chunk_tokens": 0,
-                    "generated_tokens": 0, "reply": frame.reference, "wall_ms": (time.perf_counter() - t0) * 1000,
-                }
-            )
+            result.trace.append(FrameRecord(
+                conversation=conversation.id, index=frame.index, time=frame.time, cache_before=0, cache_after=0, cache_max=0,
+                next_position=0, events=events, chunk_tokens=0, generated_tokens=0, reply=frame.reference,
+                wall_ms=(time.perf_counter() - t0) * 1000,
+            ))
         result.wall_s = time.perf_counter() - started
         return result

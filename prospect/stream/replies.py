@@ -13,13 +13,14 @@ from prospect.data.types import StreamFrame
 from prospect.stream.decode import pick_token
 from prospect.stream.reference_scores import token_scores
 from prospect.stream.feed import SCORE_ALIGN, Lane, LaneFailures, forward_lanes
+from prospect.stream.frame_record import FrameRecord
 from prospect.stream.talk import not_talk_probability
 
 log = logging.getLogger(__name__)
 
 
 def reply_lanes(
-    failures: LaneFailures, speak: bool | None, records: dict[int, dict], frame: StreamFrame, references: tuple[str, ...] = ()
+    failures: LaneFailures, speak: bool | None, records: dict[int, FrameRecord], frame: StreamFrame, references: tuple[str, ...] = ()
 ) -> dict[int, list[int]]:
     """Prompt an assistant turn in every live lane and decode the replies together: {id(lane): reply ids} of
     the lanes that spoke. speak=None asks the threshold policy (ProAssist's not-talk probability on the first
@@ -72,7 +73,7 @@ def reply_lanes(
     return replies or {}
 
 
-def probe_speak(failures: LaneFailures, records: dict[int, dict]) -> None:
+def probe_speak(failures: LaneFailures, records: dict[int, FrameRecord]) -> None:
     """gt_turns at a frame without a reference: each live lane with speak_probe on reads P(speak) = 1 - P(end of
     turn first) after an assistant prompt it does not keep (one step for the lanes on a StaticForward); the
     cache is left exactly as it was. A lane whose cache has no room for the prompt records nothing (making room
@@ -95,7 +96,7 @@ def probe_speak(failures: LaneFailures, records: dict[int, dict]) -> None:
 
 
 def score_references(lanes: list[Lane], prompt_logits: dict[int, torch.Tensor], references: tuple[str, ...],
-                     records: dict[int, dict]) -> None:
+                     records: dict[int, FrameRecord]) -> None:
     """Score the reference reply teacher-forced in each lane, which has just fed its reply prompt: the prompt's
     logits predict the reply's first token, and the reply's tokens fed on top of the cache without keeping them
     (append=False) predict the rest; lanes of one scored shape are one step. The reply's tokens are its text

@@ -27,7 +27,7 @@ from prospect.models.static_forward import StaticForward
 from prospect.models.vlm import VisionLanguageModel
 from prospect.stream.decode import suppression_bias
 from prospect.stream.feed import synchronize
-from prospect.stream.frame_record import ConversationResult
+from prospect.stream.frame_record import ConversationResult, FrameRecord
 from prospect.stream.frame_loop import stream_lanes
 from prospect.stream.replies import decode_lanes
 from prospect.stream.settings import StreamSettings, check_reply_fits
@@ -144,7 +144,7 @@ class StreamRunner:
             "capacity": self.capacity,
         }
 
-    def _reduce(self, pending: list[int], record: dict, frame: StreamFrame) -> list[int]:
+    def _reduce(self, pending: list[int], record: FrameRecord, frame: StreamFrame) -> list[int]:
         """Let the strategy reduce the cache; returns the tokens to feed before the next chunk."""
         synchronize(self.model.device)
         t0 = time.perf_counter()
@@ -194,7 +194,7 @@ class StreamRunner:
         own.kinds, own.frames, own.patches = labels
         return own
 
-    def _make_room(self, needed: int, pending: list[int], record: dict, frame: StreamFrame) -> list[int]:
+    def _make_room(self, needed: int, pending: list[int], record: FrameRecord, frame: StreamFrame) -> list[int]:
         """Reduce first when `needed` more tokens would not fit; raise if they still do not fit."""
         if cache_length(self.cache) + needed <= self.capacity:
             return pending

@@ -258,7 +258,8 @@ class FusedLauncher(GpuPoolLauncher):
         folder.mkdir(parents=True, exist_ok=True)
         plan = folder / f"worker-{worker.index}.json"
         worker.log_path = folder / f"worker-{worker.index}.log"
-        plan.write_text(json.dumps({"worker": worker.index, "gpu": gpu, "batch_lanes": self.batch_lanes,
+        search_path = [str(entry) for entry in (OmegaConf.select(self.config, "hydra.searchpath") or [])]
+        plan.write_text(json.dumps({"worker": worker.index, "gpu": gpu, "batch_lanes": self.batch_lanes, "search_path": search_path,
                                     "jobs": [job_record(j) for j in worker.jobs]}, indent=1, default=str) + "\n")
         env = dict(os.environ)
         if gpu is not None:
@@ -319,7 +320,7 @@ class FusedLauncher(GpuPoolLauncher):
 # ------------------------------------------------------------------------------------------ worker
 
 
-def _run_lane_set(jobs: list[PoolJob], batch_lanes: bool | None = None) -> None:
+def _run_lane_set(jobs: list[PoolJob], batch_lanes: bool | None = None, search_path: Sequence[str] = ()) -> None:
     """Run one lane set through prospect.experiment.run_jobs; each job's JOB_NAME.log gets the log lines."""
     from prospect.experiment import run_jobs  # lazy: the launcher process itself never loads torch
 
@@ -332,7 +333,8 @@ def _run_lane_set(jobs: list[PoolJob], batch_lanes: bool | None = None) -> None:
         logging.getLogger().addHandler(handler)
         handlers.append(handler)
     try:
-        run_jobs([OmegaConf.create(j.config) for j in jobs], [j.folder for j in jobs], lanes=True, batch_lanes=batch_lanes)
+        run_jobs([OmegaConf.create(j.config) for j in jobs], [j.folder for j in jobs], lanes=True, batch_lanes=batch_lanes,
+                 search_path=list(search_path))
     except Exception as error:  # run_jobs records its lanes' failures; this is the set's own (e.g. a bug)
         log.exception("lane set %s failed", " ".join(f"#{j.index}" for j in jobs))
         for job in jobs:
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             for number, part in enumerate(parts):
                 stop.check(f"before lane set {number + 1} of {len(parts)}")
                 log.info("lane set %d of %d: %s", number + 1, len(parts), " ".join(f"#{j.index}" for j in part))
-                _run_lane_set(part, plan.get("batch_lanes"))
+                _run_lane_set(part, plan.get("batch_lanes"), plan.get("search_path") or [])
     except Interrupted as interrupted:
         log.error("fused worker %s: %s", plan.get("worker"), interrupted)
         return interrupted.exit_code

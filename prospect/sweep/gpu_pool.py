@@ -28,7 +28,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import types
 from dataclasses import dataclass, field
@@ -90,6 +89,12 @@ def write_hydra_files(job: PoolJob) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job.task_overrides)), encoding="utf-8")
     (folder / "config.yaml").write_text(job.config_yaml, encoding="utf-8")
+
+
+def search_path_override(config: Any) -> str | None:
+    """The sweep's `hydra.searchpath=[...]` as an override for a job's own process, or None when it has none."""
+    entries = [str(entry) for entry in (OmegaConf.select(config, "hydra.searchpath") or [])]
+    return f"hydra.searchpath=[{','.join(entries)}]" if entries else None
 
 
 def refuse(message: str) -> None:
@@ -166,6 +171,9 @@ class GpuPoolLauncher(Launcher):
         command = [sys.executable, "-m", "prospect.run", *job.overrides, f"hydra.run.dir='{folder}'"]
         if job.group:
             command.append(f"logger.group={job.group}")
+        search_path = search_path_override(self.config)
+        if search_path:  # a config folder of the user's (a strategy YAML outside conf/): the job composes with it too
+            command.append(search_path)
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu

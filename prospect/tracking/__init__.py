@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prospect.context_strategies.events import REDUCTION_EVENTS  # noqa: F401  (read by plots, timeline, results)
+from prospect.context_strategies.events import REDUCTION_EVENTS
 from prospect.stream.frame_record import FrameRecord
 
 

@@ -12,10 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from prospect.eval import PREDICTIONS_SCHEMA
-from prospect.eval.stream_scores import SPEAK_FIELD
 from prospect.signals import Interrupted
-from prospect.stream.frame_record import ConversationResult, FrameRecord
+from prospect.stream.frame_record import PREDICTIONS_SCHEMA, SPEAK_FIELD, ConversationResult, FrameRecord
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from prospect.stream.frame_record import FrameRecord
-from prospect.tracking import REDUCTION_EVENTS, by_conversation, reductions
+from prospect.context_strategies.events import REDUCTION_EVENTS
+from prospect.tracking import by_conversation, reductions
 
 EVENT_COLOURS = {"compress": "#ff7f0e", "reset": "#d62728", "summary": "#2ca02c"}  # one per reduction event
 EVENT_MARKERS = {"compress": "v", "reset": "x", "summary": "s"}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from prospect.stream.frame_record import FrameRecord
-from prospect.tracking import REDUCTION_EVENTS
+from prospect.context_strategies.events import REDUCTION_EVENTS
 
 RESULTS_SCHEMA = "prospect.results/1"
 # Part of every job key: bump it when a change alters what a run computes (stream, strategies, metrics),

@@ -22,7 +22,8 @@ from typing import Any
 
 from prospect.eval.intervals import CONFIDENCE
 from prospect.eval.per_run_metrics import BY_NAME
-from prospect.tracking import REDUCTION_EVENTS, by_conversation
+from prospect.context_strategies.events import REDUCTION_EVENTS
+from prospect.tracking import by_conversation
 from prospect.tracking.plots import cache_curve
 
 NO_F1_NOTE = "F1 absent (no job was evaluated: eval=none)"

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from prospect.stream.frame_record import FrameRecord
-from prospect.tracking import REDUCTION_EVENTS, by_conversation, reductions
+from prospect.context_strategies.events import REDUCTION_EVENTS
+from prospect.tracking import by_conversation, reductions
 from prospect.tracking.plots import EVENT_COLOURS, cache_curve
 
 WIDTH, LEFT, RIGHT = 960, 96, 16  # svg px

@@ -27,7 +27,8 @@ from urllib.parse import urlsplit
 from omegaconf import OmegaConf
 
 from prospect.stream.frame_record import FrameRecord
-from prospect.tracking import REDUCTION_EVENTS, reductions
+from prospect.context_strategies.events import REDUCTION_EVENTS
+from prospect.tracking import reductions
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from prospect.eval import stream_scores
+import prospect.eval.stream_scores as stream_scores
+from prospect.stream.frame_record import PREDICTIONS_SCHEMA  # noqa: F401  (read here by the evaluate command and tests)
 from prospect.eval.embeddings import EmbeddingSimilarity, EvalSetupError, ProAssistSemanticCost, embed_texts
 from prospect.eval.intervals import intervals
 from prospect.eval.matching import NoFullMatching, SemanticCostFn, SimilarityFn, match_conversation
@@ -37,7 +38,6 @@ __all__ = [
     "evaluate_predictions", "measured_scores", "read_predictions", "validate_predictions",
 ]
 
-PREDICTIONS_SCHEMA = "prospect.predictions/1"
 CONVERSATION_KEYS = ("id", "video_uid", "subset", "user_type", "fps", "num_frames", "frames")
 FRAME_KEYS = ("index", "gen", "ref")
 DISABLED = "none"  # eval=none: no scoring
