@@ -198,10 +198,11 @@ def run_jobs(cfgs: Sequence[DictConfig], output_dirs: Sequence[str | Path], lane
 
     Each job's config is validated here (prospect.validation), before anything loads: a job whose config
     is bad, or whose strategy cannot be built, is recorded failed alone. `search_path`: the sweep's
-    hydra.searchpath entries (a fused worker runs outside Hydra; default: the running Hydra app's). SIGINT/SIGTERM/SIGUSR2 stop every
-    job at the next frame (prospect/signals.py): the files are written, then `Interrupted` is raised. A
-    signal that comes once the last frame is streamed lets the jobs finish (status ok) and `Interrupted` is
-    raised after their files are written."""
+    hydra.searchpath entries (a fused worker runs outside Hydra; default: the running Hydra app's).
+
+    SIGINT/SIGTERM/SIGUSR2 stop every job at the next frame (prospect/signals.py): the files are written, then
+    `Interrupted` is raised. A signal that comes once the last frame is streamed lets the jobs finish (status
+    ok) and `Interrupted` is raised after their files are written."""
     if len(cfgs) != len(output_dirs) or not cfgs:
         raise ValueError(f"run_jobs: {len(cfgs)} configs for {len(output_dirs)} output folders")
     if not lanes and len(cfgs) > 1:
