@@ -129,7 +129,11 @@ def cli() -> None:
         sys.exit(EXIT_USAGE)
     from prospect.sweep import register_launchers  # lazy: the launchers' modules load once the command line is valid
 
-    register_launchers()  # hydra/launcher=gpu_pool, fused: every prospect launcher conf/hydra/launcher/ names
+    try:
+        register_launchers()  # hydra/launcher=gpu_pool, fused: every prospect launcher conf/hydra/launcher/ names
+    except ConfigError as error:
+        print_error(error)
+        sys.exit(EXIT_USAGE)
     try:
         main()
     except Interrupted as error:

@@ -285,3 +285,14 @@ def test_prospect_launchers_are_found_from_their_config(tmp_path):
     (conf / "pool_copy.yaml").write_text("_target_: hydra_plugins.prospect_gpu_pool.GpuPoolLauncher\njobs_per_gpu: 2\n")
     (conf / "other.yaml").write_text("_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher\n")
     assert register_launchers(tmp_path) == ["prospect.sweep.gpu_pool"]
+
+
+def test_a_launcher_yaml_naming_no_prospect_module_is_one_line(tmp_path):
+    from prospect.sweep import register_launchers
+
+    conf = tmp_path / "hydra" / "launcher"
+    conf.mkdir(parents=True)
+    (conf / "nope.yaml").write_text("_target_: hydra_plugins.prospect_nope.NopeLauncher\n")
+    with pytest.raises(ConfigError, match=r"nope.yaml: _target_=hydra_plugins.prospect_nope.NopeLauncher: no launcher module "
+                                          r"prospect.sweep.nope serves it"):
+        register_launchers(tmp_path)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from prospect.conf_files import CONF_DIR
+from prospect.config_values import ConfigError
 
 
 def sweep_group(sweep_dir: str | Path) -> str:
@@ -30,6 +32,9 @@ def register_launchers(conf_dir: Path | None = None) -> list[str]:
         target = OmegaConf.load(path).get("_target_")
         if isinstance(target, str) and target.startswith(PLUGIN_PREFIX):
             name = target[len(PLUGIN_PREFIX):].partition(".")[0]
-            importlib.import_module(f"prospect.sweep.{name}").register()
+            module = f"prospect.sweep.{name}"
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"{path}: _target_={target}: no launcher module {module} serves it")
+            importlib.import_module(module).register()
             registered.append(f"prospect.sweep.{name}")
     return registered
