@@ -9,9 +9,17 @@ copies are exact (bitwise), `rerotate` applies a RoPE rotation by (new - old) po
 
 Token provenance: the cache also records, for every cached token, its kind (`TOKEN_KINDS`: system, user,
 knowledge, frame_text, image, assistant, summary; -1 when the writer did not say), the stream index of the
-frame it belongs to (frame_text and image tokens; -1 for dialogue tokens) and, for image tokens, their
-patch index within the frame (-1 otherwise). These host-side arrays move with the tokens through every
+frame it belongs to (frame_text and image tokens; -1 for dialogue tokens), for image tokens their patch
+index within the frame (-1 otherwise), and how many original tokens it stands for (`merged`: 1, more for a
+token a merging strategy made). These host-side records (`Records`) move with the tokens through every
 operation here, so strategies can ask what each slot holds.
+
+Per-(layer, head) selection: a reduction may keep different tokens in each layer and KV head
+(`keep_tokens_per_head`; SnapKV and KnormPress select so). Every layer and head still keeps the same number
+of tokens (the buffers stay rectangular, one cache length), but slot i then holds a different token per
+(layer, head): the records become [layers, kv_heads, length] (`cache.per_head`; `head_records()` gives
+that shape in either case). On such a cache the one-per-slot views (`positions`, `kinds`, `frames`,
+`patches`, `merged`, `provenance`, `frame_mask`) raise `PerHeadCacheError` rather than answer for one head.
 
 Optionally (`record_queries`), each layer also keeps the pre-RoPE query vector of every cached token in a
 buffer parallel to the keys (written by the model's forward, moved by the same operations): SnapKV-style
@@ -52,6 +60,67 @@ class Provenance(NamedTuple):
         if not parts:
             return Provenance.of(0)
         return Provenance(*(torch.cat([getattr(p, name) for p in parts]) for name in Provenance._fields))
+
+
+class PerHeadCacheError(RuntimeError):
+    """A one-per-slot view of a cache whose layers and heads hold different tokens."""
+
+
+class Records(NamedTuple):
+    """What the cache knows of its tokens, one entry per cached token: each tensor is [n] while every layer
+    and head holds the same token in a slot, [layers, kv_heads, n] after a per-(layer, head) selection."""
+
+    positions: torch.Tensor  # long: RoPE position the token's key carries
+    kinds: torch.Tensor  # int8: KIND code
+    frames: torch.Tensor  # long: stream frame index (-1: none)
+    patches: torch.Tensor  # long: patch index of an image token (-1: none)
+    merged: torch.Tensor  # long: original tokens this one stands for (1 unless merged)
+
+    @staticmethod
+    def of(positions: torch.Tensor, provenance: Provenance) -> "Records":
+        return Records(positions.to(torch.long), provenance.kinds.to(torch.int8), provenance.frames.to(torch.long),
+                       provenance.patches.to(torch.long), torch.ones(len(positions), dtype=torch.long))
+
+    @property
+    def per_head(self) -> bool:
+        return self.positions.dim() == 3
+
+    def select(self, index: torch.Tensor) -> "Records":
+        """The records of slots `index` (the same slots in every layer and head)."""
+        return Records(*(t[..., index] for t in self))
+
+    def gather(self, index: torch.Tensor) -> "Records":
+        """The records of slots index[layer, head] ([layers, kv_heads, n'])."""
+        layers, heads = index.shape[:2]
+        return Records(*(torch.gather(t.expand(layers, heads, -1) if t.dim() == 1 else t, -1, index) for t in self))
+
+    def append(self, new: "Records") -> "Records":
+        """These records followed by `new` ([m] each: new tokens are the same in every layer and head)."""
+        if self.per_head:
+            layers, heads = self.positions.shape[:2]
+            new = Records(*(t.expand(layers, heads, -1) for t in new))
+        return Records(*(torch.cat([old, extra.to(old.dtype)], dim=-1) for old, extra in zip(self, new)))
+
+    def expanded(self, layers: int, heads: int) -> "Records":
+        """[layers, heads, n] records (a view where every layer and head holds the same tokens)."""
+        return self if self.per_head else Records(*(t.expand(layers, heads, -1) for t in self))
+
+
+def _slot_record(name: str) -> property:
+    """A one-per-slot view of record `name`: [n], or PerHeadCacheError on a per-(layer, head) cache."""
+
+    def read(cache: "PositionedCache") -> torch.Tensor:
+        if cache.records.per_head:
+            raise PerHeadCacheError(
+                f"cache.{name}: this cache holds different tokens per (layer, head) after a per-head selection; "
+                "read cache.head_records()"
+            )
+        return getattr(cache.records, name)
+
+    def write(cache: "PositionedCache", value: torch.Tensor) -> None:
+        cache.records = cache.records._replace(**{name: value})
+
+    return property(read, write)
 
 
 class BufferLayer(DynamicLayer):
@@ -124,6 +193,21 @@ class BufferLayer(DynamicLayer):
                 self.query_buffer[:count] = self.query_buffer[index]
             self.length = count
 
+    def keep_per_head(self, index: torch.Tensor) -> None:
+        """Keep, in each KV head h, the tokens at index[h] (ascending; every head the same count)."""
+        if self.is_initialized:
+            heads, count = index.shape
+            index = index.to(self.key_buffer.device)
+            batch = self.key_buffer.shape[0]
+            for buffer in (self.key_buffer, self.value_buffer):
+                gather = index[None, :, :, None].expand(batch, heads, count, buffer.shape[-1])
+                buffer[:, :, :count] = torch.gather(buffer[:, :, : self.length], 2, gather)
+            if self.query_buffer is not None:  # query heads of KV head h are h*group .. h*group+group-1
+                queries = self.query_buffer[: self.length].view(self.length, heads, -1)
+                gather = index.T[:, :, None].expand(count, heads, queries.shape[-1])
+                self.query_buffer[:count] = torch.gather(queries, 0, gather).reshape(count, -1)
+            self.length = count
+
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative count of tokens to remove from the end")
@@ -141,8 +225,7 @@ class PositionedCache(Cache):
     ):
         super().__init__(layer_class_to_replicate=lambda: BufferLayer(capacity, query_width))
         self.capacity = capacity
-        self.positions = torch.empty(0, dtype=torch.long)  # on CPU; one entry per cached token
-        self.kinds, self.frames, self.patches = Provenance.of(0)  # on CPU; one entry per cached token
+        self.records = Records.of(torch.empty(0, dtype=torch.long), Provenance.of(0))  # on CPU; see Records
         self.next_position = 0
         self.inv_freq = inv_freq
         self.attention_scaling = attention_scaling
@@ -156,10 +239,7 @@ class PositionedCache(Cache):
         if len(provenance.kinds) != count:
             raise ValueError(f"provenance for {len(provenance.kinds)} tokens given for a chunk of {count}")
         new = torch.arange(self.next_position, self.next_position + count, dtype=torch.long)
-        self.positions = torch.cat([self.positions, new])
-        self.kinds = torch.cat([self.kinds, provenance.kinds.to(torch.int8)])
-        self.frames = torch.cat([self.frames, provenance.frames.to(torch.long)])
-        self.patches = torch.cat([self.patches, provenance.patches.to(torch.long)])
+        self.records = self.records.append(Records.of(new, provenance))
         self.next_position += count
         return new
 
@@ -169,20 +249,37 @@ class PositionedCache(Cache):
         if buffer is not None:
             buffer.index_copy_(0, self.write_slots, queries[0].to(buffer.dtype))
 
+    positions = _slot_record("positions")
+    kinds = _slot_record("kinds")
+    frames = _slot_record("frames")
+    patches = _slot_record("patches")
+    merged = _slot_record("merged")
+
+    @property
+    def per_head(self) -> bool:
+        """True once a reduction kept different tokens per (layer, head)."""
+        return self.records.per_head
+
     @property
     def provenance(self) -> Provenance:
         return Provenance(self.kinds, self.frames, self.patches)
 
+    def head_records(self) -> Records:
+        """The records as [layers, kv_heads, length] tensors (a broadcast view while every head agrees)."""
+        buffers = [layer.key_buffer for layer in self.layers if layer.is_initialized]
+        if not buffers:
+            raise ValueError("head_records: the cache holds no layer yet")
+        return self.records.expanded(len(buffers), buffers[0].shape[1])
+
     def select_tokens(self, index: torch.Tensor) -> None:
-        """Keep the host-side records (positions, provenance) of the tokens at `index`."""
-        self.positions = self.positions[index]
-        self.kinds, self.frames, self.patches = self.kinds[index], self.frames[index], self.patches[index]
+        """Keep the host-side records of the tokens at `index` (the same slots in every layer and head)."""
+        self.records = self.records.select(index)
 
     def reset(self) -> None:
         """Empty the cache (buffers stay allocated) and restart positions at 0."""
         for layer in self.layers:
             layer.reset()
-        self.select_tokens(torch.empty(0, dtype=torch.long))
+        self.records = Records.of(torch.empty(0, dtype=torch.long), Provenance.of(0))
         self.next_position = 0
 
     def frame_mask(self) -> torch.Tensor:
@@ -190,8 +287,13 @@ class PositionedCache(Cache):
         return (self.kinds == FRAME_KINDS[0]) | (self.kinds == FRAME_KINDS[1])
 
     def frame_tokens(self) -> int:
-        """Cached tokens of frames (image + frame_text)."""
+        """Cached tokens of frames (image + frame_text); see frame_tokens_per_head on a per-head cache."""
         return int(self.frame_mask().sum())
+
+    def frame_tokens_per_head(self) -> torch.Tensor:
+        """Cached frame tokens (image + frame_text) of each (layer, KV head): long [layers, kv_heads]."""
+        kinds = self.head_records().kinds
+        return ((kinds == FRAME_KINDS[0]) | (kinds == FRAME_KINDS[1])).sum(dim=-1)
 
     def layer_tensors(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """(keys, values) of each layer: views [batch, kv_heads, length, head_dim]."""
@@ -201,9 +303,9 @@ class PositionedCache(Cache):
 
     def check(self) -> None:
         """Raise if the recorded positions do not match the cached tokens."""
-        for name in ("positions", "kinds", "frames", "patches"):
-            if len(getattr(self, name)) != self.get_seq_length():
-                raise RuntimeError(f"cache holds {self.get_seq_length()} tokens but records {len(getattr(self, name))} {name}")
+        for name, record in zip(Records._fields, self.records):
+            if record.shape[-1] != self.get_seq_length():
+                raise RuntimeError(f"cache holds {self.get_seq_length()} tokens but records {record.shape[-1]} {name}")
 
 
 def cache_length(cache: Cache) -> int:
@@ -233,6 +335,24 @@ def keep_tokens(cache: PositionedCache, index: torch.Tensor) -> None:
     cache.select_tokens(index)
 
 
+def keep_tokens_per_head(cache: PositionedCache, index: torch.Tensor) -> None:
+    """Keep, in layer l and KV head h, the tokens at index[l, h] (strictly ascending slots; the same count in
+    every layer and head, so the buffers stay rectangular), in order (in place). The records become per
+    (layer, head) (see the module docstring)."""
+    length = cache_length(cache)
+    layers = [layer for layer in cache.layers if layer.is_initialized]
+    index = index.to(torch.long).cpu()
+    if index.dim() != 3 or layers and tuple(index.shape[:2]) != (len(layers), layers[0].key_buffer.shape[1]):
+        raise ValueError(f"keep_tokens_per_head: index of shape {tuple(index.shape)}, not [layers, kv_heads, count]")
+    if index.shape[-1] > 1 and not bool((index[..., 1:] > index[..., :-1]).all()):
+        raise ValueError("keep_tokens_per_head: each head's index must be strictly ascending")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= length):
+        raise ValueError(f"keep_tokens_per_head: index out of range for a cache of {length} tokens")
+    for layer, per_layer in zip(layers, index):
+        layer.keep_per_head(per_layer)
+    cache.records = cache.records.gather(index)
+
+
 def crop_end(cache: PositionedCache, count: int) -> None:
     """Remove the last `count` tokens and give their positions back (next_position moves back). The kept
     tokens stay where they are (no copy); the removed slots are free again."""
@@ -254,9 +374,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate post-RoPE keys [b, h, n, d] by `delta` positions ([n]) with Llama's RoPE (rotate_half)."""
+    """Rotate post-RoPE keys [b, h, n, d] by `delta` positions ([n], or [h, n]: one row per head) with
+    Llama's RoPE (rotate_half)."""
     compute = torch.float64 if keys.dtype == torch.float64 else torch.float32  # bf16 keys rotate in fp32
-    freqs = delta.to(keys.device, compute)[:, None] * inv_freq.to(keys.device, compute)[None, :]
+    freqs = delta.to(keys.device, compute)[..., None] * inv_freq.to(keys.device, compute)
     angles = torch.cat((freqs, freqs), dim=-1)
     cos, sin = angles.cos(), angles.sin()
     k = keys.to(compute)
@@ -267,18 +388,29 @@ def make_contiguous(cache: PositionedCache) -> None:
     """Re-rotate keys so the cache holds positions 0..len-1; new tokens continue at len (StreamingLLM)."""
     length = cache_length(cache)
     target = torch.arange(length, dtype=torch.long)
-    delta = target - cache.positions
-    moved = torch.nonzero(delta != 0).flatten()
-    if moved.numel():
+    delta = target - cache.records.positions  # [n], or [layers, heads, n] on a per-head cache
+    if bool((delta != 0).any()):
         if cache.inv_freq is None:
             raise ValueError("contiguous positions need the model's RoPE inv_freq on the cache")
         if cache.attention_scaling != 1.0:
             raise ValueError(f"contiguous positions need plain RoPE (attention_scaling 1), got {cache.attention_scaling}")
-        for layer in cache.layers:
-            if layer.is_initialized:
-                index = moved.to(layer.key_buffer.device)
-                layer.key_buffer[:, :, index] = rerotate(layer.key_buffer[:, :, index], delta[moved], cache.inv_freq)
-    cache.positions = target
+    if cache.per_head:
+        layers = [layer for layer in cache.layers if layer.is_initialized]
+        for layer, layer_delta in zip(layers, delta):
+            moved = layer_delta != 0
+            if bool(moved.any()):  # rotate every slot of the layer, keep the unmoved ones bitwise
+                keys = layer.key_buffer[:, :, :length]
+                rotated = rerotate(keys, layer_delta, cache.inv_freq)
+                layer.key_buffer[:, :, :length] = torch.where(moved.to(keys.device)[None, :, :, None], rotated, keys)
+        cache.records = cache.records._replace(positions=target.expand_as(delta).clone())
+    else:
+        moved = torch.nonzero(delta != 0).flatten()
+        if moved.numel():
+            for layer in cache.layers:
+                if layer.is_initialized:
+                    index = moved.to(layer.key_buffer.device)
+                    layer.key_buffer[:, :, index] = rerotate(layer.key_buffer[:, :, index], delta[moved], cache.inv_freq)
+        cache.positions = target
     cache.next_position = length
 
 
@@ -289,8 +421,7 @@ def clone_cache(cache: PositionedCache, device: str | torch.device | None = None
     copy = PositionedCache(max(length, 1), cache.inv_freq, cache.attention_scaling)
     for layer_index, (keys, values) in enumerate(cache.layer_tensors()):
         copy.update(keys.to(device, copy=True), values.to(device, copy=True), layer_index)
-    copy.positions = cache.positions.clone()
-    copy.kinds, copy.frames, copy.patches = (t.clone() for t in cache.provenance)
+    copy.records = Records(*(t.clone() for t in cache.records))
     copy.next_position = cache.next_position
     return copy
 

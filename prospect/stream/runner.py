@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from prospect.cache import KIND, PositionedCache, Provenance, cache_length, keep_spans, recover_provenance
+from prospect.cache import KIND, PositionedCache, Provenance, Records, cache_length, keep_spans, recover_provenance
 from prospect.context_strategies.base import BaseContextStrategy, ContextOverflowError
 from prospect.context_strategies.events import SUMMARY
 from prospect.data.types import Conversation, StreamFrame
@@ -180,18 +180,16 @@ class StreamRunner:
         length = tensors[0][0].shape[2] if tensors else 0
         if isinstance(cache, PositionedCache):
             cache.check()
-            positions, next_position = cache.positions.clone(), cache.next_position
-            labels = Provenance(*(t.clone() for t in cache.provenance))
+            records, next_position = Records(*(t.clone() for t in cache.records)), cache.next_position
         else:  # a plain transformers cache: positions are unknown, so they follow the cache length (seed behaviour)
-            positions, next_position = torch.arange(length, dtype=torch.long), length
             own_keys = next(iter(own.layer_tensors()), (None, None))[0]
             labels = recover_provenance(tensors[0][0] if tensors else None, own_keys, own.provenance)
+            records, next_position = Records.of(torch.arange(length, dtype=torch.long), labels), length
         for layer in own.layers:
             layer.reset()
         for layer_index, (keys, values) in enumerate(tensors):
             own.update(keys, values, layer_index)
-        own.positions, own.next_position = positions, next_position
-        own.kinds, own.frames, own.patches = labels
+        own.records, own.next_position = records, next_position
         return own
 
     def _make_room(self, needed: int, pending: list[int], record: FrameRecord, frame: StreamFrame) -> list[int]:
