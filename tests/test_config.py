@@ -87,7 +87,7 @@ def test_model_options_carry_hub_id_dtype_device_random_init():
 
 
 BAD_COMMAND_LINES = [
-    (["strategy=drop_midle"], "strategy=drop_midle: unknown strategy; choose one of: drop_all, drop_frames, drop_middle, frame_coverage, full, key_norm, none, snapkv, streaming_llm, summarize_and_drop, tar_van"),
+    (["strategy=drop_midle"], f"strategy=drop_midle: unknown strategy; choose one of: {', '.join(group_options('strategy'))}"),
     (["model=smolvlm3"], "model=smolvlm3: unknown model"),
     (["-m", "strategy=none,drop_al"], "strategy=drop_al: unknown strategy"),
     (["strategy.last_keep_len=-5"], "strategy.last_keep_len=-5: must be >= 0"),
@@ -118,6 +118,7 @@ BAD_COMMAND_LINES = [
     (["strategy=tar_van", "strategy.tar_ratio=2"], "strategy.tar_ratio=2: must be in [0.0, 1.0]"),
     (["strategy=streaming_llm", "strategy.sink_len=-1"], "strategy.sink_len=-1: must be >= 0"),
     (["strategy=key_norm", "strategy.window=1000"], "strategy.window=1000: must be in [0, last_keep_len=512]"),
+    (["strategy=snapkv", "strategy.selection=per_token"], "strategy.selection=per_token: choose one of: shared, per_layer, per_head"),
     (["strategy=drop_middle", "strategy.last_keep_len=1.5"], "strategy.last_keep_len=1.5: must be an integer"),
     (["strategy=drop_all", "strategy.last_keep_len=-5"], "strategy.last_keep_len=-5: must be >= 0"),
     (["strategy._target_=prospect.cache.PositionedCache"], "strategy._target_=prospect.cache.PositionedCache: cannot build the strategy"),
@@ -172,8 +173,7 @@ def test_cli_unknown_strategy_exits_2_with_one_line():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [
-        "prospect: error: strategy=drop_midle: unknown strategy; choose one of: drop_all, drop_frames, drop_middle, "
-        "frame_coverage, full, key_norm, none, snapkv, streaming_llm, summarize_and_drop, tar_van"
+        f"prospect: error: strategy=drop_midle: unknown strategy; choose one of: {', '.join(group_options('strategy'))}"
     ]
 
 
@@ -245,8 +245,7 @@ def test_strategy_in_a_config_folder_outside_the_repository(user_conf):
     with pytest.raises(ConfigError) as raised:
         check_command_line(["-m", searchpath, "strategy=drop_middle,keep_tale"])
     assert str(raised.value) == (
-        "strategy=keep_tale: unknown strategy; choose one of: drop_all, drop_frames, drop_middle, frame_coverage, full, "
-        "keep_tail, key_norm, none, snapkv, streaming_llm, summarize_and_drop, tar_van")
+        f"strategy=keep_tale: unknown strategy; choose one of: {', '.join(sorted([*group_options('strategy'), 'keep_tail']))}")
     with pytest.raises(ConfigError) as raised:  # without the search path it is unknown, as before
         check_command_line(["strategy=keep_tail"])
     assert str(raised.value) == BAD_COMMAND_LINES[0][1].replace("drop_midle", "keep_tail")

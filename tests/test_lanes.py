@@ -56,8 +56,8 @@ def test_every_lane_equals_its_job_run_alone(tiny_model, synthetic_conversations
             assert result.summaries == expected.summaries, name
             # the lane's cache holds exactly the job's tokens: keys, values, positions and provenance
             mine, theirs = strategy_lane.cache, alone.cache
-            for name_ in ("positions", "kinds", "frames", "patches"):
-                assert torch.equal(getattr(mine, name_), getattr(theirs, name_)), (name, name_)
+            for name_, a, b in zip(mine.records._fields, mine.records, theirs.records):  # [n] or per (layer, head)
+                assert torch.equal(a, b), (name, name_)
             for (k1, v1), (k2, v2) in zip(mine.layer_tensors(), theirs.layer_tensors()):
                 assert torch.equal(k1, k2) and torch.equal(v1, v2), name
     assert max(steps) == len(lanes.lanes) and min(steps) == 1  # frames went as one step of all lanes; restarts alone
@@ -106,7 +106,7 @@ def test_batched_lanes_match_lanes_one_at_a_time(tiny_model, synthetic_conversat
         assert x.replies == y.replies, name
         assert [r["events"] for r in x.trace] == [r["events"] for r in y.trace], name
     for lane_a, lane_b in zip(one_by_one.lanes, batched.lanes):
-        assert torch.equal(lane_a.cache.positions, lane_b.cache.positions)
+        assert all(torch.equal(a, b) for a, b in zip(lane_a.cache.records, lane_b.cache.records))
         for (k1, _), (k2, _) in zip(lane_a.cache.layer_tensors(), lane_b.cache.layer_tensors()):
             torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)
 
@@ -159,7 +159,7 @@ def test_the_device_decode_chooses_the_host_loops_tokens(tiny_model, synthetic_c
         results = lanes.run(conversation)
         assert all(r.error is None for r in results)
         assert bool(chosen) == on_device
-        state = [(r.replies, comparable(r.trace), lane.cache.positions, lane.cache.kinds, [(k.clone(), v.clone()) for k, v in lane.cache.layer_tensors()])
+        state = [(r.replies, comparable(r.trace), tuple(lane.cache.records), [(k.clone(), v.clone()) for k, v in lane.cache.layer_tensors()])
                  for r, lane in zip(results, lanes.lanes)]
         return state, [reply for call in chosen for reply, _ in call]
 
@@ -185,8 +185,8 @@ def test_the_device_decode_chooses_the_host_loops_tokens(tiny_model, synthetic_c
     assert any(2 <= len(reply) < settings.max_new_tokens - 1 for reply in replies)  # stopped mid-reply, past min_new_tokens
     for mine, theirs in zip(on_device, on_host):
         assert mine[:2] == theirs[:2]  # replies and trace
-        assert torch.equal(mine[2], theirs[2]) and torch.equal(mine[3], theirs[3])  # positions and provenance
-        assert all(torch.equal(k1, k2) and torch.equal(v1, v2) for (k1, v1), (k2, v2) in zip(mine[4], theirs[4]))
+        assert all(torch.equal(a, b) for a, b in zip(mine[2], theirs[2]))  # positions and provenance
+        assert all(torch.equal(k1, k2) and torch.equal(v1, v2) for (k1, v1), (k2, v2) in zip(mine[3], theirs[3]))
 
 
 @pytest.mark.parametrize("batch_lanes", [False, True])

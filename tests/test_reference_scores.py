@@ -34,14 +34,13 @@ def without_measurements(trace):
 
 
 def cache_state(cache):
-    return ([(k.clone(), v.clone()) for k, v in cache.layer_tensors()], cache.positions.clone(), cache.next_position,
-            [t.clone() for t in cache.provenance])
+    return ([(k.clone(), v.clone()) for k, v in cache.layer_tensors()], cache.next_position, [t.clone() for t in cache.records])
 
 
 def assert_same_cache(a, b, name):
-    (kv_a, pos_a, next_a, prov_a), (kv_b, pos_b, next_b, prov_b) = a, b
-    assert torch.equal(pos_a, pos_b) and next_a == next_b, name
-    assert all(torch.equal(x, y) for x, y in zip(prov_a, prov_b)), name
+    (kv_a, next_a, records_a), (kv_b, next_b, records_b) = a, b
+    assert next_a == next_b, name
+    assert all(torch.equal(x, y) for x, y in zip(records_a, records_b)), name  # positions and provenance
     assert len(kv_a) == len(kv_b)
     for (k1, v1), (k2, v2) in zip(kv_a, kv_b):
         assert torch.equal(k1, k2) and torch.equal(v1, v2), name

@@ -16,7 +16,7 @@ from prospect.context_strategies.frame_coverage import evenly_in_time
 from prospect.stream.runner import StreamRunner
 from prospect.stream.settings import StreamSettings
 
-ZOO = ("streaming_llm", "drop_frames", "frame_coverage", "tar_van", "key_norm", "snapkv")
+ZOO = ("streaming_llm", "drop_frames", "frame_coverage", "tar_van", "key_norm", "snapkv", "tova")
 TEXT_FIRST = ("drop_frames", "frame_coverage", "tar_van")
 SMALL = dict(max_seq_len=384, reserved_seq_len=32, last_keep_len=64)
 FRAME_TEXT_HEAD, IMAGE, FRAME_TEXT_TAIL = 3, 4, 1  # tokens of one constructed frame
@@ -70,18 +70,30 @@ def kept_slots(strategy, cache: PositionedCache) -> list[int]:
 
 
 def drop_orphans_by_hand(cache, ranked: list[int], count: int, fixed: list[int]) -> list[int]:
-    """The orphan rule, written out: take the best `count`; drop frame_text whose frame keeps no image
-    token; refill; repeat."""
-    kinds, frames = cache.kinds.tolist(), cache.frames.tolist()
-    excluded: set[int] = set()
-    while True:
-        chosen = [s for s in ranked if s not in excluded][:count]
-        kept = chosen + fixed
-        with_image = {frames[s] for s in kept if kinds[s] == KIND["image"]}
-        orphans = [s for s in chosen if kinds[s] == KIND["frame_text"] and frames[s] not in with_image]
-        if not orphans:
-            return sorted(kept)
-        excluded.update(orphans)
+    """The orphan rule, written out as a plain greedy: the window (`fixed`) first, then `ranked`, until
+    len(fixed) + count tokens are kept. An image token is taken; a frame_text token is taken once an image of
+    its frame is kept, otherwise it waits and is taken right after the first image of its frame (in the
+    order it was met), while room is left."""
+    return greedy_keep(cache.kinds.tolist(), cache.frames.tolist(), fixed + ranked, len(fixed) + count)
+
+
+def greedy_keep(kinds: list[int], frames: list[int], order: list[int], budget: int) -> list[int]:
+    kept: list[int] = []
+    waiting: dict[int, list[int]] = {}
+    with_image: set[int] = set()
+    for slot in order:
+        if len(kept) == budget:
+            break
+        if kinds[slot] == KIND["frame_text"] and frames[slot] not in with_image:
+            waiting.setdefault(frames[slot], []).append(slot)
+            continue
+        kept.append(slot)
+        if kinds[slot] == KIND["image"] and frames[slot] not in with_image:
+            with_image.add(frames[slot])
+            for text in waiting.pop(frames[slot], []):
+                if len(kept) < budget:
+                    kept.append(text)
+    return sorted(kept)
 
 
 def rope(x: np.ndarray, position: float, inv_freq: np.ndarray) -> np.ndarray:
@@ -169,7 +181,8 @@ def test_key_norm_keeps_the_window_and_the_lowest_key_norms():
     pool = list(range(6, length - window))
     ranked = sorted(pool, key=lambda s: (norms[s], s))
     expected = list(range(6)) + drop_orphans_by_hand(cache, ranked, budget - window, list(range(length - window, length)))
-    assert kept_slots(strategy_on("key_norm", cache, last_keep_len=budget, window=window), cache) == sorted(expected)
+    strategy = strategy_on("key_norm", cache, last_keep_len=budget, window=window, selection="shared")
+    assert kept_slots(strategy, cache) == sorted(expected)
 
 
 @pytest.mark.parametrize("window,kernel", [(4, 3), (1, 1)])  # window=1, kernel=1 is TOVA's criterion
@@ -196,8 +209,8 @@ def test_snapkv_keeps_the_tokens_most_attended_by_the_window(window, kernel):
     pool = list(range(6, length - window))
     ranked = sorted(pool, key=lambda s: (-pooled[s], s))
     expected = list(range(6)) + drop_orphans_by_hand(cache, ranked, budget - window, list(range(length - window, length)))
-    strategy = strategy_on("snapkv", cache, last_keep_len=budget, window=window, kernel=kernel)
-    assert np.allclose(strategy.score(cache).numpy(), pooled, atol=1e-6)
+    strategy = strategy_on("snapkv", cache, last_keep_len=budget, window=window, kernel=kernel, selection="shared")
+    assert np.allclose(strategy.grouped_scores(cache)[0, 0].numpy(), pooled, atol=1e-6)
     assert kept_slots(strategy, cache) == sorted(expected)
 
 
@@ -254,13 +267,14 @@ def stream_with_checks(model, name, conversation, optimized=False, talk_policy="
     calls = []
     original = strategy.handle_overflow
 
+    def records(cache):  # [layers, kv_heads, length] each, whether or not the cache is per head
+        return {key: value.clone() for key, value in cache.head_records()._asdict().items()}
+
     def handle_overflow(cache, last_msg, **context):
-        before = {"positions": cache.positions.clone(), "kinds": cache.kinds.clone(), "frames": cache.frames.clone(),
-                  "patches": cache.patches.clone(), "length": cache_length(cache),
+        before = {**records(cache), "length": cache_length(cache),
                   "prefix": strategy.sink_len if name == "streaming_llm" else strategy.prefix_len()}
         cache, last_msg = original(cache, last_msg, **context)
-        calls.append((before, {"kinds": cache.kinds.clone(), "frames": cache.frames.clone(), "patches": cache.patches.clone(),
-                               "positions": cache.positions.clone(), "length": cache_length(cache), "next": cache.next_position}))
+        calls.append((before, {**records(cache), "length": cache_length(cache), "next": cache.next_position}))
         return cache, last_msg
 
     strategy.handle_overflow = handle_overflow
@@ -279,28 +293,41 @@ def test_stream_budget_bound_alignment_text_first_and_optimized_path(tiny_model,
             assert torch.equal(a[key], b[key])
     assert result.replies == fast.replies
     assert max(r["cache_max"] for r in result.trace) <= SMALL["max_seq_len"]
-    for before, after in calls:
-        prefix = before["prefix"]
-        assert after["length"] <= prefix + SMALL["last_keep_len"]  # the equal budget
-        if name != "streaming_llm":  # original positions are unique: map every kept token back
-            slot = {int(p): i for i, p in enumerate(before["positions"])}
-            index = torch.tensor([slot[int(p)] for p in after["positions"]])
-            for key in ("kinds", "frames", "patches"):
-                assert torch.equal(after[key], before[key][index])
-            assert index[:prefix].tolist() == list(range(prefix))  # the initial cache is kept whole
-            image_frames = set(after["frames"][after["kinds"] == KIND["image"]].tolist())
-            orphans = (after["kinds"][prefix:] == KIND["frame_text"]) & ~torch.isin(after["frames"][prefix:], torch.tensor(sorted(image_frames) or [-2]))
-            assert not bool(orphans.any())  # frame text never outlives its frame's image tokens
-        if name in TEXT_FIRST:
-            dialogue_before = ((before["kinds"][prefix:] != KIND["image"]) & (before["kinds"][prefix:] != KIND["frame_text"])).sum()
-            dialogue_after = ((after["kinds"][prefix:] != KIND["image"]) & (after["kinds"][prefix:] != KIND["frame_text"])).sum()
-            frames_after = ((after["kinds"][prefix:] == KIND["image"]) | (after["kinds"][prefix:] == KIND["frame_text"])).sum()
-            if dialogue_after < dialogue_before:
-                assert frames_after == 0  # a dialogue token goes only once no evictable frame token is left
+    for before_all, after_all in calls:
+        prefix = before_all["prefix"]
+        assert after_all["length"] <= prefix + SMALL["last_keep_len"]  # the equal budget
+        layers, heads = before_all["kinds"].shape[:2]
+        for layer in range(layers):
+            for head in range(heads):  # every (layer, head) holds a valid keep set of its own
+                before = {key: value[layer, head] for key, value in before_all.items() if key in RECORDS}
+                after = {key: value[layer, head] for key, value in after_all.items() if key in RECORDS}
+                check_keep_set(name, prefix, before, after)
     last = result.trace[-1]
-    cache = runner.cache
-    assert last["cache_frame_tokens"] == int(((cache.kinds == KIND["image"]) | (cache.kinds == KIND["frame_text"])).sum())
+    frame_tokens = runner.cache.frame_tokens_per_head().float()
+    assert last["cache_frame_tokens"] == (float(frame_tokens.mean()) if runner.cache.per_head else int(frame_tokens[0, 0]))
     assert last["cache_frame_tokens"] + last["cache_dialogue_tokens"] == last["cache_after"]
+    assert runner.cache.per_head == (name in ("key_norm", "snapkv", "tova"))  # selected per (layer, head) by default
+
+
+RECORDS = ("positions", "kinds", "frames", "patches", "merged")
+
+
+def check_keep_set(name, prefix, before, after):
+    if name != "streaming_llm":  # original positions are unique: map every kept token back
+        slot = {int(p): i for i, p in enumerate(before["positions"])}
+        index = torch.tensor([slot[int(p)] for p in after["positions"]])
+        for key in ("kinds", "frames", "patches"):
+            assert torch.equal(after[key], before[key][index])
+        assert index[:prefix].tolist() == list(range(prefix))  # the initial cache is kept whole
+        image_frames = set(after["frames"][after["kinds"] == KIND["image"]].tolist())
+        orphans = (after["kinds"][prefix:] == KIND["frame_text"]) & ~torch.isin(after["frames"][prefix:], torch.tensor(sorted(image_frames) or [-2]))
+        assert not bool(orphans.any())  # frame text never outlives its frame's image tokens
+    if name in TEXT_FIRST:
+        dialogue_before = ((before["kinds"][prefix:] != KIND["image"]) & (before["kinds"][prefix:] != KIND["frame_text"])).sum()
+        dialogue_after = ((after["kinds"][prefix:] != KIND["image"]) & (after["kinds"][prefix:] != KIND["frame_text"])).sum()
+        frames_after = ((after["kinds"][prefix:] == KIND["image"]) | (after["kinds"][prefix:] == KIND["frame_text"])).sum()
+        if dialogue_after < dialogue_before:
+            assert frames_after == 0  # a dialogue token goes only once no evictable frame token is left
 
 
 def test_stream_provenance_matches_what_was_fed(tiny_model, synthetic_conversations):
@@ -345,11 +372,12 @@ def test_position_modes(tiny_model, synthetic_conversations, mode):
     strategy, runner, result, calls = stream_with_checks(tiny_model, "snapkv", synthetic_conversations[0], position_mode=mode)
     _, after = calls[-1]
     if mode == "contiguous":
-        assert after["positions"].tolist() == list(range(after["length"]))
+        assert (after["positions"] == torch.arange(after["length"])).all()  # in every layer and head
     elif mode == "cache_length":
         assert after["next"] == after["length"]  # new tokens continue at the cache length (positions may repeat)
     else:
-        assert bool((after["positions"][1:] > after["positions"][:-1]).all()) and after["positions"][-1] >= after["length"]
+        positions = after["positions"]  # [layers, kv_heads, length]
+        assert bool((positions[..., 1:] > positions[..., :-1]).all()) and bool((positions[..., -1] >= after["length"]).all())
 
 
 @pytest.mark.parametrize("optimized", [False, True], ids=["eager", "optimized"])
@@ -394,20 +422,21 @@ def test_every_strategy_has_a_config_and_builds_from_it():
     assert compose("strategy=streaming_llm").strategy.position_mode == "contiguous"
 
 
-def test_zoo_grid_composes_thirty_jobs_and_deduplicates_by_job_key():
+def test_zoo_grid_composes_every_bounded_strategy_and_deduplicates_by_job_key():
     from omegaconf import OmegaConf
 
     from prospect.tracking.results import job_key
     from prospect.validation import _job_override_lists, compose_config
 
     jobs = _job_override_lists(["experiment=strategy_zoo"], multirun=True)
-    assert len(jobs) == 30
+    swept = [name for name in STRATEGIES if name != "full"]
+    assert len(jobs) == 3 * len(swept)
     keys = {}
     for overrides in jobs:
         cfg = compose_config(overrides)
         keys.setdefault(job_key(OmegaConf.to_container(cfg, resolve=True)), []).append(cfg.strategy.name)
     names = sorted(name for group in keys.values() for name in set(group))
-    assert len(keys) == 24  # none, drop_all and summarize_and_drop ignore last_keep_len: one job each
+    assert len(keys) == 3 * (len(swept) - 3) + 3  # none, drop_all and summarize_and_drop ignore last_keep_len: one job each
     assert names.count("snapkv") == 3 and names.count("none") == 1 and "full" not in names
 
 

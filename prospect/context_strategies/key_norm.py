@@ -5,17 +5,18 @@ from dataclasses import dataclass
 import torch
 
 from prospect.cache import PositionedCache
-from prospect.context_strategies.budget import ScoredKeep, mean_over_layers
+from prospect.context_strategies.budget import HeadScoredKeep, per_layer_heads
 
 
 @dataclass
-class KeyNorm(ScoredKeep):
+class KeyNorm(HeadScoredKeep):
     """`key_norm` (kvpress KnormPress; Devoto et al. 2024, "A Simple and Effective L2 Norm-Based Strategy for
-    KV Cache Compression"): over the threshold, keep the initial cache, the last `window` tokens, and the
-    tokens whose keys have the lowest L2 norm (mean over layers and heads; RoPE does not change a norm)
-    until `last_keep_len` is reached.
+    KV Cache Compression"): over the threshold, keep the initial cache, the last `window` tokens, and, in
+    each layer and KV head, the tokens whose keys there have the lowest L2 norm (RoPE does not change a
+    norm) until `last_keep_len` is reached.
 
-    window: last tokens always kept (<= last_keep_len)."""
+    window: last tokens always kept (<= last_keep_len); selection: per_head (the paper), per_layer or
+    shared (norms averaged over heads, then layers)."""
 
     window: int = 32
 
@@ -29,4 +30,4 @@ class KeyNorm(ScoredKeep):
         return "key_norm"
 
     def score(self, cache: PositionedCache) -> torch.Tensor:
-        return -mean_over_layers(cache, lambda keys, values: keys[0].float().norm(dim=-1).mean(dim=0))
+        return -per_layer_heads(cache, lambda keys, values: keys[0].float().norm(dim=-1))

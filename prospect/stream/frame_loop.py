@@ -145,7 +145,12 @@ def stream_lanes(
             synchronize(device)
             record.update(lane._timing)
             record["cache_after"] = cache_length(lane.cache)
-            record["cache_frame_tokens"] = lane.cache.frame_tokens()
+            if lane.cache.per_head:  # the mean over (layer, KV head), and the range it spans
+                per_head = lane.cache.frame_tokens_per_head()
+                record["cache_frame_tokens"] = float(per_head.float().mean())
+                record["cache_frame_tokens_range"] = [int(per_head.min()), int(per_head.max())]
+            else:
+                record["cache_frame_tokens"] = lane.cache.frame_tokens()
             record["cache_dialogue_tokens"] = record["cache_after"] - record["cache_frame_tokens"]
             record["cache_max"] = lane._cache_max  # the most tokens held during this frame step
             record["next_position"] = lane.cache.next_position

@@ -53,8 +53,9 @@ class FrameRecord(TypedDict, total=False):
     probe_ms: float
     score_ms: float
     cache_after: int  # tokens cached after the frame step (and any reduction)
-    cache_frame_tokens: int  # of which image and frame_text tokens
-    cache_dialogue_tokens: int  # of which every other kind
+    cache_frame_tokens: int | float  # of which image and frame_text tokens (per-head cache: mean over layers and KV heads)
+    cache_frame_tokens_range: list[int]  # per-head cache only: [min, max] of those over layers and KV heads
+    cache_dialogue_tokens: int | float  # of which every other kind
     cache_max: int  # the most tokens held during this frame step
     next_position: int  # the position the next token gets
     pending_tokens: int  # restart text queued for the next chunk

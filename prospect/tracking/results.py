@@ -20,8 +20,9 @@ from prospect.context_strategies.events import REDUCTION_EVENTS
 RESULTS_SCHEMA = "prospect.results/1"
 # Part of every job key: bump it when a change alters what a run computes (stream, strategies, metrics),
 # so the result cache never reuses numbers made by the older code.
-PROTOCOL_VERSION = 4  # 2: token provenance (cache_frame_share); 3: proassist_exact in ProAssist's float32 arithmetic;
-# 4: teacher-forced reference scores and P(speak) per frame in the trace and predictions
+PROTOCOL_VERSION = 5  # 2: token provenance (cache_frame_share); 3: proassist_exact in ProAssist's float32 arithmetic;
+# 4: teacher-forced reference scores and P(speak) per frame in the trace and predictions; 5: snapkv/key_norm select
+# per (layer, head) by default, the orphan rule is a fixpoint, budget strategies protect the system prompt
 
 
 def stream_metrics(traces: list[list[FrameRecord]], peak_memory_mb: float, kv_bytes_per_token: int = 0) -> dict[str, float]:
@@ -32,12 +33,19 @@ def stream_metrics(traces: list[list[FrameRecord]], peak_memory_mb: float, kv_by
     loading included); the KV buffer is preallocated to the strategy's capacity, so it barely differs
     between strategies. kv_cache_peak_mb = max_cache_size x the model's KV bytes per token is the cache
     memory the strategy actually needs, the figure to compare strategies by. cache_frame_share is the mean,
-    over fed frames, of the fraction of the cache held by frame tokens (image + frame_text) after the step."""
+    over fed frames, of the fraction of the cache held by frame tokens (image + frame_text) after the step (on
+a per-head cache, averaged over layers and KV heads); cache_frame_share_spread is the mean, over the same
+frames, of (most - fewest frame tokens of any layer and KV head) / cache tokens: 0 while all heads hold the
+same tokens."""
     records = [record for trace in traces for record in trace]
     seconds = np.array([r["wall_ms"] / 1000 for r in records]) if records else np.zeros(0)
     tokens = sum(r.get("generated_tokens", 0) for r in records)
     decode_ms = sum(r.get("decode_ms", 0.0) for r in records)
     shares = [r["cache_frame_tokens"] / r["cache_after"] for r in records if r.get("cache_after") and "cache_frame_tokens" in r]
+    spreads = [
+        (r["cache_frame_tokens_range"][1] - r["cache_frame_tokens_range"][0]) / r["cache_after"] if "cache_frame_tokens_range" in r else 0.0
+        for r in records if r.get("cache_after") and "cache_frame_tokens" in r
+    ]
     return {
         "frames_processed": len(records),
         "dialogues_generated": sum("speak" in r["events"] for r in records),
@@ -47,6 +55,7 @@ def stream_metrics(traces: list[list[FrameRecord]], peak_memory_mb: float, kv_by
         "max_cache_size": max((r.get("cache_max", r["cache_after"]) for r in records), default=0),
         "kv_cache_peak_mb": max((r.get("cache_max", r["cache_after"]) for r in records), default=0) * kv_bytes_per_token / 2**20,
         "cache_frame_share": float(np.mean(shares)) if shares else 0.0,
+        "cache_frame_share_spread": float(np.mean(spreads)) if spreads else 0.0,
         "time_per_frame": float(seconds.mean()) if records else 0.0,
         "time_per_frame_p95": float(np.percentile(seconds, 95)) if records else 0.0,
         "decode_ms_per_token": decode_ms / tokens if tokens else 0.0,
