@@ -110,7 +110,7 @@ def _slot_record(name: str) -> property:
     """A one-per-slot view of record `name`: [n], or PerHeadCacheError on a per-(layer, head) cache."""
 
     def read(cache: "PositionedCache") -> torch.Tensor:
-        if cache.records.per_head:
+        if cache.per_head:
             raise PerHeadCacheError(
                 f"cache.{name}: this cache holds different tokens per (layer, head) after a per-head selection; "
                 "read cache.head_records()"
@@ -225,7 +225,12 @@ class PositionedCache(Cache):
     ):
         super().__init__(layer_class_to_replicate=lambda: BufferLayer(capacity, query_width))
         self.capacity = capacity
-        self.records = Records.of(torch.empty(0, dtype=torch.long), Provenance.of(0))  # on CPU; see Records
+        # on CPU; see Records. Kept in two parts so that appending stays cheap on a per-head cache: the
+        # per-(layer, head) records of the tokens a per-head reduction kept ([layers, kv_heads, n0], or None)
+        # and the records of the tokens appended since ([n1], the same in every layer and head).
+        self._head_part: Records | None = None
+        self._tail: Records = Records.of(torch.empty(0, dtype=torch.long), Provenance.of(0))
+        self._head_frame_tokens: torch.Tensor | None = None  # frame tokens per (layer, head) of _head_part
         self.next_position = 0
         self.inv_freq = inv_freq
         self.attention_scaling = attention_scaling
@@ -239,7 +244,7 @@ class PositionedCache(Cache):
         if len(provenance.kinds) != count:
             raise ValueError(f"provenance for {len(provenance.kinds)} tokens given for a chunk of {count}")
         new = torch.arange(self.next_position, self.next_position + count, dtype=torch.long)
-        self.records = self.records.append(Records.of(new, provenance))
+        self._tail = self._tail.append(Records.of(new, provenance))
         self.next_position += count
         return new
 
@@ -256,9 +261,20 @@ class PositionedCache(Cache):
     merged = _slot_record("merged")
 
     @property
+    def records(self) -> Records:
+        """What the cache knows of every cached token ([n] each, or [layers, kv_heads, n]; see Records)."""
+        return self._tail if self._head_part is None else self._head_part.append(self._tail)
+
+    @records.setter
+    def records(self, value: Records) -> None:
+        self._head_part = value if value.per_head else None
+        self._tail = Records.of(torch.empty(0, dtype=torch.long), Provenance.of(0)) if value.per_head else value
+        self._head_frame_tokens = None
+
+    @property
     def per_head(self) -> bool:
         """True once a reduction kept different tokens per (layer, head)."""
-        return self.records.per_head
+        return self._head_part is not None
 
     @property
     def provenance(self) -> Provenance:
@@ -273,7 +289,12 @@ class PositionedCache(Cache):
 
     def select_tokens(self, index: torch.Tensor) -> None:
         """Keep the host-side records of the tokens at `index` (the same slots in every layer and head)."""
-        self.records = self.records.select(index)
+        kept = self._head_part.positions.shape[-1] if self._head_part is not None else 0
+        count = index.numel()
+        if kept <= count and torch.equal(index, torch.arange(count)):  # a crop of appended tokens (crop_end)
+            self._tail = self._tail.select(torch.arange(count - kept))
+        else:
+            self.records = self.records.select(index)
 
     def reset(self) -> None:
         """Empty the cache (buffers stay allocated) and restart positions at 0."""
@@ -292,8 +313,14 @@ class PositionedCache(Cache):
 
     def frame_tokens_per_head(self) -> torch.Tensor:
         """Cached frame tokens (image + frame_text) of each (layer, KV head): long [layers, kv_heads]."""
-        kinds = self.head_records().kinds
-        return ((kinds == FRAME_KINDS[0]) | (kinds == FRAME_KINDS[1])).sum(dim=-1)
+        def count(kinds: torch.Tensor) -> torch.Tensor:
+            return ((kinds == FRAME_KINDS[0]) | (kinds == FRAME_KINDS[1])).sum(dim=-1)
+
+        if self._head_part is None:
+            return count(self.head_records().kinds)
+        if self._head_frame_tokens is None:  # once per reduction, not per frame
+            self._head_frame_tokens = count(self._head_part.kinds)
+        return self._head_frame_tokens + count(self._tail.kinds)
 
     def layer_tensors(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         """(keys, values) of each layer: views [batch, kv_heads, length, head_dim]."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from prospect.cache import KIND, PositionedCache, Provenance, cache_length, clone_cache
+from prospect.cache import KIND, PositionedCache, Provenance, cache_length, clone_cache, crop_end
 from prospect.context_strategies import STRATEGIES, create_strategy
 from prospect.context_strategies.budget import BudgetKeep
 from prospect.stream.runner import StreamRunner
@@ -162,6 +162,10 @@ def test_a_second_reduction_selects_within_each_heads_own_tokens():
     for l in range(2):
         cache.update(torch.randn(1, 2, count, 8, generator=generator), torch.randn(1, 2, count, 8, generator=generator), l)
     cache.check()
+    records = cache.head_records()
+    assert cache.frame_tokens_per_head().tolist() == ((records.kinds == KIND["image"]) | (records.kinds == KIND["frame_text"])).sum(-1).tolist()
+    crop_end(cache, 2)  # the talk probe's crop: the per-head part stays, the appended tail shrinks
+    assert all(torch.equal(a, b[..., :-2]) for a, b in zip(cache.head_records(), records)) and cache.next_position == int(records.positions[0, 0, -2])
     records = cache.head_records()
     before = records.positions.clone()
     kinds, frames = records.kinds, records.frames

@@ -84,13 +84,14 @@ def keep_order(
     key = -scores.double()
     key[:, count - window :] = float("-inf")
     rank = torch.empty_like(kinds, dtype=torch.long)
-    rank.scatter_(1, torch.sort(key, dim=1, stable=True).indices, torch.arange(count).expand(groups, count).contiguous())
+    positions = torch.arange(count, device=kinds.device).expand(groups, count).contiguous()
+    rank.scatter_(1, torch.sort(key, dim=1, stable=True).indices, positions)
     if not drop_orphans:
         return torch.argsort(rank, dim=1), torch.full((groups,), count)
     image, text = kinds == KIND["image"], kinds == KIND["frame_text"]
     frame_ids, frame_of = torch.unique(frames, return_inverse=True)
     never = 2 * count  # a rank no token has: "no image of this frame"
-    first_image = torch.full((groups, len(frame_ids)), never, dtype=torch.long)
+    first_image = torch.full((groups, len(frame_ids)), never, dtype=torch.long, device=kinds.device)
     first_image.scatter_reduce_(1, frame_of, torch.where(image, rank, never), reduce="amin")
     entry = torch.where(text, torch.maximum(rank, torch.gather(first_image, 1, frame_of)), rank)
     eligible = entry < never
@@ -115,9 +116,9 @@ class ScoredKeep(BudgetKeep):
         """Scores of the cached tokens, higher kept first: [length], or [layers, kv_heads, length] (any device)."""
 
     def grouped_scores(self, cache: PositionedCache) -> torch.Tensor:
-        """The scores per `selection` group, on the CPU: [1, 1, length] (shared), [layers, 1, length]
-        (per_layer) or [layers, kv_heads, length] (per_head)."""
-        scores = self.score(cache).float().cpu()
+        """The scores per `selection` group, where they were computed: [1, 1, length] (shared), [layers, 1,
+        length] (per_layer) or [layers, kv_heads, length] (per_head)."""
+        scores = self.score(cache).float()
         if scores.dim() == 1:
             if self.selection != "shared":
                 raise TypeError(f"{self.name}: selection={self.selection} needs scores per (layer, head)")
@@ -143,10 +144,14 @@ class ScoredKeep(BudgetKeep):
             scores = scores.expand_as(kinds)
         layers, heads = scores.shape[:2]
         window = min(self.protected_window, budget, len(candidates))
-        flat = lambda t: t[..., candidates].reshape(layers * heads, len(candidates))  # noqa: E731
+        at = candidates.to(scores.device)  # ranked where the scores are (the GPU on the 2.2B: 768 keep sets)
+
+        def flat(values: torch.Tensor) -> torch.Tensor:
+            return values.to(scores.device)[..., at].reshape(layers * heads, len(candidates))
+
         order, eligible = keep_order(flat(scores), flat(kinds), flat(frames), window, self.drop_orphans)
         count = min(budget, int(eligible.min()))
-        chosen = candidates[order[:, :count]].reshape(layers, heads, count)
+        chosen = candidates[order[:, :count].cpu()].reshape(layers, heads, count)
         return chosen[0, 0] if (layers, heads) == (1, 1) else chosen
 
 
