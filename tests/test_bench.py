@@ -89,12 +89,12 @@ def test_bench_zoo_times_every_bounded_strategy(tmp_path, model_cache_dir):
     result = subprocess.run(
         [sys.executable, "-m", "prospect.bench", "zoo", "--model", "tiny_random", "--device", "cpu", "--seconds", "30", "--turns", "4",
          "--reply-tokens", "4", "--max-seq-len", "512", "--reserved", "32", "--last-keep", "96", "--vision-batch", "4",
-         "--strategies", "drop_middle,tar_van,snapkv", "--out", str(out)],
+         "--strategies", "drop_middle,tar_van,snapkv,snapkv:selection=shared", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["strategies"]
-    assert list(rows) == ["drop_middle", "tar_van", "snapkv"]
+    assert list(rows) == ["drop_middle", "tar_van", "snapkv", "snapkv:selection=shared"]
     for row in rows.values():
         assert row["reductions"] >= 1 and row["ms_per_reduction"] > 0 and row["ms_per_frame"] > 0
         assert row["max_cache"] <= 512
@@ -103,6 +103,9 @@ def test_bench_zoo_times_every_bounded_strategy(tmp_path, model_cache_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["--strategies", "drop_midle"], "--strategies drop_midle: strategy_type=drop_midle: choose one of"),
+    (["--strategies", "snapkv:selection=per_token"], "--strategies snapkv:selection=per_token: selection=per_token: choose one of"),
+    (["--strategies", "snapkv:selection"], "--strategies snapkv:selection: selection: expected key=value"),
+    (["--strategies", "snapkv:windwo=4"], "--strategies snapkv:windwo=4: windwo: not a key of snapkv; it has: max_seq_len"),
     (["--strategies", "snapkv", "--last-keep", "4000"], "--strategies snapkv: last_keep_len=4000: last_keep_len + reserved_seq_len"),
 ])
 def test_bench_zoo_rejects_bad_strategies_in_one_line(args, message):

@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m prospect.bench", description=prospect.bench.__doc__.split("\n\n")[0])
     parser.add_argument("mode", nargs="?", choices=("stream", "grid", "zoo"), default="stream")
     # default None: every bounded strategy (prospect.context_strategies.zoo_strategies, which loads torch: not before parsing)
-    parser.add_argument("--strategies", default=None, help="zoo: the strategies to time")
+    parser.add_argument("--strategies", default=None, help="zoo: the strategies to time, comma-separated; NAME:KEY=VALUE sets a strategy key (snapkv:selection=shared)")
     parser.add_argument("--model", default="smolvlm2_2b", help="a model config name (built with random weights)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")

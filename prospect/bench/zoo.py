@@ -8,6 +8,7 @@ max_seq_len - reserved tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
@@ -15,7 +16,7 @@ import time
 import torch
 
 from prospect.bench.common import bench_model, bench_videos, report_header
-from prospect.context_strategies import BaseContextStrategy, create_strategy, zoo_strategies
+from prospect.context_strategies import STRATEGIES, BaseContextStrategy, create_strategy, zoo_strategies
 from prospect.stream.feed import synchronize
 from prospect.stream.runner import StreamRunner
 from prospect.stream.settings import StreamSettings
@@ -24,16 +25,37 @@ log = logging.getLogger(__name__)
 
 
 def build_strategies(args) -> dict[str, BaseContextStrategy]:
-    """The strategies `--strategies` names (default: every bounded one), built before anything loads;
-    ValueError names the culprit."""
-    names = zoo_strategies() if args.strategies is None else args.strategies.split(",")
+    """The strategies `--strategies` names (default: every bounded one), built before anything loads; an
+    entry may set the strategy's own keys after colons (`snapkv:selection=shared`), its row is named by the
+    whole entry. ValueError names the culprit."""
+    entries = zoo_strategies() if args.strategies is None else args.strategies.split(",")
     built = {}
-    for name in names:
+    for entry in entries:
+        name, *settings = entry.split(":")
         try:
-            built[name] = create_strategy(name, max_seq_len=args.max_seq_len, reserved_seq_len=args.reserved, last_keep_len=args.last_keep)
+            params = dict(setting_value(setting) for setting in settings)
+            known = [field.name for field in dataclasses.fields(STRATEGIES[name])] if name in STRATEGIES else []
+            for key in params:
+                if known and key not in known:
+                    raise ValueError(f"{key}: not a key of {name}; it has: {', '.join(known)}")
+            budget = {"max_seq_len": args.max_seq_len, "reserved_seq_len": args.reserved, "last_keep_len": args.last_keep}
+            built[entry] = create_strategy(name, **budget, **params)
         except ValueError as error:
-            raise ValueError(f"--strategies {name}: {error}") from None
+            raise ValueError(f"--strategies {entry}: {error}") from None
     return built
+
+
+def setting_value(setting: str) -> tuple[str, object]:
+    """`key=value` of a --strategies entry; the value as an int, a float or else a string."""
+    key, equals, text = setting.partition("=")
+    if not equals or not key:
+        raise ValueError(f"{setting}: expected key=value")
+    for kind in (int, float):
+        try:
+            return key, kind(text)
+        except ValueError:
+            pass
+    return key, text
 
 
 def zoo_row(trace: list[dict], wall: float) -> dict:
