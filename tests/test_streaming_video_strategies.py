@@ -127,18 +127,20 @@ def test_simple_stream_edge_windows_and_the_budget_cut(frames, last_keep_len, ke
 
 
 def test_simple_stream_reduces_once_the_window_is_full():
-    """The check counts frame steps from the cache length (one check per step) and reduces at `frames` frames
-    after the prefix, or at the shared threshold; a reduction recounts."""
+    """It reduces once the cache holds `frames` frames after the prefix (counted from the cache's records),
+    or at the shared threshold."""
     strategy = create_strategy("simple_stream", max_seq_len=256, reserved_seq_len=8, last_keep_len=64, frames=3)
     strategy.start_stream(prompt_len=PREFIX)
-    assert [strategy.should_reduce_cache(n) for n in (8, 14, 14)] == [False, False, False]  # 2 frames; no growth, no frame
-    assert strategy.should_reduce_cache(20)  # the third
-    cache = build_cache(SIMPLE)  # 3 frames after the prefix, 22 tokens
-    strategy.handle_overflow(cache, None)  # inside a step (22 != 20): this step's frame is counted already
-    assert cache_length(cache) == 14
-    assert not strategy.should_reduce_cache(19)  # the step's reply came in: still 2 frames
-    assert strategy.should_reduce_cache(25)  # the next frame: 3
-    assert create_strategy("simple_stream", max_seq_len=256, reserved_seq_len=8, frames=9, last_keep_len=64).should_reduce_cache(248)
+    two = build_cache(text(S, PREFIX) + frame(0) + text(U, 2) + frame(1) + text(A, 1))
+    three = build_cache(text(S, PREFIX) + frame(0) + text(U, 2) + frame(1) + text(A, 1) + frame(2))
+    assert not strategy.should_reduce(two) and strategy.should_reduce(three)
+    strategy.handle_overflow(three, None)
+    assert not strategy.should_reduce(three)  # 2 frames kept: the next frame completes the window
+    strategy.start_stream(prompt_len=PREFIX + 5)  # frame 0 in the prompt prefix does not count
+    assert not strategy.should_reduce(build_cache(text(S, PREFIX) + frame(0) + text(U, 1) + frame(1) + frame(2)))
+    nine = create_strategy("simple_stream", max_seq_len=32, reserved_seq_len=8, frames=9, last_keep_len=16)
+    nine.start_stream(prompt_len=PREFIX)
+    assert nine.should_reduce(build_cache(text(S, PREFIX) + text(U, 21)))  # the threshold (24 tokens), no frame
 
 
 # ---- streaming_vlm, by hand ------------------------------------------------------------------------------

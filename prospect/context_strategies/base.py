@@ -80,6 +80,11 @@ class BaseContextStrategy(ABC):
     def should_reduce_cache(self, current_seq_len: int) -> bool:
         return current_seq_len >= self.ctxlen_to_reduce
 
+    def should_reduce(self, cache: PositionedCache) -> bool:
+        """Whether to reduce now; the stream asks after every frame step. The seed's rule, by the cache length
+        alone; a strategy that needs to see what the cache holds overrides this."""
+        return self.should_reduce_cache(cache_length(cache))
+
     @abstractmethod
     def handle_overflow(self, past_key_values: Any, last_msg: list[int] | None, **context: Any) -> tuple[Any, list[int] | None]:
         """Reduce the cache. Returns (cache, last_msg): last_msg are token ids fed before the next chunk.

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from prospect.cache import PositionedCache, cache_length
+from prospect.cache import KIND, PositionedCache, cache_length
 from prospect.context_strategies.budget import BudgetKeep, frame_groups
 
 
@@ -24,11 +24,7 @@ class SimpleStream(BudgetKeep):
     never exceed `last_keep_len` (the newest of the span, a frame the cut splits dropped whole), so in a sweep
     over `last_keep_len` it holds at most what the others keep, usually far less.
 
-    frames: frames in view at each step, the current one included (the paper: 4). The runner checks
-    `should_reduce_cache` once per frame step, after the frame and its reply, with the cache length only: the
-    length grows between two checks exactly when a frame came in, so the check counts frames; every reduction
-    recounts them from the cache's records (and remembers when a reduction inside a step already counted that
-    step's frame)."""
+    frames: frames in view at each step, the current one included (the paper: 4)."""
 
     frames: int = 4
     position_mode: str = "contiguous"
@@ -37,37 +33,25 @@ class SimpleStream(BudgetKeep):
         super().__post_init__()
         if self.frames < 1:
             raise ValueError(f"frames={self.frames}: must be >= 1")
-        self._look(0, 0)
 
     @property
     def name(self) -> str:
         return "simple_stream"
 
-    def _look(self, length: int, frames: int, step_counted: bool = False) -> None:
-        """What the strategy last saw: the cache length, the frames after the prefix, whether this frame step's
-        frame is among them already (a reduction inside the step recounted it)."""
-        self._seen_length, self._frames_after_prefix, self._step_counted = length, frames, step_counted
-
-    def start_stream(self, prompt_len: int) -> None:
-        super().start_stream(prompt_len)
-        self._look(prompt_len, 0)
-
-    def set_initial_cache(self, cache: PositionedCache) -> None:
-        super().set_initial_cache(cache)
-        self._look(cache_length(cache), 0)  # the prefix now holds every frame so far
-
-    def should_reduce_cache(self, current_seq_len: int) -> bool:
-        came_in = current_seq_len != self._seen_length and not self._step_counted
-        self._look(current_seq_len, self._frames_after_prefix + int(came_in))
-        return current_seq_len >= self.ctxlen_to_reduce or self._frames_after_prefix >= self.frames
+    def should_reduce(self, cache: PositionedCache) -> bool:
+        """At the shared threshold, or once the cache holds `frames` frames after the prefix."""
+        length = cache_length(cache)
+        if self.should_reduce_cache(length):
+            return True
+        prefix = min(self.prefix_len(), length)
+        image = cache.kinds[prefix:] == KIND["image"]
+        return len(torch.unique(cache.frames[prefix:][image])) >= self.frames
 
     def handle_overflow(self, past_key_values: Any, last_msg, **context: Any):
         length = cache_length(past_key_values)
-        inside_step = length != self._seen_length  # tokens came in since the last check: this step's frame
         prefix = min(self.prefix_len(), length)
-        kept, frames = self.window(past_key_values, torch.arange(prefix, length), self.last_keep_len)
+        kept, _ = self.window(past_key_values, torch.arange(prefix, length), self.last_keep_len)
         self.keep_index(past_key_values, torch.cat([torch.arange(prefix), kept]))
-        self._look(cache_length(past_key_values), frames, inside_step)
         return past_key_values, last_msg
 
     def choose(self, cache: PositionedCache, candidates: torch.Tensor, budget: int) -> torch.Tensor:

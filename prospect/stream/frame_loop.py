@@ -140,7 +140,7 @@ def stream_lanes(
             if not lane._initial_captured and any(t.role == "user" for t in turns):
                 lane.strategy.set_initial_cache(lane.cache)
                 lane._initial_captured = True
-            if lane.strategy.should_reduce_cache(cache_length(lane.cache)):
+            if lane.strategy.should_reduce(lane.cache):
                 lane._pending = lane._reduce(lane._pending, record, frame)
             synchronize(device)
             record.update(lane._timing)
