@@ -474,3 +474,147 @@ def recover_provenance(keys: torch.Tensor | None, keys_before: torch.Tensor | No
             for name, target in zip(Provenance._fields, result):
                 target[index] = getattr(before, name)[last]
     return result
+
+
+# ---- merging: fewer tokens that stand for more -------------------------------------------------------
+
+
+def merge_tokens(cache: PositionedCache, groups: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None = None) -> None:
+    """Replace the cached tokens by one token per group, the same groups in every layer and head (in place):
+    group j (ascending cache slots) becomes token j; slots in no group are dropped. Groups are disjoint and
+    listed by ascending first slot; `weights` (one non-negative weight per member; default: equal) are
+    normalised within each group. The rules are merge_tokens_per_head's."""
+    members, member_weights = pad_groups(groups, weights)
+    _merge(cache, members, member_weights)
+
+
+def merge_tokens_per_head(cache: PositionedCache, members: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+    """Replace the cached tokens of layer l and KV head h by one token per group members[l, h, j] (in place).
+
+    members: long [layers, kv_heads, count, width], cache slots, each group ascending and padded with -1 after
+    its members; in each (layer, head) the groups are disjoint and listed by ascending first slot, and every
+    layer and head has `count` of them (the buffers stay rectangular). weights: [layers, kv_heads, count,
+    width], non-negative, normalised within each group (a group whose weights sum to 0 is averaged equally).
+
+    A group of one token keeps it bitwise (key, value, query, records). A larger group becomes the weighted
+    average of its members: keys are stored after RoPE, so each member's key is rotated back to position 0
+    (RoPE undone), the average is taken there in float32 and rotated to the group's first member's position
+    (rotation is linear, so this is the key the averaged pre-RoPE key would have there); values carry no
+    position and are averaged as they are; recorded pre-RoPE queries, if any, are averaged likewise. The
+    merged token's records are its first member's position, kind and frame, the members' patch index when
+    they share one (else -1), and `merged` = the sum of theirs. next_position is left as it is (the caller
+    applies its position mode)."""
+    _merge(cache, members, weights)
+
+
+def pad_groups(groups: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups of slots (and their weights) as one [count, width] tensor padded with -1 (weights with 0)."""
+    width = max((len(group) for group in groups), default=1)
+    members = torch.full((len(groups), width), -1, dtype=torch.long)
+    padded = torch.zeros(len(groups), width, dtype=torch.float64)
+    for j, group in enumerate(groups):
+        members[j, : len(group)] = torch.as_tensor(group, dtype=torch.long)
+        padded[j, : len(group)] = 1.0 if weights is None else torch.as_tensor(weights[j], dtype=torch.float64)
+    return members, padded
+
+
+def _check_groups(members: torch.Tensor, weights: torch.Tensor, length: int) -> None:
+    valid = members >= 0
+    if members.shape[-1] == 0 or not bool(valid[..., 0].all()) or not bool((valid[..., 1:] <= valid[..., :-1]).all()):
+        raise ValueError("merge_tokens: every group needs a first member and its padding (-1) after its members")
+    if members.numel() and int(members.max()) >= length:
+        raise ValueError(f"merge_tokens: a slot out of range for a cache of {length} tokens")
+    if not bool(((members[..., 1:] > members[..., :-1]) | ~valid[..., 1:]).all()):
+        raise ValueError("merge_tokens: each group's slots must be strictly ascending")
+    if not bool((members[..., 1:, 0] > members[..., :-1, 0]).all()):
+        raise ValueError("merge_tokens: groups must be listed by strictly ascending first slot")
+    flat = torch.where(valid, members, -1 - torch.arange(members.shape[-2] * members.shape[-1]).view(members.shape[-2:]))
+    ordered = torch.sort(flat.flatten(-2), dim=-1).values
+    if not bool((ordered[..., 1:] > ordered[..., :-1]).all()):
+        raise ValueError("merge_tokens: a slot belongs to two groups")
+    if weights.shape != members.shape or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("merge_tokens: weights must be finite, non-negative and shaped like the groups")
+
+
+def _merge(cache: PositionedCache, members: torch.Tensor, weights: torch.Tensor | None) -> None:
+    """merge_tokens_per_head on members [count, width] (every layer and head) or [layers, kv_heads, count, width]."""
+    length = cache_length(cache)
+    layers = [layer for layer in cache.layers if layer.is_initialized]
+    members = members.to(torch.long).cpu()
+    valid = members >= 0
+    weights = valid.double() if weights is None else weights.cpu().to(torch.float64)
+    per_head = members.dim() == 4
+    if members.dim() not in (2, 4) or per_head and layers and tuple(members.shape[:2]) != (len(layers), layers[0].key_buffer.shape[1]):
+        raise ValueError(f"merge_tokens: groups of shape {tuple(members.shape)}, not [count, width] or [layers, kv_heads, count, width]")
+    _check_groups(members, weights, length)
+    if cache.per_head and not per_head:  # shared groups on a cache whose heads hold different tokens
+        members, valid, weights = (t.expand(len(layers), layers[0].key_buffer.shape[1], *t.shape) for t in (members, valid, weights))
+        per_head = True
+    weights = torch.where(valid, weights, 0.0)
+    total = weights.sum(dim=-1, keepdim=True)
+    weights = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), valid.double() / valid.sum(dim=-1, keepdim=True))
+    index = members.clamp(min=0)
+    records = cache.records.expanded(*members.shape[:2]) if per_head else cache.records
+
+    def take(values: torch.Tensor) -> torch.Tensor:  # a record of each member: [..., count, width]
+        if not per_head:
+            return values[..., index]
+        return torch.gather(values, -1, index.flatten(-2)).view(index.shape)
+
+    positions = take(records.positions)  # [count, width], or [layers, kv_heads, count, width]
+    patches = take(records.patches)
+    same_patch = ((patches == patches[..., :1]) | ~valid).all(dim=-1)
+    cache_records = Records(
+        positions[..., 0].clone(), take(records.kinds)[..., 0].clone(), take(records.frames)[..., 0].clone(),
+        torch.where(same_patch, patches[..., 0], -1), (take(records.merged) * valid).sum(dim=-1),
+    )
+    several = valid[..., 1:].any(dim=-1) if members.shape[-1] > 1 else torch.zeros(valid.shape[:-1], dtype=torch.bool)
+    if bool(several.any()) and cache.inv_freq is None:
+        raise ValueError("merge_tokens: merging keys needs the model's RoPE inv_freq on the cache")
+    for layer_index, layer in enumerate(layers):
+        heads = layer.key_buffer.shape[1]
+        pick = (lambda t: t[layer_index]) if per_head else (lambda t: t.expand(heads, *t.shape))
+        _merge_layer(layer, length, pick(index), pick(valid), pick(weights), pick(positions), pick(several), cache.inv_freq)
+    cache.records = cache_records
+
+
+def _merge_layer(layer: BufferLayer, length: int, index: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor,
+                 positions: torch.Tensor, several: torch.Tensor, inv_freq: torch.Tensor | None) -> None:
+    """One layer of _merge: index, valid, weights, positions [kv_heads, count, width]; several [kv_heads, count]."""
+    device = layer.key_buffer.device
+    heads, count, _ = index.shape
+    columns = torch.nonzero(several.any(dim=0)).flatten()  # the groups of more than one token in some head
+    width = int(valid[:, columns].sum(dim=-1).max()) if len(columns) else 1
+    first = index[..., 0].to(device)
+    sub = index[:, columns, :width].to(device)  # [heads, merged, width]
+    sub_weights = weights[:, columns, :width]
+    sub_several = several[:, columns].to(device)
+
+    def gather(buffer: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:  # buffer [b, heads, cap, d], slots [heads, m]
+        batch, dim = buffer.shape[0], buffer.shape[-1]
+        return torch.gather(buffer[:, :, :length], 2, slots[None, :, :, None].expand(batch, heads, slots.shape[-1], dim))
+
+    for buffer, rotate in ((layer.key_buffer, True), (layer.value_buffer, False)):
+        result = gather(buffer, first)  # every group's first member, bitwise
+        if len(columns):
+            compute = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+            grouped = gather(buffer, sub.flatten(1)).to(compute)  # [b, heads, merged * width, d]
+            if rotate:
+                grouped = rerotate(grouped, -positions[:, columns, :width].flatten(1), inv_freq)
+            shape = (buffer.shape[0], heads, len(columns), width, buffer.shape[-1])
+            mean = (grouped.view(shape) * sub_weights.to(device, compute)[None, ..., None]).sum(dim=3)
+            if rotate:
+                mean = rerotate(mean, positions[:, columns, 0], inv_freq)
+            result[:, :, columns] = torch.where(sub_several[None, :, :, None], mean.to(buffer.dtype), result[:, :, columns])
+        buffer[:, :, :count] = result
+    if layer.query_buffer is not None:  # [cap, query heads * dim]; the query heads of KV head h are contiguous
+        queries = layer.query_buffer[:length].view(length, heads, -1)
+        head = torch.arange(heads, device=device)
+        result = queries[first.T, head[None, :]]  # [count, heads, group * dim]
+        if len(columns):
+            compute = torch.float64 if queries.dtype == torch.float64 else torch.float32
+            grouped = queries[sub.permute(1, 2, 0), head[None, None, :]].to(compute)  # [merged, width, heads, group * dim]
+            mean = (grouped * sub_weights.permute(1, 2, 0).to(device, compute)[..., None]).sum(dim=1)
+            result[columns] = torch.where(sub_several.T[..., None], mean.to(queries.dtype), result[columns])
+        layer.query_buffer[:count] = result.reshape(count, -1)
+    layer.length = count

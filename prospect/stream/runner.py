@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from prospect.cache import KIND, PositionedCache, Provenance, Records, cache_length, keep_spans, recover_provenance
+from prospect.cache import KIND, PositionedCache, Provenance, Records, cache_length, crop_end, keep_spans, recover_provenance
 from prospect.context_strategies.base import BaseContextStrategy, ContextOverflowError
 from prospect.context_strategies.events import SUMMARY
 from prospect.data.types import Conversation, StreamFrame
@@ -139,6 +139,7 @@ class StreamRunner:
             "knowledge": self._knowledge,
             "encode_system_turn": lambda text: self.model.encode(chat.stream_start + chat.text_turn("system", text)),
             "summarize": self._summarize,
+            "probe": self._probe,
             "frame_index": frame.index,
             "time": frame.time,
             "capacity": self.capacity,
@@ -208,6 +209,18 @@ class StreamRunner:
     def _decode(self, logits: torch.Tensor, max_new_tokens: int, timing_key: str = "decode_ms", kind: int = KIND["assistant"]) -> list[int]:
         """Decode after an assistant prompt (one lane; see decode_lanes)."""
         return decode_lanes([self], logits[None], max_new_tokens, timing_key, kind)[0]
+
+    def _probe(self, ids: list[int], measure: Callable[[PositionedCache], Any]) -> Any:
+        """Feed `ids` (as assistant tokens) on top of the cache, return measure(cache) while they are cached, and
+        remove them again (crop_end): the cache is left as it was (a strategy reads the queries they recorded). None
+        when they do not fit."""
+        if cache_length(self.cache) + len(ids) > self.capacity:
+            return None
+        self._forward(ids, kind=KIND["assistant"])
+        try:
+            return measure(self.cache)
+        finally:
+            crop_end(self.cache, len(ids))
 
     def _summarize(self, prompt: str, max_new_tokens: int) -> str:
         """Ask `prompt` as a system turn on top of the current cache and decode the answer (bounded by room)."""

@@ -1,0 +1,90 @@
+"""What the merging strategies (`frame_merge`, `streammem`) share: BudgetKeep's equal budget, where a kept token
+may be the merge of several (prospect.cache.merge_tokens; its `merged` record says how many original tokens it
+stands for), and text first.
+
+At a reduction the protected prefix stays; of the tokens after it, every dialogue token is kept (the newest
+`last_keep_len` if they alone exceed the budget, and then no frame token, as TextFirstKeep), and the strategy
+turns the frame tokens into at most the rest of the budget: groups of slots, each becoming one token. A
+strategy keeps one set for the whole cache (`rows` 1) or one per layer (`rows` = layers; every KV head of a
+layer holds the same tokens); every row ends with the same count, so the buffers stay rectangular.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from prospect.cache import FRAME_KINDS, PositionedCache, Records, cache_length, merge_tokens, merge_tokens_per_head, pad_groups
+from prospect.context_strategies.budget import BudgetKeep
+
+Groups = tuple[list[torch.Tensor], list[torch.Tensor]]  # groups of slots (each ascending) and a weight per member
+
+
+@dataclass
+class MergeKeep(BudgetKeep):
+    """A BudgetKeep whose reductions may fold frame tokens together (see the module docstring); a strategy
+    defines `merge_frames` and, for one set per layer, `per_layer`."""
+
+    def per_layer(self) -> bool:
+        """True: one keep set per layer (the KV heads of a layer agree); False: one for the whole cache."""
+        return False
+
+    def choose(self, cache: PositionedCache, candidates: torch.Tensor, budget: int) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} merges tokens: its reductions plan groups (merge_frames), not kept slots")
+
+    @abstractmethod
+    def merge_frames(self, cache: PositionedCache, rows: Records, slots: list[torch.Tensor], room: int, context: dict[str, Any]) -> list[Groups]:
+        """For each row r, what the frame tokens at `slots[r]` (ascending) become: groups of slots and their members'
+        weights, at most `room` groups, the same count in every row. `rows`: the records [rows, length]."""
+
+    def handle_overflow(self, past_key_values: Any, last_msg, **context: Any):
+        cache = past_key_values
+        length = cache_length(cache)
+        prefix = min(self.prefix_len(), length)
+        if length - prefix <= self.last_keep_len:
+            self._apply_position_mode(cache)
+            return cache, last_msg
+        rows = self.rows(cache)
+        frame = (rows.kinds[:, prefix:] == FRAME_KINDS[0]) | (rows.kinds[:, prefix:] == FRAME_KINDS[1])
+        dialogue = [prefix + torch.nonzero(~row).flatten() for row in frame]
+        if len({len(d) for d in dialogue}) != 1:
+            raise RuntimeError(f"{self.name}: the rows of the cache hold different dialogue tokens")
+        budget = self.last_keep_len
+        if len(dialogue[0]) >= budget:  # text first: the newest dialogue tokens, no frame token
+            planned: list[Groups] = [([], []) for _ in dialogue]
+            dialogue = [d[len(d) - budget :] for d in dialogue]
+        else:
+            planned = self.merge_frames(cache, rows, [prefix + torch.nonzero(row).flatten() for row in frame], budget - len(dialogue[0]), context)
+        rows_groups = []
+        for (groups, group_weights), kept in zip(planned, dialogue):
+            every = [slot.view(1) for slot in torch.cat([torch.arange(prefix), kept])] + list(groups)
+            every_weights = [torch.ones(1, dtype=torch.float64)] * (len(every) - len(groups)) + list(group_weights)
+            order = sorted(range(len(every)), key=lambda i: int(every[i][0]))
+            rows_groups.append(([every[i] for i in order], [every_weights[i] for i in order]))
+        if len({len(groups) for groups, _ in rows_groups}) != 1:
+            raise RuntimeError(f"{self.name}: the rows of the cache would keep different counts")
+        if not self.per_layer():
+            merge_tokens(cache, *rows_groups[0])
+        else:
+            padded = [pad_groups(groups, group_weights) for groups, group_weights in rows_groups]
+            width = max(members.shape[1] for members, _ in padded)
+            heads = next(iter(cache.layer_tensors()))[0].shape[1]
+            members = torch.stack([torch.nn.functional.pad(m, (0, width - m.shape[1]), value=-1) for m, _ in padded])
+            weights = torch.stack([torch.nn.functional.pad(w, (0, width - w.shape[1])) for _, w in padded])
+            merge_tokens_per_head(cache, members[:, None].expand(-1, heads, -1, -1), weights[:, None].expand(-1, heads, -1, -1))
+        self._apply_position_mode(cache)
+        return cache, last_msg
+
+    def rows(self, cache: PositionedCache) -> Records:
+        """The records of each row, [rows, length]: one row for the whole cache, or one per layer (its first KV
+        head's; the heads of a layer must agree, as this strategy's own reductions leave them)."""
+        if not self.per_layer():
+            return Records(*(t[None] for t in cache.records))
+        records = cache.head_records()
+        if cache.per_head and not bool((records.positions == records.positions[:, :1]).all()):
+            raise RuntimeError(f"{self.name} keeps one set per layer, but the KV heads of a layer hold different tokens")
+        return Records(*(t[:, 0] for t in records))
+
