@@ -89,12 +89,12 @@ def test_bench_zoo_times_every_bounded_strategy(tmp_path, model_cache_dir):
     result = subprocess.run(
         [sys.executable, "-m", "prospect.bench", "zoo", "--model", "tiny_random", "--device", "cpu", "--seconds", "30", "--turns", "4",
          "--reply-tokens", "4", "--max-seq-len", "512", "--reserved", "32", "--last-keep", "96", "--vision-batch", "4",
-         "--strategies", "drop_middle,tar_van,snapkv,snapkv:selection=shared", "--out", str(out)],
+         "--strategies", "drop_middle,tar_van,snapkv,snapkv:selection=shared,streammem:merge=false", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["strategies"]
-    assert list(rows) == ["drop_middle", "tar_van", "snapkv", "snapkv:selection=shared"]
+    assert list(rows) == ["drop_middle", "tar_van", "snapkv", "snapkv:selection=shared", "streammem:merge=false"]
     for row in rows.values():
         assert row["reductions"] >= 1 and row["ms_per_reduction"] > 0 and row["ms_per_frame"] > 0
         assert row["max_cache"] <= 512

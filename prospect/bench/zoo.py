@@ -46,10 +46,12 @@ def build_strategies(args) -> dict[str, BaseContextStrategy]:
 
 
 def setting_value(setting: str) -> tuple[str, object]:
-    """`key=value` of a --strategies entry; the value as an int, a float or else a string."""
+    """`key=value` of a --strategies entry; the value as a bool (true/false), an int, a float or else a string."""
     key, equals, text = setting.partition("=")
     if not equals or not key:
         raise ValueError(f"{setting}: expected key=value")
+    if text.lower() in ("true", "false"):
+        return key, text.lower() == "true"
     for kind in (int, float):
         try:
             return key, kind(text)
