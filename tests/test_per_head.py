@@ -42,7 +42,7 @@ def hand_keep(kinds: list[int], frames: list[int], scores: np.ndarray, window: i
     length = len(kinds)
     window_slots = list(range(length - window, length))
     pool = sorted(range(PREFIX, length - window), key=lambda s: (-scores[s], s))
-    return list(range(PREFIX)) + greedy_keep(kinds, frames, window_slots + pool, budget)
+    return list(range(PREFIX)) + greedy_keep(kinds, frames, window_slots + pool, budget, protected=window)
 
 
 def key_norm_scores(cache: PositionedCache) -> np.ndarray:
@@ -199,6 +199,19 @@ def test_orphan_rule_reaches_a_fixpoint_on_the_hand_worked_case():
     strategy.handle_overflow(cache, None)
     assert cache.positions.tolist() == [3, 4]  # B's text and image
     assert cache.kinds.tolist() == [text, image] and cache.frames.tolist() == [1, 1]
+
+
+def test_frame_text_in_the_window_is_kept_even_when_its_images_are_not():
+    """The window (last `window` tokens) is kept whole; the orphan rule applies only before it. Slots: image of
+    frame 0 (norm 10), two images of frame 1 (2, 3), frame 0's text (1), an assistant token (1); key_norm keeps
+    the lowest norms, budget 3, window 2: the window (slots 3, 4) and slot 1. Frame 0's text stays although
+    frame 0's image goes (before, it waited for that image and was lost to slot 2)."""
+    text, image = KIND["frame_text"], KIND["image"]
+    cache = one_head_cache([10, 2, 3, 1, 1], [image, image, image, text, KIND["assistant"]], [0, 1, 1, 0, -1])
+    strategy = create_strategy("key_norm", max_seq_len=16, reserved_seq_len=1, last_keep_len=3, window=2, selection="shared")
+    strategy.start_stream(prompt_len=0)
+    strategy.handle_overflow(cache, None)
+    assert cache.positions.tolist() == [1, 3, 4]
 
 
 def budget_strategies() -> list[str]:

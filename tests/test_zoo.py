@@ -77,14 +77,16 @@ def drop_orphans_by_hand(cache, ranked: list[int], count: int, fixed: list[int])
     return greedy_keep(cache.kinds.tolist(), cache.frames.tolist(), fixed + ranked, len(fixed) + count)
 
 
-def greedy_keep(kinds: list[int], frames: list[int], order: list[int], budget: int) -> list[int]:
+def greedy_keep(kinds: list[int], frames: list[int], order: list[int], budget: int, protected: int = 0) -> list[int]:
+    """Take `order` greedily up to `budget`; its first `protected` slots (the window) unconditionally, then frame
+    text only once an image of its frame is taken (it waits for that image and enters right after it)."""
     kept: list[int] = []
     waiting: dict[int, list[int]] = {}
     with_image: set[int] = set()
-    for slot in order:
+    for taken, slot in enumerate(order):
         if len(kept) == budget:
             break
-        if kinds[slot] == KIND["frame_text"] and frames[slot] not in with_image:
+        if taken >= protected and kinds[slot] == KIND["frame_text"] and frames[slot] not in with_image:
             waiting.setdefault(frames[slot], []).append(slot)
             continue
         kept.append(slot)

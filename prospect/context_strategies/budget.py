@@ -10,7 +10,8 @@ says how it chooses:
   `selection` says who shares a keep set: `shared` (one set for every layer and head: scores averaged over
   heads, then layers), `per_layer` (one set per layer: averaged over its heads) or `per_head` (one set
   per layer and KV head, as SnapKV and KnormPress select). Every layer and head keeps the same count.
-- Orphan rule (a fixpoint): a frame's frame_text token is kept only with an image token of its frame. It
+- Orphan rule (a fixpoint): a frame's frame_text token before the window is kept only with an image token
+  of its frame (the window is kept as it is, frame text included). It
   competes at its own score but enters no earlier than its frame's best-ranked image token: candidates
   are taken greedily in score order, and frame text met before any image of its frame waits and enters
   right after that image (budget permitting). So no dropped frame text is passed over when its frame's
@@ -78,8 +79,9 @@ def keep_order(
 
     scores, kinds, frames: [groups, m] over the candidates (ascending slots). The last `window` candidates
     come first (slot order), then the others by descending score (ties: the older slot). With
-    `drop_orphans`, a frame_text token enters no earlier than its frame's first image token (right after
-    it, in its own rank order) and never without one (see the module docstring)."""
+    `drop_orphans`, a frame_text token before the window enters no earlier than its frame's first image
+    token (right after it, in its own rank order) and never without one (see the module docstring); the
+    window's tokens are kept whatever they are."""
     groups, count = scores.shape
     key = -scores.double()
     key[:, count - window :] = float("-inf")
@@ -88,7 +90,8 @@ def keep_order(
     rank.scatter_(1, torch.sort(key, dim=1, stable=True).indices, positions)
     if not drop_orphans:
         return torch.argsort(rank, dim=1), torch.full((groups,), count)
-    image, text = kinds == KIND["image"], kinds == KIND["frame_text"]
+    image = kinds == KIND["image"]
+    text = (kinds == KIND["frame_text"]) & (positions < count - window)  # the window is kept whole
     frame_ids, frame_of = torch.unique(frames, return_inverse=True)
     never = 2 * count  # a rank no token has: "no image of this frame"
     first_image = torch.full((groups, len(frame_ids)), never, dtype=torch.long, device=kinds.device)

@@ -20,9 +20,10 @@ from prospect.context_strategies.events import REDUCTION_EVENTS
 RESULTS_SCHEMA = "prospect.results/1"
 # Part of every job key: bump it when a change alters what a run computes (stream, strategies, metrics),
 # so the result cache never reuses numbers made by the older code.
-PROTOCOL_VERSION = 5  # 2: token provenance (cache_frame_share); 3: proassist_exact in ProAssist's float32 arithmetic;
+PROTOCOL_VERSION = 6  # 2: token provenance (cache_frame_share); 3: proassist_exact in ProAssist's float32 arithmetic;
 # 4: teacher-forced reference scores and P(speak) per frame in the trace and predictions; 5: snapkv/key_norm select
-# per (layer, head) by default, the orphan rule is a fixpoint, budget strategies protect the system prompt
+# per (layer, head) by default, the orphan rule is a fixpoint, budget strategies protect the system prompt;
+# 6: frame text inside a score strategy's protected window is kept (the orphan rule applies before the window)
 
 
 def stream_metrics(traces: list[list[FrameRecord]], peak_memory_mb: float, kv_bytes_per_token: int = 0) -> dict[str, float]:
