@@ -417,8 +417,9 @@ TIMING = set(TIMING_FIELDS)
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_each_lane_equals_its_job_alone(tiny_model, synthetic_conversations, policy):
     settings = StreamSettings(max_new_tokens=8, optimized=True, **POLICIES[policy])
-    strategies = [create_strategy("frame_merge", **SMALL), create_strategy("streammem", **SMALL),
-                  create_strategy("streammem", **{**SMALL, "merge": False, "selection": "shared"}),
+    strategies = [create_strategy("frame_merge", **{**SMALL, "position_mode": "contiguous"}),  # each position mode in some lane
+                  create_strategy("streammem", **SMALL),
+                  create_strategy("streammem", **{**SMALL, "merge": False, "selection": "shared", "position_mode": "cache_length"}),
                   create_strategy("drop_middle", **{**SMALL, "max_seq_len": 448, "last_keep_len": 128})]
     lanes = LaneRunner(tiny_model, strategies, settings)
     for conversation in synthetic_conversations[:1]:

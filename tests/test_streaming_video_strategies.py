@@ -313,6 +313,8 @@ def test_each_lane_equals_its_job_alone(tiny_model, synthetic_conversations, pol
     settings = StreamSettings(max_new_tokens=8, optimized=True, **POLICIES[policy])
     strategies = [create_strategy(name, **params) for name, params in PARAMS.items()]
     strategies += [create_strategy("simple_stream", **{**PARAMS["streaming_vlm"], "frames": 2, "position_mode": "original"}),
+                   create_strategy("streaming_vlm", **{**PARAMS["streaming_vlm"], "position_mode": "cache_length"}),
+                   create_strategy("simple_stream", **{**PARAMS["simple_stream"], "position_mode": "cache_length"}),
                    create_strategy("drop_middle", max_seq_len=448, reserved_seq_len=32, last_keep_len=128)]
     lanes = LaneRunner(tiny_model, strategies, settings)
     for conversation in synthetic_conversations[: 2 if policy == "gt_turns" else 1]:

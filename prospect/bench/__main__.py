@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid-dir", default="multirun/bench_grid", help="grid: each run's sweeps go to a new DATE_TIME folder in it")
     parser.add_argument("--fused", action="store_true", help="grid: also run the grid as lanes (hydra/launcher=fused)")
     parser.add_argument("--lanes-per-gpu", type=int, default=12, help="grid: the fused launcher's lanes_per_gpu")
-    parser.add_argument("--zoo-lanes-per-gpu", type=int, default=24, help="grid: lanes_per_gpu for the zoo_fused part")
+    parser.add_argument("--zoo-lanes-per-gpu", type=int, default=40, help="grid: lanes_per_gpu for the zoo_fused part")
     parser.add_argument("--part", default=None,
                         help=f"grid: the parts to run, comma-separated, of {', '.join(GRID_PARTS)}, or all (default: the first "
                              "two, and fused with --fused); for machines that limit one command's time")

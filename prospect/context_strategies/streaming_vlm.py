@@ -29,7 +29,7 @@ class StreamingVLM(BudgetKeep):
     text_sink, text_window: dialogue tokens (the paper: 512 each; here 16 each, so that at
     the smallest budget a preset sweeps, last_keep_len 128, the text takes a quarter and a frame of the 256M/500M
     models still fits); their sum must not exceed last_keep_len. vision_seconds: seconds of frames (the paper:
-    16; .inf: no time limit)."""
+    16; inf: no time limit, `strategy.vision_seconds=inf` on the command line)."""
 
     text_sink: int = 16
     text_window: int = 16
