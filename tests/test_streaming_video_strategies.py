@@ -41,6 +41,9 @@ def build_cache(layout: list[tuple[int, int]], layers: int = 2, heads: int = 2, 
     kinds = torch.tensor([kind for kind, _ in layout], dtype=torch.int8)
     frames = torch.tensor([f for _, f in layout])
     patches = torch.full((len(layout),), -1)
+    for frame in set(frames.tolist()) - {-1}:  # image tokens get their patch index within their frame
+        image = (frames == frame) & (kinds == KIND["image"])
+        patches[image] = torch.arange(int(image.sum()))
     cache = PositionedCache(len(layout) + 8, inv_freq=1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim)))
     cache.take_positions(PREFIX, Provenance(kinds[:PREFIX], frames[:PREFIX], patches[:PREFIX]))
     cache.next_position += GAP
@@ -57,6 +60,7 @@ def reduce_and_compare(cache: PositionedCache, strategy, kept: list[int], kinds:
     own, the next token at n), values bitwise."""
     before_keys = [k.clone().numpy().astype(np.float64) for k, _ in cache.layer_tensors()]
     before_values = [v.clone() for _, v in cache.layer_tensors()]
+    before_patches = cache.patches.clone()
     old = [s if s < PREFIX else s + GAP for s in kept]  # the kept tokens' positions before
     next_before = cache.next_position
     strategy.start_stream(prompt_len=PREFIX)
@@ -64,6 +68,8 @@ def reduce_and_compare(cache: PositionedCache, strategy, kept: list[int], kinds:
     n = len(kept)
     assert cache_length(cache) == n
     assert cache.kinds.tolist() == kinds and cache.frames.tolist() == frames
+    assert cache.patches.tolist() == before_patches[kept].tolist()  # patch indices travel with their tokens
+    assert cache.merged.tolist() == [1] * n  # whole-token strategies merge nothing
     index = torch.tensor(kept)
     for (keys, values), k0, v0 in zip(cache.layer_tensors(), before_keys, before_values):
         assert torch.equal(values, v0[:, :, index])
