@@ -35,6 +35,27 @@ def comparable(trace):
     return [{k: v for k, v in record.items() if k not in TIMING} for record in trace]
 
 
+def assert_each_lane_equals_its_job_alone(model, lanes: LaneRunner, settings: StreamSettings, conversation) -> list:
+    """Run `conversation` in `lanes`, then each lane's strategy alone (StreamRunner, same settings): bitwise the
+    same replies, trace (timings aside), summaries, cache records and keys/values. Returns the lanes' results."""
+    together = lanes.run(conversation)
+    for strategy_lane, result in zip(lanes.lanes, together):
+        alone = StreamRunner(model, create_strategy(strategy_lane.strategy.name, **_params(strategy_lane.strategy)), settings)
+        expected = alone.run(conversation)
+        name = strategy_lane.strategy.name
+        assert result.error is None, name
+        assert result.replies == expected.replies, name
+        assert comparable(result.trace) == comparable(expected.trace), name
+        assert result.summaries == expected.summaries, name
+        # the lane's cache holds exactly the job's tokens: keys, values, positions and provenance
+        mine, theirs = strategy_lane.cache, alone.cache
+        for name_, a, b in zip(mine.records._fields, mine.records, theirs.records):  # [n] or per (layer, head)
+            assert torch.equal(a, b), (name, name_)
+        for (k1, v1), (k2, v2) in zip(mine.layer_tensors(), theirs.layer_tensors()):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2), name
+    return together
+
+
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_every_lane_equals_its_job_run_alone(tiny_model, synthetic_conversations, policy):
     settings = StreamSettings(max_new_tokens=8, optimized=True, **POLICIES[policy])
@@ -45,21 +66,7 @@ def test_every_lane_equals_its_job_run_alone(tiny_model, synthetic_conversations
     lanes.static.forward_lanes = lambda caches, *args, **kwargs: steps.append(len(caches)) or original(caches, *args, **kwargs)
     conversations = synthetic_conversations if policy == "gt_turns" else synthetic_conversations[:1]
     for conversation in conversations:
-        together = lanes.run(conversation)
-        for strategy_lane, result in zip(lanes.lanes, together):
-            alone = StreamRunner(tiny_model, create_strategy(strategy_lane.strategy.name, **_params(strategy_lane.strategy)), settings)
-            expected = alone.run(conversation)
-            name = strategy_lane.strategy.name
-            assert result.error is None, name
-            assert result.replies == expected.replies, name
-            assert comparable(result.trace) == comparable(expected.trace), name
-            assert result.summaries == expected.summaries, name
-            # the lane's cache holds exactly the job's tokens: keys, values, positions and provenance
-            mine, theirs = strategy_lane.cache, alone.cache
-            for name_, a, b in zip(mine.records._fields, mine.records, theirs.records):  # [n] or per (layer, head)
-                assert torch.equal(a, b), (name, name_)
-            for (k1, v1), (k2, v2) in zip(mine.layer_tensors(), theirs.layer_tensors()):
-                assert torch.equal(k1, k2) and torch.equal(v1, v2), name
+        together = assert_each_lane_equals_its_job_alone(tiny_model, lanes, settings, conversation)
     assert max(steps) == len(lanes.lanes) and min(steps) == 1  # frames went as one step of all lanes; restarts alone
     events = {event for lane, result in zip(lanes.lanes, together) for r in result.trace for event in r["events"]}
     assert {"compress", "summary", "speak"} <= events  # reductions and a summary restart happened inside lanes

@@ -6,21 +6,19 @@ its job alone, the equal budget, text first and no orphan frame text at every re
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from prospect.cache import (KIND, PositionedCache, Provenance, cache_length, clone_cache, keep_tokens, merge_tokens,
+from prospect.cache import (KIND, PositionedCache, Provenance, cache_length, keep_tokens, merge_tokens,
                             merge_tokens_per_head)
 from prospect.context_strategies import create_strategy
 from prospect.models.chat_format import SMOLVLM
-from prospect.stream.frame_record import TIMING_FIELDS
 from prospect.stream.lanes import LaneRunner
-from prospect.stream.runner import StreamRunner
 from prospect.stream.settings import StreamSettings
 from prospect.validation import ConfigError, check_command_line
+from tests.test_lanes import assert_each_lane_equals_its_job_alone
 from tests.test_zoo import SMALL, constructed_cache, rope, stream_with_checks, strategy_on
 
 S, U, A, T, I = KIND["system"], KIND["user"], KIND["assistant"], KIND["frame_text"], KIND["image"]
@@ -412,7 +410,6 @@ def test_streams_hold_the_budget_and_optimized_equals_eager(tiny_model, syntheti
 
 POLICIES = {"gt_turns": {}, "threshold": {"talk_policy": "threshold", "talk_threshold": 2.1e-5}}
 SLOW_THRESHOLD = ["gt_turns", pytest.param("threshold", marks=pytest.mark.slow)]  # the default run stays short; CI runs both
-TIMING = set(TIMING_FIELDS)
 
 
 @pytest.mark.parametrize("policy", SLOW_THRESHOLD)
@@ -424,18 +421,5 @@ def test_each_lane_equals_its_job_alone(tiny_model, synthetic_conversations, pol
                   create_strategy("drop_middle", **{**SMALL, "max_seq_len": 448, "last_keep_len": 128})]
     lanes = LaneRunner(tiny_model, strategies, settings)
     for conversation in synthetic_conversations[:1]:
-        together = lanes.run(conversation)
-        for lane, result in zip(lanes.lanes, together):
-            params = {f.name: getattr(lane.strategy, f.name) for f in dataclasses.fields(lane.strategy) if f.init}
-            alone = StreamRunner(tiny_model, create_strategy(lane.strategy.name, **params), settings)
-            expected = alone.run(conversation)
-            name = lane.strategy.name
-            assert result.error is None, name
-            assert result.replies == expected.replies, name
-            assert [{k: v for k, v in r.items() if k not in TIMING} for r in result.trace] == \
-                   [{k: v for k, v in r.items() if k not in TIMING} for r in expected.trace], name
-            for field, a, b in zip(lane.cache.records._fields, lane.cache.records, alone.cache.records):
-                assert torch.equal(a, b), (name, field)
-            for (k1, v1), (k2, v2) in zip(lane.cache.layer_tensors(), alone.cache.layer_tensors()):
-                assert torch.equal(k1, k2) and torch.equal(v1, v2), name
+        together = assert_each_lane_equals_its_job_alone(tiny_model, lanes, settings, conversation)
         assert any("compress" in r["events"] for r in together[1].trace)

@@ -5,7 +5,6 @@ both talk policies in every position mode, each lane = its job alone, and their 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
@@ -14,11 +13,11 @@ import torch
 
 from prospect.cache import KIND, PositionedCache, Provenance, cache_length
 from prospect.context_strategies import create_strategy
-from prospect.stream.frame_record import TIMING_FIELDS
 from prospect.stream.lanes import LaneRunner
 from prospect.stream.runner import StreamRunner
 from prospect.stream.settings import StreamSettings
 from prospect.validation import ConfigError, check_command_line
+from tests.test_lanes import assert_each_lane_equals_its_job_alone
 
 S, U, A, T, I = KIND["system"], KIND["user"], KIND["assistant"], KIND["frame_text"], KIND["image"]
 GAP = 37  # positions skipped after the prefix (as after an earlier reduction in original mode)
@@ -237,7 +236,6 @@ PARAMS = {
 }
 POLICIES = {"gt_turns": {}, "threshold": {"talk_policy": "threshold", "talk_threshold": 2.1e-5}}
 SLOW_THRESHOLD = ["gt_turns", pytest.param("threshold", marks=pytest.mark.slow)]  # the default run stays short; CI runs both
-TIMING = set(TIMING_FIELDS)
 
 
 def frames_after(kinds: torch.Tensor, frames: torch.Tensor, prefix: int) -> list[int]:
@@ -325,18 +323,5 @@ def test_each_lane_equals_its_job_alone(tiny_model, synthetic_conversations, pol
                    create_strategy("drop_middle", max_seq_len=448, reserved_seq_len=32, last_keep_len=128)]
     lanes = LaneRunner(tiny_model, strategies, settings)
     for conversation in synthetic_conversations[: 2 if policy == "gt_turns" else 1]:
-        together = lanes.run(conversation)
-        for lane, result in zip(lanes.lanes, together):
-            params = {f.name: getattr(lane.strategy, f.name) for f in dataclasses.fields(lane.strategy) if f.init}
-            alone = StreamRunner(tiny_model, create_strategy(lane.strategy.name, **params), settings)
-            expected = alone.run(conversation)
-            name = lane.strategy.name
-            assert result.error is None, name
-            assert result.replies == expected.replies, name
-            assert [{k: v for k, v in r.items() if k not in TIMING} for r in result.trace] == \
-                   [{k: v for k, v in r.items() if k not in TIMING} for r in expected.trace], name
-            for field, a, b in zip(lane.cache.records._fields, lane.cache.records, alone.cache.records):
-                assert torch.equal(a, b), (name, field)
-            for (k1, v1), (k2, v2) in zip(lane.cache.layer_tensors(), alone.cache.layer_tensors()):
-                assert torch.equal(k1, k2) and torch.equal(v1, v2), name
+        together = assert_each_lane_equals_its_job_alone(tiny_model, lanes, settings, conversation)
         assert all(any("compress" in r["events"] for r in result.trace) for result in together[:3])
