@@ -40,6 +40,10 @@ def test_bench_compares_both_paths_in_one_run(tmp_path, model_cache_dir):
         assert figures["reply_agreement_with_optimized"] == 1.0, name
         assert figures["ratio_to_optimized"] == pytest.approx(figures["ms_per_frame"] / report["optimized"]["ms_per_frame"])
     assert "optimized+reference_scores+speak_probe:" in result.stdout
+    compile = report["compile"]  # the optimized path with and without torch.compile: off here (auto = on CUDA)
+    assert compile["compiled"] is False and compile["reply_agreement"] == 1.0
+    assert set(compile["decode_ms_per_token"]) == {"uncompiled", "compiled"} and compile["decode_ms_per_token"]["uncompiled"] > 0
+    assert "optimized path not compiled here" in result.stdout
 
 
 def test_bench_rejects_bad_arguments():

@@ -124,6 +124,7 @@ BAD_COMMAND_LINES = [
     (["strategy._target_=prospect.cache.PositionedCache"], "strategy._target_=prospect.cache.PositionedCache: cannot build the strategy"),
     (["+stream.seed=3"], "stream.seed: unknown key; stream has: max_new_tokens"),
     (["stream.top_p=0"], "stream.top_p=0: must be in (0.0, 1.0]"),
+    (["stream.compile=sometimes"], "stream.compile=sometimes: choose one of: auto, true, false"),
     (["eval.reference_scores=sometimes"], "eval.reference_scores=sometimes: must be true or false"),
     (["eval=none", "eval.speak_probe=2"], "eval.speak_probe=2: must be true or false"),
     (["+stream.reference_scores=false"], "stream.reference_scores: set it in the eval group: eval.reference_scores"),

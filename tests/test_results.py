@@ -32,6 +32,9 @@ def test_job_key_covers_what_changes_results_only():
     base = key()
     assert key("model.device=cpu") == base  # "auto" is hashed as what it resolves to (no GPU here)
     assert key("model.device=cuda") != base and key("model.dtype=bfloat16") != base
+    # compile counts where the step it compiles runs: the optimized path (off on this CPU under "auto")
+    assert key("stream.compile=true") == key("stream.compile=false") == base
+    assert key("stream.optimized=true", "stream.compile=true") != key("stream.optimized=true") == key("stream.optimized=true", "stream.compile=auto")
     assert base == key() and len(base) == 16
     assert key("strategy.last_keep_len=256") != base
     assert key("strategy=drop_all", "strategy.last_keep_len=256") == key("strategy=drop_all")  # drop_all ignores it

@@ -253,6 +253,34 @@ def test_optimized_path_reproduces_the_eager_path(tiny_model, synthetic_conversa
         assert float((k0 - k1).abs().max()) <= 1e-4 and float((v0 - v1).abs().max()) <= 1e-4
 
 
+@pytest.mark.slow
+def test_the_compiled_step_gives_the_uncompiled_steps_replies(tiny_model, synthetic_conversations):
+    """stream.compile (torch.compile'd norms and MLPs inside the optimized step; here inductor's CPU kernels): the
+    same greedy replies, trace shape and positions as the uncompiled optimized step, keys/values within fp32
+    rounding; the compiled blocks are swapped in for the step only (the eager path stays uncompiled)."""
+    import torch._dynamo.utils
+
+    conversation = synthetic_conversations[1]
+    outcomes = []
+    for compile in (False, True):
+        strategy = create_strategy("drop_middle", last_keep_len=64, **SMALL)
+        runner = StreamRunner(tiny_model, strategy, StreamSettings(max_new_tokens=6, optimized=True, compile=compile))
+        assert (runner.static.compiled is not None) == compile
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        result = runner.run(conversation)
+        if compile:
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the blocks went through inductor
+        shape = [(r["index"], r["cache_after"], r["next_position"], tuple(r["events"])) for r in result.trace]
+        outcomes.append((result.replies, shape, runner.cache.positions.tolist(), [(k.clone(), v.clone()) for k, v in runner.cache.layer_tensors()]))
+    (replies, shape, positions, kv), (compiled_replies, compiled_shape, compiled_positions, compiled_kv) = outcomes
+    assert compiled_replies == replies and len(replies) >= 4
+    assert compiled_shape == shape and compiled_positions == positions
+    for (k0, v0), (k1, v1) in zip(kv, compiled_kv):
+        assert float((k0 - k1).abs().max()) <= 1e-4 and float((v0 - v1).abs().max()) <= 1e-4
+    layer = tiny_model.model.model.text_model.layers[0]
+    assert "forward" not in vars(layer.mlp) and "forward" not in vars(layer.input_layernorm)
+
+
 def test_square_frames_skip_the_image_processor_exactly(tiny_model):
     import numpy as np
     from PIL import Image

@@ -10,7 +10,9 @@ with the reference scores and the speak probe on (the defaults of a run), and th
 a ratio to the optimized run without them, with how many of its greedy replies equal the optimized run's. On
 a GPU in bf16 two optimized runs of one stream need not agree (kernels chosen under CUDA-graph capture round
 differently; random weights have near-flat logits), so a second optimized run without measurements gives
-that floor (on the CPU every run agrees).
+that floor (on the CPU every run agrees). The optimized path also runs uncompiled (stream.compile=false) before
+the compiled run (stream.compile=auto: on CUDA), for decode ms per token, frame prefill and ms per frame with and
+without torch.compile, and the compilation's one-time cost (the difference of the two runs' warm-ups).
 """
 
 from __future__ import annotations
@@ -30,22 +32,30 @@ from prospect.stream.settings import StreamSettings
 
 log = logging.getLogger(__name__)
 
-# (name, path, reference scores, speak probe): the paths without measurements, then the optimized path with them
-RUNS = (("eager", False, False, False), ("optimized", True, False, False), ("optimized_again", True, False, False),
-        ("optimized+reference_scores", True, True, False), ("optimized+reference_scores+speak_probe", True, True, True))
+# (name, path, reference scores, speak probe, compile): the paths without measurements (the optimized path
+# uncompiled first: the compiled run's warm-up then pays the process's compilation), then the optimized path with them
+RUNS = (("eager", False, False, False, False), ("optimized_uncompiled", True, False, False, False),
+        ("optimized", True, False, False, "auto"), ("optimized_again", True, False, False, "auto"),
+        ("optimized+reference_scores", True, True, False, "auto"), ("optimized+reference_scores+speak_probe", True, True, True, "auto"))
 
 
 def measure(model, conversation, warmup, optimized: bool, args, reference_scores: bool = False,
-            speak_probe: bool = False) -> tuple[dict, dict[int, str]]:
-    """Stream `conversation` on one path (after `warmup` on the same runner); figures from its trace."""
+            speak_probe: bool = False, compile: bool | str = "auto") -> tuple[dict, dict[int, str]]:
+    """Stream `conversation` on one path (after `warmup` on the same runner, timed: graph capture and, on the first
+    compiled run of the process, compilation); figures from its trace."""
     settings = StreamSettings(
         max_new_tokens=args.reply_tokens, min_new_tokens=args.reply_tokens, optimized=optimized,
         vision_batch_size=args.vision_batch if optimized else 1, reference_scores=reference_scores, speak_probe=speak_probe,
+        compile=compile,
     )
     strategy = DropMiddle(max_seq_len=args.max_seq_len, reserved_seq_len=args.reserved, last_keep_len=args.last_keep)
     runner = StreamRunner(model, strategy, settings)
-    runner.run(warmup)
     device = model.device
+    synchronize(device)
+    started = time.perf_counter()
+    runner.run(warmup)
+    synchronize(device)
+    warmup_s = time.perf_counter() - started
     synchronize(device)
     started = time.perf_counter()
     result = runner.run(conversation)
@@ -53,6 +63,8 @@ def measure(model, conversation, warmup, optimized: bool, args, reference_scores
     trace = result.trace
     tokens = sum(r["generated_tokens"] for r in trace)
     figures = {
+        "compiled": runner.static is not None and runner.static.compiled is not None,
+        "warmup_s": warmup_s,
         "frames": len(trace),
         "replies": len(result.replies),
         "ms_per_frame": 1000 * wall / len(trace),
@@ -79,13 +91,14 @@ def run_bench(args) -> dict:
     results = {}
     replies = {}
     paths = args.paths.split(",")
-    for name, optimized, reference_scores, speak_probe in RUNS:
-        if (name.split("+")[0].removesuffix("_again") not in paths) or (name != "eager" and name != "optimized" and not args.measurements):
+    for name, optimized, reference_scores, speak_probe, compile in RUNS:
+        path = "optimized" if optimized else "eager"
+        if path not in paths or (name not in ("eager", "optimized_uncompiled", "optimized") and not args.measurements):
             continue
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(model.device)
-        results[name], replies[name] = measure(model, conversation, warmup, optimized, args, reference_scores, speak_probe)
+        results[name], replies[name] = measure(model, conversation, warmup, optimized, args, reference_scores, speak_probe, compile)
         log.info("%s: %.1f ms/frame", name, results[name]["ms_per_frame"])
     if not {"eager", "optimized"} <= set(results):
         return {"partial": results}
@@ -93,7 +106,17 @@ def run_bench(args) -> dict:
     same = sum(replies["eager"][i] == replies["optimized"][i] for i in common)
     measured = {name: {**results[name], "ratio_to_optimized": results[name]["ms_per_frame"] / results["optimized"]["ms_per_frame"],
                        "reply_agreement_with_optimized": _agreement(replies[name], replies["optimized"])}
-                for name, *_ in RUNS[2:] if name in results}
+                for name, *_ in RUNS[3:] if name in results}
+    uncompiled = results["optimized_uncompiled"]
+    compiled = {
+        "compiled": results["optimized"]["compiled"],
+        "decode_ms_per_token": {"uncompiled": uncompiled["decode_ms_per_token"], "compiled": results["optimized"]["decode_ms_per_token"]},
+        "frame_prefill_ms": {"uncompiled": uncompiled["frame_prefill_ms"], "compiled": results["optimized"]["frame_prefill_ms"]},
+        "ms_per_frame": {"uncompiled": uncompiled["ms_per_frame"], "compiled": results["optimized"]["ms_per_frame"]},
+        # the compiled run's warm-up compiles (once per process) and captures; the uncompiled one only captures
+        "compile_s": results["optimized"]["warmup_s"] - uncompiled["warmup_s"],
+        "reply_agreement": _agreement(replies["optimized"], replies["optimized_uncompiled"]),
+    }
     return {
         **report_header(args, model, conversation),
         "strategy": f"drop_middle {args.max_seq_len}/{args.reserved}/{args.last_keep}",
@@ -101,6 +124,7 @@ def run_bench(args) -> dict:
         "ratio_eager_over_optimized": results["eager"]["ms_per_frame"] / results["optimized"]["ms_per_frame"],
         "reply_agreement": same / len(common) if common else 0.0, "replies_compared": len(common),
         "measurements": measured,
+        "compile": compiled,
     }
 
 
@@ -127,6 +151,14 @@ def format_bench(report: dict) -> str:
              f"{report['video']['reply_tokens']} tokens; {report['strategy']}"]
     lines += ["  ".join(cell.ljust(width[c]) if c == 0 else cell.rjust(width[c]) for c, cell in enumerate(row)) for row in rows]
     lines.append(f"greedy replies identical on both paths: {report['reply_agreement']:.1%} of {report['replies_compared']}")
+    compile = report.get("compile")
+    if compile:
+        state = "compiled" if compile["compiled"] else "not compiled here (stream.compile=auto is off off CUDA)"
+        lines.append(f"optimized path {state}; uncompiled -> compiled: decode {compile['decode_ms_per_token']['uncompiled']:.2f} -> "
+                     f"{compile['decode_ms_per_token']['compiled']:.2f} ms/token, frame prefill {compile['frame_prefill_ms']['uncompiled']:.2f} -> "
+                     f"{compile['frame_prefill_ms']['compiled']:.2f} ms, {compile['ms_per_frame']['uncompiled']:.2f} -> "
+                     f"{compile['ms_per_frame']['compiled']:.2f} ms/frame; compilation ~{compile['compile_s']:.1f} s once per process; "
+                     f"{compile['reply_agreement']:.0%} of the replies identical")
     for name, figures in report.get("measurements", {}).items():
         lines.append(f"{name}: {figures['ms_per_frame']:.2f} ms per frame = {figures['ratio_to_optimized']:.3f}x optimized "
                      f"({figures['references_scored']} references scored, {figures['frames_probed']} frames probed; scoring "

@@ -93,6 +93,13 @@ class BaseContextStrategy(ABC):
         summarize(prompt, max_new_tokens) -> text, frame_index, time, capacity (tokens the cache may hold).
         """
 
+    def planned_summary(self) -> tuple[str, int] | None:
+        """The summary the next reduction will ask for with `summarize(prompt, max_new_tokens)`, as (prompt,
+        max_new_tokens), or None. The stream decodes the summaries of the lanes that reduce at one point as one
+        batch before their reductions run; a strategy that asks for no summary, or one it cannot plan, returns
+        None (its summary, if any, is then decoded alone when it asks)."""
+        return None
+
     def start_stream(self, prompt_len: int) -> None:
         """A new conversation begins; the cache holds its system prompt (prompt_len tokens)."""
         self.init_kv_cache, self.init_len, self.prompt_len = None, 0, prompt_len

@@ -40,6 +40,9 @@ class SummarizeAndDrop(BaseContextStrategy):
     def ctxlen_to_reduce(self) -> int:
         return self.max_seq_len - self.reserved_seq_len - self.summary_max_new_tokens
 
+    def planned_summary(self) -> tuple[str, int]:
+        return self.summary_prompt, self.summary_max_new_tokens
+
     def handle_overflow(self, past_key_values: Any, last_msg, **context: Any):
         self.last_summary = context["summarize"](self.summary_prompt, self.summary_max_new_tokens)
         parts = (context.get("system_prompt", ""), self.last_summary, context.get("knowledge", ""))

@@ -17,6 +17,9 @@ capacity, which no active lane ever sees, so nothing of theirs changes. A step o
 summary, its restart text) runs on that lane's rows only, so it costs one lane. A single stream is the
 one-lane case.
 
+With `compile` (stream.compile, default on CUDA) the text model's norms and MLPs run as torch.compile'd
+kernels inside the step (`CompiledBlocks`), captured into the same graphs.
+
 Greedy replies decode on the device (`decode_greedy`): a chain of up to `chain` steps is one CUDA graph in
 which each step feeds the token the previous step chose to the lanes still speaking, picks the next token
 (argmax of the logits plus the suppression bias) and checks it against the stop ids; the host reads the
@@ -27,8 +30,9 @@ The graphs are bound to these buffers: use `caches()` / `cache()` (emptied per c
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from transformers.cache_utils import Cache
@@ -39,6 +43,38 @@ from prospect.models.vlm import VisionLanguageModel
 log = logging.getLogger(__name__)
 
 SLOT_ALIGN = 16  # buffer slots per lane rounded up to this: an attention mask row of 16-byte multiples lets SDPA use its fused kernel
+
+
+class CompiledBlocks:
+    """The text model's pointwise-heavy blocks, compiled with torch.compile (inductor fuses each RMSNorm into one
+    kernel and the MLP's SiLU·mul; the matrix products stay cuBLAS's): every decoder layer's MLP and two norms,
+    and the final norm, for any number of lanes and tokens (dynamic shapes). `active()` swaps them in for the
+    duration of a static step only, so the eager path of the same process stays uncompiled; under CUDA graphs
+    the compiled kernels are what the captured graphs replay. Attention (the lane writer, the query hooks)
+    stays as it is. One per model (`compiled_blocks`): compiled once per process, on the first steps."""
+
+    def __init__(self, model: VisionLanguageModel):
+        text = model.model.model.text_model
+        blocks = [block for layer in text.layers for block in (layer.input_layernorm, layer.mlp, layer.post_attention_layernorm)]
+        self.blocks = [(block, torch.compile(block.forward, dynamic=True)) for block in blocks + [text.norm]]
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        for block, compiled in self.blocks:
+            block.forward = compiled
+        try:
+            yield
+        finally:
+            for block, _ in self.blocks:
+                del block.forward  # the class's forward again
+
+
+def compiled_blocks(model: VisionLanguageModel) -> CompiledBlocks:
+    """The model's CompiledBlocks (made once per model, kept on it)."""
+    blocks = getattr(model, "_compiled_blocks", None)
+    if blocks is None:
+        blocks = model._compiled_blocks = CompiledBlocks(model)
+    return blocks
 
 
 def buffer_slots(capacity: int) -> int:
@@ -114,7 +150,7 @@ class StaticForward:
 
     def __init__(
         self, model: VisionLanguageModel, capacity: int | Sequence[int], use_graphs: bool | None = None, max_graphs: int = 48,
-        record_queries: bool = False, batch_lanes: bool | None = None, chain: int = 8,
+        record_queries: bool = False, batch_lanes: bool | None = None, chain: int = 8, compile: bool = False,
     ):
         self.model = model
         self.capacities = [int(capacity)] if isinstance(capacity, int) else [int(c) for c in capacity]
@@ -142,6 +178,7 @@ class StaticForward:
         self.graphs_captured = 0
         self.chain = chain
         self._decode: _DecodeState | None = None
+        self.compiled = compiled_blocks(model) if compile else None  # stream.compile
 
     def _allocate(self) -> None:
         text = self.model.model.config.text_config
@@ -195,9 +232,10 @@ class StaticForward:
         writer = _LaneWriter(self, slots, rows, width)
         self.model.writing_cache = writer  # query recording (if on) writes through it, inside the graph
         try:
-            hidden = self.model.model.model.text_model(
-                inputs_embeds=embeds, position_ids=positions, attention_mask=mask, past_key_values=writer, use_cache=True,
-            ).last_hidden_state
+            with self.compiled.active() if self.compiled is not None else contextlib.nullcontext():
+                hidden = self.model.model.model.text_model(
+                    inputs_embeds=embeds, position_ids=positions, attention_mask=mask, past_key_values=writer, use_cache=True,
+                ).last_hidden_state
         finally:
             self.model.writing_cache = None
         return self.model.model.lm_head(hidden if all_logits else hidden[:, -1]).float()
@@ -318,7 +356,7 @@ class StaticForward:
         logits: Sequence[torch.Tensor],
         biases: Sequence[tuple[torch.Tensor, torch.Tensor]],
         min_new_tokens: int,
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         kind: int,
     ) -> list[tuple[list[int], bool]]:
         """Greedy replies of the lanes of `caches` from their prompt logits (`logits[i]`, [vocab]), chosen as
@@ -326,7 +364,8 @@ class StaticForward:
         `biases[i][0]` while s < min_new_tokens, else plus `biases[i][1]`; a stop id ends the reply (and is not
         part of it); a reply ends at max_new_tokens tokens. Each chosen token but a reply's last one
         (which the caller feeds with the turn's closing) is fed to its lane, labelled `kind`; a reply ended by
-        a stop id has all its tokens fed. Returns per lane (reply tokens, whether a stop id ended it).
+        a stop id has all its tokens fed; `max_new_tokens` is one bound for all or one per lane. Returns per
+        lane (reply tokens, whether a stop id ended it).
 
         The steps run on the device in chains of up to `self.chain` (a CUDA graph each with graphs); the host
         reads the chosen tokens back once per chain. The first chain runs before the host has looked at the
@@ -337,25 +376,29 @@ class StaticForward:
         lanes = [self._lane_of(cache) for cache in caches]
         if len(set(lanes)) != len(lanes):
             raise ValueError("a lane appears twice in one decode")
-        if max_new_tokens < 1 or not lanes:
+        limits = [int(max_new_tokens)] * len(lanes) if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
+        if len(limits) != len(lanes):
+            raise ValueError(f"{len(limits)} max_new_tokens for {len(lanes)} lanes")
+        longest = max(limits, default=0)
+        if longest < 1:
             return [([], False) for _ in lanes]
-        for lane, cache in zip(lanes, caches):
-            if cache.get_seq_length() + max_new_tokens - 1 > self.capacities[lane]:
-                raise RuntimeError(f"KV buffer full: {cache.get_seq_length()} + {max_new_tokens - 1} reply tokens > capacity "
+        for lane, cache, limit in zip(lanes, caches, limits):
+            if cache.get_seq_length() + limit - 1 > self.capacities[lane]:
+                raise RuntimeError(f"KV buffer full: {cache.get_seq_length()} + {limit - 1} reply tokens > capacity "
                                    f"{self.capacities[lane]}")
         state = self._decode_state()
         step = state.step
         start, first, speaking = [0] * self.lanes, [0] * self.lanes, [False] * self.lanes
-        for lane, cache in zip(lanes, caches):
-            start[lane], first[lane], speaking[lane] = cache.get_seq_length(), cache.next_position, True
+        for lane, cache, limit in zip(lanes, caches, limits):
+            start[lane], first[lane], speaking[lane] = cache.get_seq_length(), cache.next_position, limit >= 1
         step.start.copy_(torch.tensor(start), non_blocking=True)
         step.first.copy_(torch.tensor(first), non_blocking=True)
         step.active.copy_(torch.tensor(speaking), non_blocking=True)
         state.count.zero_()
         state.stopped.zero_()
         state.min_new.fill_(min_new_tokens)
-        state.max_new.fill_(max_new_tokens)
         index = torch.tensor(lanes, device=self.device)
+        state.max_new[index] = torch.tensor(limits, device=self.device)
         state.bias_early[index] = torch.stack([early for early, _ in biases]).float()
         state.bias_late[index] = torch.stack([late for _, late in biases]).float()
         state.logits[index] = torch.stack(list(logits)).float()
@@ -363,14 +406,14 @@ class StaticForward:
         single = self._single(lanes)
         done, read = 1, []
         while True:
-            if done < max_new_tokens:
-                length = min(self.chain, max_new_tokens - done)
+            if done < longest:
+                length = min(self.chain, longest - done)
                 chosen.append(self._run_chain(state, length, single))
                 done += length
             record = torch.cat([*chosen, step.active[:, None].long(), state.stopped[:, None].long()], 1).cpu()  # one sync
             read.append(record[:, :-2])
             chosen = []
-            if done >= max_new_tokens or not bool(record[:, -2].any()):
+            if done >= longest or not bool(record[:, -2].any()):
                 break
         tokens = torch.cat(read, 1)
         replies = []

@@ -1,10 +1,15 @@
-"""Choosing the next token: greedy, or temperature / top-p sampling with a seeded generator."""
+"""Decoding: choosing the next token (greedy, or temperature / top-p sampling with a seeded generator) and
+decoding the replies (or summaries) of several lanes together."""
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import torch
+
+from prospect.cache import KIND, cache_length
+from prospect.stream.feed import Lane, forward_lanes
 
 
 def suppression_bias(vocab: int, suppressed: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -35,3 +40,73 @@ def pick_token(
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     choice = torch.multinomial(probs.cpu(), 1, generator=generator)
     return int(choice)
+
+
+def decode_lanes(
+    lanes: list[Lane], logits: torch.Tensor, max_new_tokens: int | Sequence[int], timing_key: str = "decode_ms",
+    kind: int = KIND["assistant"],
+) -> list[list[int]]:
+    """Decode each lane's reply from its prompt logits (`logits[i]`) until its end of turn or max_new_tokens
+    (one for all, or one per lane: summaries are bounded by each lane's room), the lanes still speaking as one step; each reply and its closing tokens stay in its lane's cache. The
+    end-of-turn token is excluded for the first min_new_tokens steps. Greedy lanes on one StaticForward choose
+    their tokens on the device (StaticForward.decode_greedy: one host read per chain of steps); sampling, and
+    the eager path, choose them on the host, one read per token.
+
+    Timing: `timing_key` (decode_ms for replies, summary_ms for summaries) covers choosing every token and
+    feeding all but the last; the last token is fed with the closing tokens (counted in prefill_ms)."""
+    t0 = time.perf_counter()
+    limits = [max_new_tokens] * len(lanes) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    static = lanes[0].static
+    if static is not None and all(lane.static is static and lane.on_forward is None for lane in lanes) and all(
+        lane.settings.temperature <= 0 and lane.settings.min_new_tokens == lanes[0].settings.min_new_tokens for lane in lanes
+    ):  # greedy: the token choice and the stop check stay on the device (StaticForward.decode_greedy)
+        replies = static.decode_greedy([lane.cache for lane in lanes], list(logits), [(lane._bias_early, lane._bias_late) for lane in lanes],
+                                       lanes[0].settings.min_new_tokens, limits, kind)
+        tokens = {id(lane): reply for lane, (reply, _) in zip(lanes, replies)}
+        stopped = {id(lane): stop for lane, (_, stop) in zip(lanes, replies)}
+        for lane in lanes:
+            lane._cache_max = max(lane._cache_max, cache_length(lane.cache))
+    else:
+        tokens, stopped = _choose_on_host(lanes, logits, limits, kind)
+    elapsed = (time.perf_counter() - t0) * 1000
+    t0 = time.perf_counter()
+    closings: dict[int, list[Lane]] = {}
+    for lane in lanes:
+        lane._timing[timing_key] = lane._timing.get(timing_key, 0.0) + elapsed
+        reply = tokens[id(lane)]
+        tail = [] if stopped[id(lane)] or not reply else [reply[-1]]
+        closings.setdefault(len(tail), []).append(lane)
+    for tail_len, group in closings.items():
+        forward_lanes(group, [tokens[id(lane)][-1:][:tail_len] + lane.closing_ids for lane in group], kind=kind)
+    elapsed = (time.perf_counter() - t0) * 1000
+    for lane in lanes:
+        lane._timing["prefill_ms"] += elapsed
+    return [tokens[id(lane)] for lane in lanes]
+
+
+def _choose_on_host(lanes: list[Lane], logits: torch.Tensor, limits: list[int], kind: int) -> tuple[dict, dict]:
+    """decode_lanes' token choice, one host read per token and lane (sampling, or lanes without a shared
+    StaticForward), lane i choosing at most `limits[i]` tokens (the last one not fed): ({id(lane): reply},
+    {id(lane): whether a stop id ended it})."""
+    tokens: dict[int, list[int]] = {id(lane): [] for lane in lanes}
+    stopped: dict[int, bool] = {id(lane): False for lane in lanes}
+    limit = {id(lane): n for lane, n in zip(lanes, limits)}
+    active = [lane for lane in lanes if limit[id(lane)] >= 1]
+    rows = [row for lane, row in zip(lanes, logits) if limit[id(lane)] >= 1]
+    for step in range(max(limits, default=0)):
+        going = []
+        for lane, row in zip(active, rows):
+            settings = lane.settings
+            bias = lane._bias_early if step < settings.min_new_tokens else lane._bias_late
+            token = pick_token(row, bias, settings.temperature, settings.top_p, lane._generator)
+            if token in lane.model.stop_ids:
+                stopped[id(lane)] = True
+                continue
+            tokens[id(lane)].append(token)
+            if step < limit[id(lane)] - 1:
+                going.append(lane)
+        if not going:
+            break
+        rows = forward_lanes(going, [[tokens[id(lane)][-1]] for lane in going], kind=kind)
+        active = going
+    return tokens, stopped

@@ -25,6 +25,7 @@ from prospect.stream.feed import (KNOWLEDGE_PREFIX, Lane, LaneFailures, forward_
                                   peak_memory_mb, synchronize, turn_kind)
 from prospect.stream.frame_record import ConversationResult, FrameRecord
 from prospect.stream.replies import reply_lanes
+from prospect.stream.summaries import summarize_lanes
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def stream_lanes(
         def make_room(lane: Lane) -> None:
             lane._pending = lane._make_room(len(lane._pending) + len(text_ids), lane._pending, records[id(lane)], frame)
 
+        summarize_lanes(failures, lanes, lambda lane: lane._needs_room(len(lane._pending) + len(text_ids)))
         failures.each(lanes, make_room)
         image, vision_ms = next(features)
         for lane in failures.alive:
@@ -128,7 +130,8 @@ def stream_lanes(
         speak = bool(references) if settings.talk_policy == "gt_turns" else None
         replies = reply_lanes(failures, speak, records, frame, references)
 
-        def finish_frame(lane: Lane) -> None:
+        def after_replies(lane: Lane) -> bool:
+            """Record the reply, capture the initial cache; returns whether the strategy reduces now."""
             record, result = records[id(lane)], failures.results[id(lane)]
             reply_ids = replies.get(id(lane))
             if reply_ids is not None:
@@ -140,7 +143,14 @@ def stream_lanes(
             if not lane._initial_captured and any(t.role == "user" for t in turns):
                 lane.strategy.set_initial_cache(lane.cache)
                 lane._initial_captured = True
-            if lane.strategy.should_reduce(lane.cache):
+            return lane.strategy.should_reduce(lane.cache)
+
+        reducing = failures.each(lanes, after_replies)
+        summarize_lanes(failures, lanes, lambda lane: reducing[id(lane)])
+
+        def finish_frame(lane: Lane) -> None:
+            record = records[id(lane)]
+            if reducing[id(lane)]:
                 lane._pending = lane._reduce(lane._pending, record, frame)
             synchronize(device)
             record.update(lane._timing)

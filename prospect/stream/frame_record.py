@@ -69,7 +69,6 @@ class ConversationResult:
     conversation: Conversation
     replies: dict[int, str] = field(default_factory=dict)  # stream index -> generated text
     trace: list[FrameRecord] = field(default_factory=list)  # one record per processed frame
-    summaries: list[str] = field(default_factory=list)
     peak_memory_mb: float = 0.0
     wall_s: float = 0.0
     error: str | None = None

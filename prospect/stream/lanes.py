@@ -48,7 +48,8 @@ class LaneRunner:
         capacities = [strategy.capacity(model.max_positions) for strategy in strategies]
         record = any(strategy.records_queries for strategy in strategies)
         self.model = model
-        self.static = StaticForward(model, capacities, record_queries=record, batch_lanes=batch_lanes)
+        compile = model.device.type == "cuda" if settings.compile == "auto" else bool(settings.compile)
+        self.static = StaticForward(model, capacities, record_queries=record, batch_lanes=batch_lanes, compile=compile)
         self.lanes = [StreamRunner(model, strategy, settings, static=self.static, lane=i) for i, strategy in enumerate(strategies)]
 
     def run(

@@ -1,5 +1,6 @@
 """The reply steps over the lanes of one frame: the talk decision (threshold probe or gt_turns), the
-speak probe, the teacher-forced reference scores and the decode chains, batched over the lanes that speak."""
+speak probe, the teacher-forced reference scores and the replies (prospect.stream.decode), batched over the
+lanes that speak."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import torch
 
 from prospect.cache import KIND, cache_length, crop_end
 from prospect.data.types import StreamFrame
-from prospect.stream.decode import pick_token
+from prospect.stream.decode import decode_lanes
 from prospect.stream.reference_scores import token_scores
 from prospect.stream.feed import SCORE_ALIGN, Lane, LaneFailures, forward_lanes
 from prospect.stream.frame_record import FrameRecord
+from prospect.stream.summaries import summarize_lanes
 from prospect.stream.talk import not_talk_probability
 
 log = logging.getLogger(__name__)
@@ -36,11 +38,11 @@ def reply_lanes(
     lanes = list(failures.alive)
 
     def make_room(lane: Lane) -> None:
-        budget = len(lane.prompt_ids) + lane.settings.max_new_tokens + len(lane.closing_ids)
-        pending = lane._make_room(budget, [], records[id(lane)], frame)
+        pending = lane._make_room(lane._reply_budget(), [], records[id(lane)], frame)
         if pending:  # a reduction (summary) just queued a new context: feed it before the prompt
             lane._forward(pending, kind=lane._pending_kind)
 
+    summarize_lanes(failures, lanes, lambda lane: lane._needs_room(lane._reply_budget()))
     failures.each(lanes, make_room)
     t0 = time.perf_counter()
     prompts = failures.together(lanes, lambda live: dict(zip(map(id, live), forward_lanes(live, [lane.prompt_ids for lane in live], kind=KIND["assistant"]))))
@@ -130,67 +132,3 @@ def score_references(lanes: list[Lane], prompt_logits: dict[int, torch.Tensor], 
     elapsed = (time.perf_counter() - t0) * 1000
     for lane in lanes:
         lane._timing["score_ms"] = elapsed
-
-
-def decode_lanes(
-    lanes: list[Lane], logits: torch.Tensor, max_new_tokens: int, timing_key: str = "decode_ms", kind: int = KIND["assistant"]
-) -> list[list[int]]:
-    """Decode each lane's reply from its prompt logits (`logits[i]`) until its end of turn or max_new_tokens,
-    the lanes still speaking as one step; each reply and its closing tokens stay in its lane's cache. The
-    end-of-turn token is excluded for the first min_new_tokens steps. Greedy lanes on one StaticForward choose
-    their tokens on the device (StaticForward.decode_greedy: one host read per chain of steps); sampling, and
-    the eager path, choose them on the host, one read per token.
-
-    Timing: `timing_key` (decode_ms for replies, summary_ms for summaries) covers choosing every token and
-    feeding all but the last; the last token is fed with the closing tokens (counted in prefill_ms)."""
-    t0 = time.perf_counter()
-    static = lanes[0].static
-    if static is not None and all(lane.static is static and lane.on_forward is None for lane in lanes) and all(
-        lane.settings.temperature <= 0 and lane.settings.min_new_tokens == lanes[0].settings.min_new_tokens for lane in lanes
-    ):  # greedy: the token choice and the stop check stay on the device (StaticForward.decode_greedy)
-        replies = static.decode_greedy([lane.cache for lane in lanes], list(logits), [(lane._bias_early, lane._bias_late) for lane in lanes],
-                                       lanes[0].settings.min_new_tokens, max_new_tokens, kind)
-        tokens = {id(lane): reply for lane, (reply, _) in zip(lanes, replies)}
-        stopped = {id(lane): stop for lane, (_, stop) in zip(lanes, replies)}
-        for lane in lanes:
-            lane._cache_max = max(lane._cache_max, cache_length(lane.cache))
-    else:
-        tokens, stopped = _choose_on_host(lanes, logits, max_new_tokens, kind)
-    elapsed = (time.perf_counter() - t0) * 1000
-    t0 = time.perf_counter()
-    closings: dict[int, list[Lane]] = {}
-    for lane in lanes:
-        lane._timing[timing_key] = lane._timing.get(timing_key, 0.0) + elapsed
-        reply = tokens[id(lane)]
-        tail = [] if stopped[id(lane)] or not reply else [reply[-1]]
-        closings.setdefault(len(tail), []).append(lane)
-    for tail_len, group in closings.items():
-        forward_lanes(group, [tokens[id(lane)][-1:][:tail_len] + lane.closing_ids for lane in group], kind=kind)
-    elapsed = (time.perf_counter() - t0) * 1000
-    for lane in lanes:
-        lane._timing["prefill_ms"] += elapsed
-    return [tokens[id(lane)] for lane in lanes]
-
-
-def _choose_on_host(lanes: list[Lane], logits: torch.Tensor, max_new_tokens: int, kind: int) -> tuple[dict, dict]:
-    """decode_lanes' token choice, one host read per token and lane (sampling, or lanes without a shared
-    StaticForward): ({id(lane): reply}, {id(lane): whether a stop id ended it})."""
-    tokens: dict[int, list[int]] = {id(lane): [] for lane in lanes}
-    stopped: dict[int, bool] = {id(lane): False for lane in lanes}
-    active, rows = list(lanes), list(logits)
-    for step in range(max_new_tokens):
-        going = []
-        for lane, row in zip(active, rows):
-            settings = lane.settings
-            bias = lane._bias_early if step < settings.min_new_tokens else lane._bias_late
-            token = pick_token(row, bias, settings.temperature, settings.top_p, lane._generator)
-            if token in lane.model.stop_ids:
-                stopped[id(lane)] = True
-                continue
-            tokens[id(lane)].append(token)
-            going.append(lane)
-        if step == max_new_tokens - 1 or not going:
-            break
-        rows = forward_lanes(going, [[tokens[id(lane)][-1]] for lane in going], kind=kind)
-        active = going
-    return tokens, stopped

@@ -25,11 +25,10 @@ from prospect.context_strategies.events import SUMMARY
 from prospect.data.types import Conversation, StreamFrame
 from prospect.models.static_forward import StaticForward
 from prospect.models.vlm import VisionLanguageModel
-from prospect.stream.decode import suppression_bias
+from prospect.stream.decode import decode_lanes, suppression_bias
 from prospect.stream.feed import synchronize
 from prospect.stream.frame_record import ConversationResult, FrameRecord
 from prospect.stream.frame_loop import stream_lanes
-from prospect.stream.replies import decode_lanes
 from prospect.stream.settings import StreamSettings, check_reply_fits
 
 log = logging.getLogger(__name__)
@@ -62,6 +61,7 @@ class StreamRunner:
         check_reply_fits(strategy, self.settings)
         on_cuda = model.device.type == "cuda"
         self.optimized = on_cuda if self.settings.optimized == "auto" else bool(self.settings.optimized)
+        self.compile = on_cuda if self.settings.compile == "auto" else bool(self.settings.compile)
         batch = self.settings.vision_batch_size
         self.vision_batch_size = 8 if batch == "auto" else int(batch)  # 8: vision ~2.8 ms/frame on an H200 at +~165 MiB
         vocab = model.model.lm_head.out_features
@@ -77,7 +77,7 @@ class StreamRunner:
             if self.record_queries and not static.record_queries:
                 raise ValueError(f"strategy {strategy.name} reads queries: the shared StaticForward must record them")
         elif self.optimized:
-            self.static = StaticForward(model, self.capacity, record_queries=self.record_queries)
+            self.static = StaticForward(model, self.capacity, record_queries=self.record_queries, compile=self.compile)
 
     # ---- one conversation ----------------------------------------------------------------------
 
@@ -107,6 +107,8 @@ class StreamRunner:
         self._pending: list[int] = []
         self._pending_kind = KIND["system"]
         self._initial_captured = False
+        # (prompt, max_new_tokens, summary, cache length before it was asked): decoded ahead by summarize_lanes
+        self._ready_summary: tuple[str, int, str, int] | None = None
 
     # ---- pieces ----------------------------------------------------------------------------------
 
@@ -149,8 +151,10 @@ class StreamRunner:
         """Let the strategy reduce the cache; returns the tokens to feed before the next chunk."""
         synchronize(self.model.device)
         t0 = time.perf_counter()
-        before = cache_length(self.cache)
+        before = self._ready_summary[3] if self._ready_summary is not None else cache_length(self.cache)
         cache, last_msg = self.strategy.handle_overflow(self.cache, pending, **self._context(frame))
+        if self._ready_summary is not None:  # decoded for this reduction (summarize_lanes), which did not ask for it
+            raise RuntimeError(f"strategy {self.strategy.name}: planned_summary() named a summary its reduction did not ask for")
         if cache is not self.cache:
             self._adopt(cache)
         self.cache.check()
@@ -193,9 +197,17 @@ class StreamRunner:
         own.records, own.next_position = records, next_position
         return own
 
+    def _needs_room(self, needed: int) -> bool:
+        """Whether `needed` more tokens would not fit: _make_room then reduces."""
+        return cache_length(self.cache) + needed > self.capacity
+
+    def _reply_budget(self) -> int:
+        """The tokens a reply may add: its prompt, max_new_tokens and its closing."""
+        return len(self.prompt_ids) + self.settings.max_new_tokens + len(self.closing_ids)
+
     def _make_room(self, needed: int, pending: list[int], record: FrameRecord, frame: StreamFrame) -> list[int]:
         """Reduce first when `needed` more tokens would not fit; raise if they still do not fit."""
-        if cache_length(self.cache) + needed <= self.capacity:
+        if not self._needs_room(needed):
             return pending
         extra = needed - len(pending)
         pending = self._reduce(pending, record, frame)
@@ -222,11 +234,27 @@ class StreamRunner:
         finally:
             crop_end(self.cache, len(ids))
 
-    def _summarize(self, prompt: str, max_new_tokens: int) -> str:
-        """Ask `prompt` as a system turn on top of the current cache and decode the answer (bounded by room)."""
+    def _summary_ids(self, prompt: str) -> list[int]:
+        """The tokens that ask for a summary: `prompt` as a system turn, then the assistant prompt."""
         chat = self.model.chat
-        ids = self.model.encode(chat.text_turn("system", prompt) + chat.assistant_prompt)
-        room = self.capacity - cache_length(self.cache) - len(ids) - len(self.closing_ids)
+        return self.model.encode(chat.text_turn("system", prompt) + chat.assistant_prompt)
+
+    def _summary_room(self, ids: list[int]) -> int:
+        """The summary tokens that fit after `ids` and the turn's closing."""
+        return self.capacity - cache_length(self.cache) - len(ids) - len(self.closing_ids)
+
+    def _summarize(self, prompt: str, max_new_tokens: int) -> str:
+        """Ask `prompt` as a system turn on top of the current cache and decode the answer (bounded by room).
+        A summary already decoded for this reduction with other lanes' (summarize_lanes) is taken as it is:
+        its tokens are in the cache as they would be had it been decoded here."""
+        ready, self._ready_summary = self._ready_summary, None
+        if ready is not None and ready[:2] == (prompt, max_new_tokens):
+            return ready[2]
+        if ready is not None:
+            raise RuntimeError(f"strategy {self.strategy.name}: planned_summary() {ready[:2]} differs from the summary asked "
+                               f"{(prompt, max_new_tokens)}")
+        ids = self._summary_ids(prompt)
+        room = self._summary_room(ids)
         if room < 1:
             log.warning("no room left for a summary (cache %d tokens, capacity %d)", cache_length(self.cache), self.capacity)
             return ""

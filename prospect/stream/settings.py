@@ -33,6 +33,7 @@ class StreamSettings:
     # KV buffer with a mask and replays CUDA graphs (prospect/models/static_forward.py).
     vision_batch_size: int | str = "auto"
     optimized: bool | str = "auto"
+    compile: bool | str = "auto"  # the optimized step's norms and MLPs through torch.compile (auto: on CUDA)
     # Measurements that leave the stream as it is (set from eval.reference_scores / eval.speak_probe):
     # teacher-forced scores of each reference reply, and P(speak) at frames where gt_turns stays silent.
     reference_scores: bool = True
@@ -52,8 +53,9 @@ class StreamSettings:
                 raise ValueError(f"{name}={getattr(self, name)}: must be in [{low}, {high}]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p}: must be in (0.0, 1.0]")
-        if self.optimized not in ("auto", True, False):
-            raise ValueError(f"optimized={self.optimized}: choose one of: auto, true, false")
+        for name in ("optimized", "compile"):
+            if getattr(self, name) not in ("auto", True, False):
+                raise ValueError(f"{name}={getattr(self, name)}: choose one of: auto, true, false")
         if self.vision_batch_size != "auto" and (
             isinstance(self.vision_batch_size, bool) or not isinstance(self.vision_batch_size, int) or self.vision_batch_size < 1
         ):

@@ -79,27 +79,32 @@ def _strategy_part(strategy: dict) -> dict:
 
 
 def resolved_execution(model: dict, stream: dict) -> dict:
-    """What "auto" settles to on this machine: device type, dtype, optimized path."""
+    """What "auto" settles to on this machine: device type, dtype, optimized path, and `compile: true` where the
+    optimized step is compiled (left out otherwise, so the keys of uncompiled runs stay as they were)."""
     import torch  # lazy: the launchers and summaries import this module and load no torch
 
     device = str(model.get("device", "auto"))
     kind = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device.split(":")[0]
     dtype = str(model.get("dtype", "auto"))
     optimized = stream.get("optimized", "auto")
-    return {
+    compile = stream.get("compile", "auto")
+    execution = {
         "device": kind,
         "dtype": ("bfloat16" if kind == "cuda" else "float32") if dtype == "auto" else dtype,
         "optimized": (kind == "cuda") if optimized == "auto" else bool(optimized),
     }
+    if execution["optimized"] and ((kind == "cuda") if compile == "auto" else bool(compile)):
+        execution["compile"] = True
+    return execution
 
 
 def job_key(config: dict) -> str:
     """A stable hash of what determines a run's results: model, strategy (used parameters), dataset
     (without its root folder), eval, stream settings, seed, what "auto" resolves to here (device type,
-    dtype, optimized path) and PROTOCOL_VERSION; not the logger or paths."""
+    dtype, optimized path, compile) and PROTOCOL_VERSION; not the logger or paths."""
     dataset = {k: v for k, v in config["dataset"].items() if k != "root"}
     model = {k: v for k, v in config["model"].items() if k not in ("device", "dtype")}  # hashed as resolved
-    stream = {k: v for k, v in config["stream"].items() if k not in ("optimized", "vision_batch_size")}
+    stream = {k: v for k, v in config["stream"].items() if k not in ("optimized", "compile", "vision_batch_size")}
     relevant = {
         "protocol": PROTOCOL_VERSION,
         "execution": resolved_execution(config["model"], config["stream"]),
