@@ -310,7 +310,9 @@ def build_runner(cfgs: Sequence[DictConfig], strategies: list, reports: Sequence
     """(runner, device): the oracle, or one model under a LaneRunner (lanes) or the job alone (OneLane)."""
     if cfgs[0].model.get("oracle"):
         return OneLane(OracleRunner()), "cpu"
+    started = time.perf_counter()
     model = load_model(cfgs[0].model, cfgs[0].paths.cache_dir, seed=int(cfgs[0].seed))
+    log.info("model loaded in %.1f s", time.perf_counter() - started)
     for report in reports:
         report.kv_bytes_per_token = model.kv_bytes_per_token
     log.info("model %s (%s, %s), strateg%s %s", model.name, model.device, str(model.dtype).removeprefix("torch."),

@@ -104,13 +104,24 @@ def test_batched_lanes_match_lanes_one_at_a_time(tiny_model, synthetic_conversat
     rounding of the lane-by-lane step."""
     settings = StreamSettings(max_new_tokens=8, optimized=True)
     conversation = synthetic_conversations[0]
-    names = ["drop_middle", "snapkv", "summarize_and_drop"]
-    one_by_one = LaneRunner(tiny_model, [create_strategy(n, **SMALL) for n in names], settings, batch_lanes=False)
-    batched = LaneRunner(tiny_model, [create_strategy(n, **SMALL) for n in names], settings, batch_lanes=True)
+    names = ["drop_middle", "snapkv", "summarize_and_drop", "summarize_and_drop"]  # two adjacent lanes summarize together
+
+    def strategies():
+        made = [create_strategy(n, **SMALL) for n in names]
+        made[-1].summary_prompt = "Summarize what the user has done so far."
+        return made
+
+    one_by_one = LaneRunner(tiny_model, strategies(), settings, batch_lanes=False)
+    batched = LaneRunner(tiny_model, strategies(), settings, batch_lanes=True)
+    spans = []
+    original = batched.static._run_chain
+    batched.static._run_chain = lambda state, length, span: spans.append(span) or original(state, length, span)
     a, b = one_by_one.run(conversation), batched.run(conversation)
     for x, y, name in zip(a, b, names):
         assert x.replies == y.replies, name
         assert [r["events"] for r in x.trace] == [r["events"] for r in y.trace], name
+        assert [r.get("summary") for r in x.trace] == [r.get("summary") for r in y.trace], name
+    assert (2, 4) in spans  # the two summaries decoded on those two lanes' rows only
     for lane_a, lane_b in zip(one_by_one.lanes, batched.lanes):
         assert all(torch.equal(a, b) for a, b in zip(lane_a.cache.records, lane_b.cache.records))
         for (k1, _), (k2, _) in zip(lane_a.cache.layer_tensors(), lane_b.cache.layer_tensors()):
@@ -140,6 +151,29 @@ def test_inactive_lanes_are_untouched_by_a_step(tiny_model):
         static.forward_lanes([caches[2]], [[5] * 44])
     with pytest.raises(ValueError, match="chunks of one length"):
         static.forward_lanes(caches[:2], [[1], [1, 2]])
+
+
+def test_a_step_of_adjacent_lanes_runs_on_their_rows_only(tiny_model):
+    """Lanes 1 and 2 of 3, fed in either order, step on their own rows (`_span`): lane 0 is untouched, and the
+    logits and caches are those of the same steps computed lane by lane (within fp32 rounding)."""
+    outcomes = []
+    for batch_lanes in (True, False):
+        static = StaticForward(tiny_model, [64, 80, 48], batch_lanes=batch_lanes)
+        caches = static.caches()
+        static.forward_lanes(caches, [[300, 301, 302]] * 3)
+        before = [(k.clone(), v.clone()) for k, v in caches[0].layer_tensors()]
+        if batch_lanes:
+            assert static._span([2, 1]) == (1, 3) and static._span([0, 2]) is None and static._span([0, 1, 2]) is None
+            assert static._rows((1, 3)) == (slice(1, 3), 96)  # slots for the larger capacity (80) and a scratch slot
+        logits = static.forward_lanes([caches[2], caches[1]], [[410, 411], [400, 401]])
+        assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(caches[0].layer_tensors(), before))
+        assert [cache_length(cache) for cache in caches] == [3, 5, 5]
+        outcomes.append((logits, [[k.clone() for k, _ in cache.layer_tensors()] for cache in caches[1:]]))
+    (batched, batched_keys), (alone, alone_keys) = outcomes
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(batched_keys, alone_keys):
+        for k, k0 in zip(mine, theirs):
+            torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch_lanes", [False, True])

@@ -14,7 +14,8 @@ head_dim] (slots: the largest capacity and a scratch slot, aligned to 16); lane 
 place as they reduce a cache of their own. A step runs all lanes as one batch, each at its own length,
 positions and mask; the lanes not in the call are inactive: they write into the scratch slot after the
 capacity, which no active lane ever sees, so nothing of theirs changes. A step of one lane alone (its
-summary, its restart text) runs on that lane's rows only, so it costs one lane. A single stream is the
+summary, its restart text) runs on that lane's rows only, so it costs one lane; a step of several adjacent
+lanes (the summaries of lanes that reduce together) runs on their rows only. A single stream is the
 one-lane case.
 
 With `compile` (stream.compile, default on CUDA) the text model's norms and MLPs run as torch.compile'd
@@ -140,7 +141,7 @@ class _DecodeState:
         self.bias_late = torch.zeros(lanes, vocab, device=device)
         self.logits = torch.zeros(lanes, vocab, device=device)  # the prompt logits; on CPU each step's
         self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-        self.chains: dict[tuple[int, int | None], tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}  # (length, single lane)
+        self.chains: dict[tuple[int, tuple[int, int] | None], tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}  # (length, rows)
 
 
 class StaticForward:
@@ -163,10 +164,10 @@ class StaticForward:
         self.batch_lanes = self.use_graphs if batch_lanes is None else batch_lanes
         if self.use_graphs and not self.batch_lanes:
             raise ValueError("CUDA graphs replay all lanes as one batch: batch_lanes must be true with use_graphs")
-        self.max_graphs = max_graphs + 16 * (self.lanes - 1)  # and a lane's own steps (_single)
+        self.max_graphs = max_graphs + 16 * (self.lanes - 1)  # and steps of some lanes' own rows (_span)
         if chain < 1:
             raise ValueError(f"chain must be at least 1 decode step, got {chain}")
-        self.steps: dict[tuple[int, bool, bool, int | None], _Step] = {}  # (n, all logits, image, single lane)
+        self.steps: dict[tuple[int, bool, bool, tuple[int, int] | None], _Step] = {}  # (n, all logits, image, rows)
         self.slots = buffer_slots(self.capacity)
         self.slot_index = torch.arange(self.slots, device=self.device)
         self.lane_index = torch.arange(self.lanes, device=self.device)[:, None]
@@ -301,8 +302,8 @@ class StaticForward:
         with_image = image_features is not None or any(self.model.image_token_id in chunk for chunk in ids)
         if with_image and any(chunk != ids[0] for chunk in ids):
             raise ValueError("a step with image tokens feeds the same ids to every lane")
-        single = self._single(lanes)
-        key = (n, all_logits, with_image, single)
+        span = self._span(lanes)
+        key = (n, all_logits, with_image, span)
         step = self.steps.get(key)
         if step is None:
             hidden = self.model.model.config.text_config.hidden_size
@@ -324,7 +325,7 @@ class StaticForward:
         if not self.batch_lanes:
             logits = self._one_lane_at_a_time(step, all_logits, lanes)
         else:
-            rows, width = self._rows(single)
+            rows, width = self._rows(span)
             if not self.use_graphs:
                 logits = self._body(step, all_logits, rows, width)
             elif step.graph is not None:
@@ -332,8 +333,9 @@ class StaticForward:
                 logits = step.logits
             else:
                 logits = self._capture(step, all_logits, rows, width)
-            if single is None and lanes != list(range(self.lanes)):
-                logits = logits[lanes]
+            first_row = span[0] if span is not None else 0
+            if [lane - first_row for lane in lanes] != list(range(len(logits))):
+                logits = logits[[lane - first_row for lane in lanes]]
         if not append:
             return logits
         for cache in caches:
@@ -403,12 +405,12 @@ class StaticForward:
         state.bias_late[index] = torch.stack([late for _, late in biases]).float()
         state.logits[index] = torch.stack(list(logits)).float()
         chosen = [self._pick(state, state.logits)[:, None]]
-        single = self._single(lanes)
+        span = self._span(lanes)
         done, read = 1, []
         while True:
             if done < longest:
                 length = min(self.chain, longest - done)
-                chosen.append(self._run_chain(state, length, single))
+                chosen.append(self._run_chain(state, length, span))
                 done += length
             record = torch.cat([*chosen, step.active[:, None].long(), state.stopped[:, None].long()], 1).cpu()  # one sync
             read.append(record[:, :-2])
@@ -449,15 +451,16 @@ class StaticForward:
         state.step.ids[:, 0].copy_(token)
         return torch.where(keep, token, -1)
 
-    def _chain_body(self, state: _DecodeState, length: int, single: int | None) -> torch.Tensor:
+    def _chain_body(self, state: _DecodeState, length: int, span: tuple[int, int] | None) -> torch.Tensor:
         """`length` steps: feed each speaking lane its token, pick its next; returns [lanes, length] appended tokens.
-        `single`: the one lane decoding, run on its own rows (the other rows of the logits are not read)."""
+        `span`: the rows [start, stop) of the lanes decoding, run on those rows only (the other rows of the logits
+        are not read)."""
         step = state.step
         out = []
         for _ in range(length):
-            if self.batch_lanes and single is not None:
+            if self.batch_lanes and span is not None:
                 logits = state.logits
-                logits[single : single + 1] = self._body(step, False, *self._rows(single))
+                logits[span[0] : span[1]] = self._body(step, False, *self._rows(span))
             elif self.batch_lanes:
                 logits = self._body(step, False)
             else:  # lane by lane, as each lane alone (see _one_lane_at_a_time)
@@ -471,37 +474,43 @@ class StaticForward:
             out.append(self._pick(state, logits))
         return torch.stack(out, 1)
 
-    def _run_chain(self, state: _DecodeState, length: int, single: int | None) -> torch.Tensor:
+    def _run_chain(self, state: _DecodeState, length: int, span: tuple[int, int] | None) -> torch.Tensor:
         """The chain of `length` steps: replayed as a CUDA graph once captured (the warm-up is the first real run;
         capturing records without running)."""
         if not self.use_graphs:
-            return self._chain_body(state, length, single)
-        if (length, single) in state.chains:
-            out, graph = state.chains[length, single]
+            return self._chain_body(state, length, span)
+        if (length, span) in state.chains:
+            out, graph = state.chains[length, span]
             graph.replay()
             return out
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            result = self._chain_body(state, length, single)
+            result = self._chain_body(state, length, span)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._chain_body(state, length, single)
-        state.chains[length, single] = (out, graph)
+            out = self._chain_body(state, length, span)
+        state.chains[length, span] = (out, graph)
         self.graphs_captured += 1
         return result
 
-    def _single(self, lanes: list[int]) -> int | None:
-        """The lane a batched step of that lane alone runs on its own rows (a summary, a restart's text): the
-        step then costs one lane, not all of them. None for a step of several lanes (or a one-lane forward)."""
-        return lanes[0] if self.batch_lanes and self.lanes > 1 and len(lanes) == 1 else None
+    def _span(self, lanes: list[int]) -> tuple[int, int] | None:
+        """The rows [start, stop) a batched step of the lanes `lanes` runs on when they are some adjacent lanes
+        (one lane's summary or restart text; the summaries of lanes reducing together, adjacent in a sweep's
+        order): the step then costs those lanes, not all of them. None: all rows (a step of all lanes, of lanes
+        that are not adjacent, or a one-lane forward)."""
+        if not self.batch_lanes or self.lanes == 1 or len(lanes) == self.lanes:
+            return None
+        start, stop = min(lanes), max(lanes) + 1
+        return (start, stop) if stop - start == len(lanes) else None
 
-    def _rows(self, single: int | None) -> tuple[slice | None, int | None]:
-        """(buffer rows, slots) a batched step runs over: one lane's own, or all (None, None)."""
-        if single is None:
+    def _rows(self, span: tuple[int, int] | None) -> tuple[slice | None, int | None]:
+        """(buffer rows, slots) a batched step runs over: those of the lanes of `span` (slots enough for the
+        largest capacity among them, and a scratch slot past it), or all (None, None)."""
+        if span is None:
             return None, None
-        return slice(single, single + 1), buffer_slots(self.capacities[single])
+        return slice(*span), buffer_slots(max(self.capacities[span[0] : span[1]]))
 
     def _capture(self, step: _Step, all_logits: bool, rows: slice | None = None, width: int | None = None) -> torch.Tensor:
         """Run the step for real (warm-up on a side stream), then capture it; returns the real logits."""
