@@ -125,6 +125,7 @@ def run_bench(args) -> dict:
         "reply_agreement": same / len(common) if common else 0.0, "replies_compared": len(common),
         "measurements": measured,
         "compile": compiled,
+        "optimized_uncompiled": uncompiled,
     }
 
 
