@@ -178,7 +178,7 @@ def test_a_step_of_adjacent_lanes_runs_on_their_rows_only(tiny_model):
 
 @pytest.mark.parametrize("batch_lanes", [False, True])
 def test_the_device_decode_chooses_the_host_loops_tokens(tiny_model, synthetic_conversations, batch_lanes):
-    """Greedy replies chosen on the device (StaticForward.decode_greedy, in chains of 3 steps) are the host
+    """Greedy replies chosen on the device (StaticForward.decode_on_device, in chains of 3 steps) are the host
     loop's: same replies, trace and caches, with a stop id ending replies mid-chain and min_new_tokens holding
     it off at first, lanes of different capacities side by side; lane by lane and batched (what the CUDA
     graphs replay). A lane with an on_forward hook takes the host loop (it sees every step)."""
@@ -191,8 +191,8 @@ def test_the_device_decode_chooses_the_host_loops_tokens(tiny_model, synthetic_c
         lanes = LaneRunner(tiny_model, [create_strategy(s.name, **_params(s)) for s in strategies], settings, batch_lanes=batch_lanes)
         lanes.static.chain = 3
         chosen = []
-        original = lanes.static.decode_greedy
-        lanes.static.decode_greedy = lambda *args, **kwargs: chosen.append(original(*args, **kwargs)) or chosen[-1]
+        original = lanes.static.decode_on_device
+        lanes.static.decode_on_device = lambda *args, **kwargs: chosen.append(original(*args, **kwargs)) or chosen[-1]
         if not on_device:
             for lane in lanes.lanes:
                 lane.on_forward = lambda *args: None
@@ -241,13 +241,13 @@ def test_a_lane_decoding_alone_stops_within_its_own_rows(tiny_model, batch_lanes
     logits = torch.full_like(prompt[0], -1.0)
     logits[stop] = 1.0  # the first pick is the stop id
     no_bias = torch.zeros_like(logits)
-    assert static.decode_greedy([caches[0]], [logits], [(no_bias, no_bias)], 0, 8, 5) == [([], True)]
+    assert static.decode_on_device([caches[0]], [logits], [(no_bias, no_bias)], 0, 8, 5) == [([], True)]
     for cache, kv in zip(caches, before):
         assert cache_length(cache) == 3
         assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(cache.layer_tensors(), kv))
     # the lane goes on as if alone: a reply that runs to max_new_tokens feeds all but its last token
     logits = prompt[0].clone()
-    (reply, stopped), = static.decode_greedy([caches[0]], [logits], [(no_bias, no_bias)], 0, 4, 5)
+    (reply, stopped), = static.decode_on_device([caches[0]], [logits], [(no_bias, no_bias)], 0, 4, 5)
     assert (not stopped and len(reply) == 4) or (stopped and len(reply) < 4)
     assert cache_length(caches[0]) == 3 + (len(reply) if stopped else len(reply) - 1)
     assert caches[0].kinds.tolist()[3:] == [5] * (cache_length(caches[0]) - 3)
@@ -263,8 +263,8 @@ def test_summaries_falling_together_decode_as_one_batch(tiny_model, synthetic_co
                   create_strategy("drop_middle", **SMALL)]
     lanes = LaneRunner(tiny_model, strategies, settings)
     decodes = []
-    original = lanes.static.decode_greedy
-    lanes.static.decode_greedy = lambda caches, *args: decodes.append((len(caches), args[-1])) or original(caches, *args)
+    original = lanes.static.decode_on_device
+    lanes.static.decode_on_device = lambda caches, *args: decodes.append((len(caches), args[4])) or original(caches, *args)  # args[4]: kind
     together = assert_each_lane_equals_its_job_alone(tiny_model, lanes, settings, synthetic_conversations[0])
     texts = [[record["summary"] for record in result.trace if "summary" in record] for result in together]
     summaries = [len(text) for text in texts]
@@ -278,14 +278,14 @@ def test_summaries_falling_together_decode_as_one_batch(tiny_model, synthetic_co
 
 @pytest.mark.parametrize("batch_lanes", [False, True])
 def test_a_decode_bounds_each_lane_by_its_own_limit(tiny_model, batch_lanes):
-    """decode_greedy with one max_new_tokens per lane: each lane's reply and cache are those of a decode of that
+    """decode_on_device with one max_new_tokens per lane: each lane's reply and cache are those of a decode of that
     lane alone with its own bound (summaries are bounded by each lane's room)."""
     def decode(limits: list[int], lanes: list[int]):
         static = StaticForward(tiny_model, [64, 80], batch_lanes=batch_lanes)
         caches = static.caches()
         prompt = static.forward_lanes(caches, [[300, 301, 302]] * 2)
         no_bias = torch.zeros_like(prompt[0])
-        replies = static.decode_greedy([caches[lane] for lane in lanes], [prompt[lane] for lane in lanes],
+        replies = static.decode_on_device([caches[lane] for lane in lanes], [prompt[lane] for lane in lanes],
                                        [(no_bias, no_bias)] * len(lanes), 0, limits, 5)
         return replies, [(cache_length(caches[lane]), [k.clone() for k, _ in caches[lane].layer_tensors()]) for lane in lanes]
 
@@ -306,4 +306,34 @@ def test_a_decode_bounds_each_lane_by_its_own_limit(tiny_model, batch_lanes):
     cache, = static.caches()
     logits = torch.zeros(tiny_model.model.lm_head.out_features)
     with pytest.raises(ValueError, match="2 max_new_tokens for 1 lanes"):
-        static.decode_greedy([cache], [logits], [(logits, logits)], 0, [1, 2], 5)
+        static.decode_on_device([cache], [logits], [(logits, logits)], 0, [1, 2], 5)
+
+
+def test_sampled_lanes_equal_their_jobs_and_the_host_loop(tiny_model, synthetic_conversations):
+    """temperature > 0: the tokens are drawn on the device (decode_on_device, chains of 3 steps) from each lane's
+    generator, seeded per decode; each lane equals its job alone, bitwise, and the host loop (a lane with an
+    on_forward hook takes it) draws the same replies; another seed draws others."""
+    conversation = synthetic_conversations[0]
+
+    def run(seed: int, on_device: bool) -> list:
+        settings = StreamSettings(max_new_tokens=8, optimized=True, temperature=1.0, top_p=0.9, seed=seed)
+        strategies = [create_strategy(name, **SMALL) for name in ("drop_middle", "summarize_and_drop", "snapkv")]
+        lanes = LaneRunner(tiny_model, strategies, settings)
+        lanes.static.chain = 3
+        calls = []
+        original = lanes.static.decode_on_device
+        lanes.static.decode_on_device = lambda *args: calls.append(args[-1]) or original(*args)
+        if on_device:
+            results = assert_each_lane_equals_its_job_alone(tiny_model, lanes, settings, conversation)
+        else:
+            for lane in lanes.lanes:
+                lane.on_forward = lambda *args: None
+            results = lanes.run(conversation)
+        assert bool(calls) == on_device and all(sampling is not None for sampling in calls)
+        return [(result.replies, [r.get("summary") for r in result.trace]) for result in results]
+
+    on_device = run(3, on_device=True)
+    assert on_device == run(3, on_device=False)
+    assert on_device != run(4, on_device=True)
+    greedy = LaneRunner(tiny_model, [create_strategy("drop_middle", **SMALL)], StreamSettings(max_new_tokens=8, optimized=True)).run(conversation)
+    assert on_device[0][0] != greedy[0].replies

@@ -34,6 +34,8 @@ def test_job_key_covers_what_changes_results_only():
     assert key("model.device=cuda") != base and key("model.dtype=bfloat16") != base
     # compile counts where the step it compiles runs: the optimized path (off on this CPU under "auto")
     assert key("stream.compile=true") == key("stream.compile=false") == base
+    sampled = OmegaConf.to_container(compose("stream.temperature=0.7"), resolve=True)
+    assert job_key(sampled) != job_key({**sampled, "stream": {**sampled["stream"], "temperature": 0.0}}) == base
     assert key("stream.optimized=true", "stream.compile=true") != key("stream.optimized=true") == key("stream.optimized=true", "stream.compile=auto")
     assert base == key() and len(base) == 16
     assert key("strategy.last_keep_len=256") != base

@@ -100,23 +100,14 @@ def run_bench(args) -> dict:
             torch.cuda.reset_peak_memory_stats(model.device)
         results[name], replies[name] = measure(model, conversation, warmup, optimized, args, reference_scores, speak_probe, compile)
         log.info("%s: %.1f ms/frame", name, results[name]["ms_per_frame"])
+    compiled = _compile_comparison(results, replies)
     if not {"eager", "optimized"} <= set(results):
-        return {"partial": results}
+        return {"partial": results, **({"compile": compiled} if compiled else {})}
     common = sorted(set(replies["eager"]) & set(replies["optimized"]))
     same = sum(replies["eager"][i] == replies["optimized"][i] for i in common)
     measured = {name: {**results[name], "ratio_to_optimized": results[name]["ms_per_frame"] / results["optimized"]["ms_per_frame"],
                        "reply_agreement_with_optimized": _agreement(replies[name], replies["optimized"])}
                 for name, *_ in RUNS[3:] if name in results}
-    uncompiled = results["optimized_uncompiled"]
-    compiled = {
-        "compiled": results["optimized"]["compiled"],
-        "decode_ms_per_token": {"uncompiled": uncompiled["decode_ms_per_token"], "compiled": results["optimized"]["decode_ms_per_token"]},
-        "frame_prefill_ms": {"uncompiled": uncompiled["frame_prefill_ms"], "compiled": results["optimized"]["frame_prefill_ms"]},
-        "ms_per_frame": {"uncompiled": uncompiled["ms_per_frame"], "compiled": results["optimized"]["ms_per_frame"]},
-        # the compiled run's warm-up compiles (once per process) and captures; the uncompiled one only captures
-        "compile_s": results["optimized"]["warmup_s"] - uncompiled["warmup_s"],
-        "reply_agreement": _agreement(replies["optimized"], replies["optimized_uncompiled"]),
-    }
     return {
         **report_header(args, model, conversation),
         "strategy": f"drop_middle {args.max_seq_len}/{args.reserved}/{args.last_keep}",
@@ -125,7 +116,23 @@ def run_bench(args) -> dict:
         "reply_agreement": same / len(common) if common else 0.0, "replies_compared": len(common),
         "measurements": measured,
         "compile": compiled,
-        "optimized_uncompiled": uncompiled,
+        "optimized_uncompiled": results["optimized_uncompiled"],
+    }
+
+
+def _compile_comparison(results: dict, replies: dict) -> dict | None:
+    """The optimized path uncompiled against compiled (stream.compile=auto), when both ran."""
+    if not {"optimized", "optimized_uncompiled"} <= set(results):
+        return None
+    uncompiled = results["optimized_uncompiled"]
+    return {
+        "compiled": results["optimized"]["compiled"],
+        "decode_ms_per_token": {"uncompiled": uncompiled["decode_ms_per_token"], "compiled": results["optimized"]["decode_ms_per_token"]},
+        "frame_prefill_ms": {"uncompiled": uncompiled["frame_prefill_ms"], "compiled": results["optimized"]["frame_prefill_ms"]},
+        "ms_per_frame": {"uncompiled": uncompiled["ms_per_frame"], "compiled": results["optimized"]["ms_per_frame"]},
+        # the compiled run's warm-up compiles (once per process) and captures; the uncompiled one only captures
+        "compile_s": results["optimized"]["warmup_s"] - uncompiled["warmup_s"],
+        "reply_agreement": _agreement(replies["optimized"], replies["optimized_uncompiled"]),
     }
 
 

@@ -21,10 +21,12 @@ one-lane case.
 With `compile` (stream.compile, default on CUDA) the text model's norms and MLPs run as torch.compile'd
 kernels inside the step (`CompiledBlocks`), captured into the same graphs.
 
-Greedy replies decode on the device (`decode_greedy`): a chain of up to `chain` steps is one CUDA graph in
-which each step feeds the token the previous step chose to the lanes still speaking, picks the next token
-(argmax of the logits plus the suppression bias) and checks it against the stop ids; the host reads the
-chosen tokens back once per chain, not once per token.
+Replies decode on the device (`decode_on_device`): a chain of up to `chain` steps feeds each step the token
+the previous step chose to the lanes still speaking, picks the next token (greedy: the argmax of the logits
+plus the suppression bias; sampling: prospect/models/sampling.py with each lane's seeded device generator)
+and checks it against the stop ids; the host reads the chosen tokens back once per chain, not once per
+token. A greedy chain is one CUDA graph; a sampling chain replays the decode step's graph and draws outside
+it (the lanes' generators are not captured).
 
 The graphs are bound to these buffers: use `caches()` / `cache()` (emptied per conversation).
 """
@@ -39,6 +41,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from prospect.cache import BufferLayer, PositionedCache, Provenance
+from prospect.models.sampling import sample_tokens
 from prospect.models.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -126,7 +129,7 @@ class _Step:
 
 
 class _DecodeState:
-    """The device-side state of a greedy decode over all lanes (`StaticForward.decode_greedy`): `step` holds the
+    """The device-side state of a decode over all lanes (`StaticForward.decode_on_device`): `step` holds the
     token each lane feeds next, its cache length and position and whether it still speaks (`step.active`);
     `count` the tokens each lane chose so far; `chains` the CUDA graph of each chain length and its output
     [lanes, length] (the token a lane appended at each step, -1 where it appended none)."""
@@ -141,6 +144,10 @@ class _DecodeState:
         self.bias_late = torch.zeros(lanes, vocab, device=device)
         self.logits = torch.zeros(lanes, vocab, device=device)  # the prompt logits; on CPU each step's
         self.stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+        # sampling: (temperature, top_p, {lane: generator}) of the decode running, else None (greedy)
+        self.sampling: tuple[float, float, dict[int, torch.Generator]] | None = None
+        self.uniform = torch.full((lanes, vocab), 0.5, device=device)  # each step's noise (lanes not drawing: 0.5)
+        self.forwards: dict[tuple[int, int] | None, tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}  # rows -> step graph
         self.chains: dict[tuple[int, tuple[int, int] | None], tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}  # (length, rows)
 
 
@@ -352,7 +359,7 @@ class StaticForward:
         return lane
 
     @torch.no_grad()
-    def decode_greedy(
+    def decode_on_device(
         self,
         caches: Sequence[PositionedCache],
         logits: Sequence[torch.Tensor],
@@ -360,10 +367,13 @@ class StaticForward:
         min_new_tokens: int,
         max_new_tokens: int | Sequence[int],
         kind: int,
+        sampling: tuple[float, float, Sequence[torch.Generator]] | None = None,
     ) -> list[tuple[list[int], bool]]:
-        """Greedy replies of the lanes of `caches` from their prompt logits (`logits[i]`, [vocab]), chosen as
-        prospect.stream.runner's host loop chooses them: step s takes the argmax of the logits plus
-        `biases[i][0]` while s < min_new_tokens, else plus `biases[i][1]`; a stop id ends the reply (and is not
+        """Replies of the lanes of `caches` from their prompt logits (`logits[i]`, [vocab]), chosen as
+        prospect.stream.decode's host loop chooses them: step s takes the logits plus `biases[i][0]` while
+        s < min_new_tokens, else plus `biases[i][1]`, and picks their argmax (greedy) or, with `sampling` =
+        (temperature, top_p, one generator on this device per lane), sample_tokens with noise
+        torch.rand(vocab, generator) drawn at every step; a stop id ends the reply (and is not
         part of it); a reply ends at max_new_tokens tokens. Each chosen token but a reply's last one
         (which the caller feeds with the turn's closing) is fed to its lane, labelled `kind`; a reply ended by
         a stop id has all its tokens fed; `max_new_tokens` is one bound for all or one per lane. Returns per
@@ -404,6 +414,10 @@ class StaticForward:
         state.bias_early[index] = torch.stack([early for early, _ in biases]).float()
         state.bias_late[index] = torch.stack([late for _, late in biases]).float()
         state.logits[index] = torch.stack(list(logits)).float()
+        state.sampling = None
+        if sampling is not None:
+            temperature, top_p, generators = sampling
+            state.sampling = (float(temperature), float(top_p), dict(zip(lanes, generators)))
         chosen = [self._pick(state, state.logits)[:, None]]
         span = self._span(lanes)
         done, read = 1, []
@@ -442,7 +456,14 @@ class StaticForward:
         lanes append (-1 for a lane not speaking or stopping), updates who still speaks and feeds next."""
         speaking = state.step.active.clone()
         early = (state.count < state.min_new)[:, None]
-        token = torch.argmax(logits + torch.where(early, state.bias_early, state.bias_late), dim=-1)
+        biased = logits + torch.where(early, state.bias_early, state.bias_late)
+        if state.sampling is None:
+            token = torch.argmax(biased, dim=-1)
+        else:
+            temperature, top_p, generators = state.sampling
+            for lane, generator in generators.items():
+                state.uniform[lane] = torch.rand(state.uniform.shape[1], generator=generator, device=self.device)
+            token = sample_tokens(biased, temperature, top_p, state.uniform)
         stop = torch.isin(token, state.stop_ids)
         state.stopped |= speaking & stop
         state.count += speaking.long()
@@ -451,18 +472,19 @@ class StaticForward:
         state.step.ids[:, 0].copy_(token)
         return torch.where(keep, token, -1)
 
-    def _chain_body(self, state: _DecodeState, length: int, span: tuple[int, int] | None) -> torch.Tensor:
+    def _chain_body(self, state: _DecodeState, length: int, span: tuple[int, int] | None, graphed_step: bool = False) -> torch.Tensor:
         """`length` steps: feed each speaking lane its token, pick its next; returns [lanes, length] appended tokens.
         `span`: the rows [start, stop) of the lanes decoding, run on those rows only (the other rows of the logits
-        are not read)."""
+        are not read). `graphed_step`: each step's forward replays its CUDA graph (a sampling chain, not itself
+        captured)."""
         step = state.step
         out = []
         for _ in range(length):
             if self.batch_lanes and span is not None:
                 logits = state.logits
-                logits[span[0] : span[1]] = self._body(step, False, *self._rows(span))
+                logits[span[0] : span[1]] = self._step_graph(state, span) if graphed_step else self._body(step, False, *self._rows(span))
             elif self.batch_lanes:
-                logits = self._body(step, False)
+                logits = self._step_graph(state, None) if graphed_step else self._body(step, False)
             else:  # lane by lane, as each lane alone (see _one_lane_at_a_time)
                 logits = state.logits
                 active = step.active.nonzero().flatten().tolist()
@@ -479,6 +501,8 @@ class StaticForward:
         capturing records without running)."""
         if not self.use_graphs:
             return self._chain_body(state, length, span)
+        if state.sampling is not None:  # the draws stay outside graphs; each step's forward is replayed
+            return self._chain_body(state, length, span, graphed_step=True)
         if (length, span) in state.chains:
             out, graph = state.chains[length, span]
             graph.replay()
@@ -492,6 +516,26 @@ class StaticForward:
         with torch.cuda.graph(graph, pool=self._pool):
             out = self._chain_body(state, length, span)
         state.chains[length, span] = (out, graph)
+        self.graphs_captured += 1
+        return result
+
+    def _step_graph(self, state: _DecodeState, span: tuple[int, int] | None) -> torch.Tensor:
+        """The decode step's logits for the rows of `span` (all rows: None), from its CUDA graph (captured on
+        first use, after a real run on a side stream, whose logits it returns)."""
+        if span in state.forwards:
+            out, graph = state.forwards[span]
+            graph.replay()
+            return out
+        rows, width = self._rows(span)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            result = self._body(state.step, False, rows, width)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._body(state.step, False, rows, width)
+        state.forwards[span] = (out, graph)
         self.graphs_captured += 1
         return result
 

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from prospect.cache import KIND, cache_length
+from prospect.models.sampling import sample_tokens
 from prospect.stream.feed import Lane, forward_lanes
 
 
@@ -20,6 +21,13 @@ def suppression_bias(vocab: int, suppressed: Sequence[int], device: torch.device
     return bias
 
 
+def decode_seed(seed: int, decode: int) -> int:
+    """The sampling seed of a lane's `decode`-th decode (reply or summary) of a conversation under `seed`: each
+    decode draws from its own stream, so what a lane samples does not depend on how many draws its earlier
+    decodes made (a lane batched with others draws past its own stop; alone it would not)."""
+    return (int(seed) * 1_000_003 + int(decode)) % 2**63
+
+
 def pick_token(
     logits: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -27,19 +35,14 @@ def pick_token(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> int:
-    """The next token id from float logits [vocab] plus an optional suppression `bias`; temperature 0 = greedy."""
+    """The next token id from float logits [vocab] plus an optional suppression `bias`; temperature 0 = greedy,
+    else sample_tokens with uniform noise drawn from `generator` (on the logits' device)."""
     if bias is not None:
         logits = logits + bias
     if temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    choice = torch.multinomial(probs.cpu(), 1, generator=generator)
-    return int(choice)
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+    return int(sample_tokens(logits[None], temperature, top_p, uniform[None])[0])
 
 
 def decode_lanes(
@@ -48,20 +51,28 @@ def decode_lanes(
 ) -> list[list[int]]:
     """Decode each lane's reply from its prompt logits (`logits[i]`) until its end of turn or max_new_tokens
     (one for all, or one per lane: summaries are bounded by each lane's room), the lanes still speaking as one step; each reply and its closing tokens stay in its lane's cache. The
-    end-of-turn token is excluded for the first min_new_tokens steps. Greedy lanes on one StaticForward choose
-    their tokens on the device (StaticForward.decode_greedy: one host read per chain of steps); sampling, and
-    the eager path, choose them on the host, one read per token.
+    end-of-turn token is excluded for the first min_new_tokens steps. Lanes on one StaticForward with one
+    temperature and top_p choose their tokens on the device (StaticForward.decode_on_device: one host read per
+    chain of steps); the eager path chooses them on the host, one read per token. Sampling draws from each
+    lane's generator on the model's device, seeded per decode (decode_seed), so both ways choose alike.
 
     Timing: `timing_key` (decode_ms for replies, summary_ms for summaries) covers choosing every token and
     feeding all but the last; the last token is fed with the closing tokens (counted in prefill_ms)."""
     t0 = time.perf_counter()
     limits = [max_new_tokens] * len(lanes) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    for lane in lanes:
+        lane._decodes += 1
+        if lane.settings.temperature > 0:
+            lane._generator.manual_seed(decode_seed(lane.settings.seed, lane._decodes))
+    first = lanes[0].settings
+    choice = (first.temperature, first.top_p, first.min_new_tokens)
     static = lanes[0].static
     if static is not None and all(lane.static is static and lane.on_forward is None for lane in lanes) and all(
-        lane.settings.temperature <= 0 and lane.settings.min_new_tokens == lanes[0].settings.min_new_tokens for lane in lanes
-    ):  # greedy: the token choice and the stop check stay on the device (StaticForward.decode_greedy)
-        replies = static.decode_greedy([lane.cache for lane in lanes], list(logits), [(lane._bias_early, lane._bias_late) for lane in lanes],
-                                       lanes[0].settings.min_new_tokens, limits, kind)
+        (lane.settings.temperature, lane.settings.top_p, lane.settings.min_new_tokens) == choice for lane in lanes
+    ):  # the token choice and the stop check stay on the device (StaticForward.decode_on_device)
+        sampling = (first.temperature, first.top_p, [lane._generator for lane in lanes]) if first.temperature > 0 else None
+        replies = static.decode_on_device([lane.cache for lane in lanes], list(logits), [(lane._bias_early, lane._bias_late) for lane in lanes],
+                                          first.min_new_tokens, limits, kind, sampling)
         tokens = {id(lane): reply for lane, (reply, _) in zip(lanes, replies)}
         stopped = {id(lane): stop for lane, (_, stop) in zip(lanes, replies)}
         for lane in lanes:

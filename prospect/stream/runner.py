@@ -99,7 +99,8 @@ class StreamRunner:
 
     def _start(self, conversation: Conversation, cache: PositionedCache) -> None:
         """Begin a conversation on an empty `cache`."""
-        self._generator = torch.Generator().manual_seed(self.settings.seed)
+        self._generator = torch.Generator(device=self.model.device)  # sampling: reseeded per decode (decode_lanes)
+        self._decodes = 0  # decodes (replies, summaries) so far in this conversation
         self.cache = cache
         self._knowledge = ""
         self._conversation = conversation

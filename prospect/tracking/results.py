@@ -26,6 +26,11 @@ PROTOCOL_VERSION = 6  # 2: token provenance (cache_frame_share); 3: proassist_ex
 # 6: frame text inside a score strategy's protected window is kept (the orphan rule applies before the window)
 
 
+# Part of the job key of sampled runs (stream.temperature > 0) only; 2: a Gumbel-max draw from a device generator
+# seeded per decode (prospect/models/sampling.py), where 1 drew from one CPU generator per conversation.
+SAMPLING_VERSION = 2
+
+
 def stream_metrics(traces: list[list[FrameRecord]], peak_memory_mb: float, kv_bytes_per_token: int = 0) -> dict[str, float]:
     """Stream figures over all fed frames (the seed's names where it had them): counts, cache tokens, seconds
     per frame, ms per decoded token. Those that outputs list are declared in prospect.eval.per_run_metrics.
@@ -115,6 +120,8 @@ def job_key(config: dict) -> str:
         "stream": stream,
         "seed": config["seed"],
     }
+    if float(config["stream"].get("temperature", 0.0)) > 0:  # sampled runs only: greedy keys stay as they were
+        relevant["sampling"] = SAMPLING_VERSION
     text = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
