@@ -64,6 +64,9 @@ def assert_measured(result, conversation, policy):
         assert all(math.isclose(r["speak_probability"], 1 - r["not_talk_probability"]) for r in probed)
 
 
+# every strategy as lanes under the threshold policy: the slowest variants, in CI's slow pass (-m slow)
+SLOW_THRESHOLD = ["gt_turns", pytest.param("threshold", marks=pytest.mark.slow)]
+
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_measuring_changes_nothing_on_the_eager_path(tiny_model, synthetic_conversations, policy):
     conversation = synthetic_conversations[0]
@@ -80,7 +83,7 @@ def test_measuring_changes_nothing_on_the_eager_path(tiny_model, synthetic_conve
         assert not any(left & set(r) for r in off.trace), name
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("policy", SLOW_THRESHOLD)
 def test_measuring_changes_nothing_in_lanes_and_scores_in_one_batched_step(tiny_model, synthetic_conversations, policy):
     """Every strategy as a lane (the optimized step): with the measurements on, replies, trace and caches are
     bitwise those with them off; the reference of all lanes is scored as one step, and P(speak) probed as one."""
@@ -107,7 +110,7 @@ def test_measuring_changes_nothing_in_lanes_and_scores_in_one_batched_step(tiny_
         assert (lanes, False, False) in steps  # P(speak) probed in every lane at once
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("policy", SLOW_THRESHOLD)
 def test_batched_lanes_measure_without_changing_anything_and_score_all_lanes_in_one_computation(tiny_model, synthetic_conversations, policy):
     """batch_lanes=True (CUDA's way, and hydra.launcher.batch_lanes=true on the CPU): one computation for all lanes.
     Measurements on or off, the lanes' replies, trace and caches are bitwise the same; a reference is scored for

@@ -39,6 +39,7 @@ def test_strategy_grid_preset_expands_to_twelve_jobs():
     assert ("strategy.last_keep_len=1024", "strategy=summarize_and_drop") in combos
 
 
+@pytest.mark.slow  # ~80 s on 2 cores: in CI's slow pass
 def test_grid_summary_cache_and_resume(tmp_path, model_cache_dir):
     """A 2 x 2 grid with the offline default on a short synthetic video."""
     args = ["strategy=drop_all,drop_middle", "strategy.last_keep_len=256,512", "dataset.generate.seconds=16",
