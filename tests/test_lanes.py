@@ -176,6 +176,18 @@ def test_a_step_of_adjacent_lanes_runs_on_their_rows_only(tiny_model):
             torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
 
 
+def test_only_a_few_multi_lane_spans_get_rows_of_their_own(tiny_model):
+    """Each span of several lanes gets graphs of its own, so at most MAX_SPANS of them do (speakers under the
+    threshold policy vary from frame to frame); further ones run over all rows, one lane alone always on its own."""
+    from prospect.models.static_forward import MAX_SPANS
+
+    static = StaticForward(tiny_model, [48] * 12, batch_lanes=True)
+    spans = [(start, start + 2) for start in range(11)]
+    given = [static._span(list(range(a, b))) for a, b in spans]
+    assert given[:MAX_SPANS] == spans[:MAX_SPANS] and given[MAX_SPANS:] == [None] * (len(spans) - MAX_SPANS)
+    assert static._span([0, 1]) == (0, 2) and static._span([11]) == (11, 12) and static._span([3, 5]) is None
+
+
 @pytest.mark.parametrize("batch_lanes", [False, True])
 def test_the_device_decode_chooses_the_host_loops_tokens(tiny_model, synthetic_conversations, batch_lanes):
     """Greedy replies chosen on the device (StaticForward.decode_on_device, in chains of 3 steps) are the host

@@ -97,7 +97,8 @@ class BaseContextStrategy(ABC):
         """The summary the next reduction will ask for with `summarize(prompt, max_new_tokens)`, as (prompt,
         max_new_tokens), or None. The stream decodes the summaries of the lanes that reduce at one point as one
         batch before their reductions run; a strategy that asks for no summary, or one it cannot plan, returns
-        None (its summary, if any, is then decoded alone when it asks)."""
+        None (its summary, if any, is then decoded alone when it asks). A planned summary must be the reduction's
+        first step on the cache, and asked for exactly as planned (the stream refuses otherwise)."""
         return None
 
     def start_stream(self, prompt_len: int) -> None:

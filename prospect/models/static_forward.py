@@ -64,13 +64,13 @@ class CompiledBlocks:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        for block, compiled in self.blocks:
-            block.forward = compiled
         try:
+            for block, compiled in self.blocks:
+                block.forward = compiled
             yield
         finally:
             for block, _ in self.blocks:
-                del block.forward  # the class's forward again
+                vars(block).pop("forward", None)  # the class's forward again
 
 
 def compiled_blocks(model: VisionLanguageModel) -> CompiledBlocks:
@@ -79,6 +79,9 @@ def compiled_blocks(model: VisionLanguageModel) -> CompiledBlocks:
     if blocks is None:
         blocks = model._compiled_blocks = CompiledBlocks(model)
     return blocks
+
+
+MAX_SPANS = 8  # multi-lane row spans with graphs of their own; others run over all rows (threshold speakers vary)
 
 
 def buffer_slots(capacity: int) -> int:
@@ -184,6 +187,7 @@ class StaticForward:
         self._caches: list[PositionedCache] = []
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.graphs_captured = 0
+        self._spans: set[tuple[int, int]] = set()  # the multi-lane row spans given graphs of their own (_span)
         self.chain = chain
         self._decode: _DecodeState | None = None
         self.compiled = compiled_blocks(model) if compile else None  # stream.compile
@@ -543,11 +547,19 @@ class StaticForward:
         """The rows [start, stop) a batched step of the lanes `lanes` runs on when they are some adjacent lanes
         (one lane's summary or restart text; the summaries of lanes reducing together, adjacent in a sweep's
         order): the step then costs those lanes, not all of them. None: all rows (a step of all lanes, of lanes
-        that are not adjacent, or a one-lane forward)."""
+        that are not adjacent, or a one-lane forward). At most MAX_SPANS spans of several lanes get rows (and
+        graphs) of their own; past that, such steps run over all rows."""
         if not self.batch_lanes or self.lanes == 1 or len(lanes) == self.lanes:
             return None
         start, stop = min(lanes), max(lanes) + 1
-        return (start, stop) if stop - start == len(lanes) else None
+        if stop - start != len(lanes):
+            return None
+        span = (start, stop)
+        if len(lanes) > 1 and span not in self._spans:  # each span has its own graphs: few multi-lane spans
+            if len(self._spans) >= MAX_SPANS:
+                return None
+            self._spans.add(span)
+        return span
 
     def _rows(self, span: tuple[int, int] | None) -> tuple[slice | None, int | None]:
         """(buffer rows, slots) a batched step runs over: those of the lanes of `span` (slots enough for the

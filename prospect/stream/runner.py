@@ -108,8 +108,8 @@ class StreamRunner:
         self._pending: list[int] = []
         self._pending_kind = KIND["system"]
         self._initial_captured = False
-        # (prompt, max_new_tokens, summary, cache length before it was asked): decoded ahead by summarize_lanes
-        self._ready_summary: tuple[str, int, str, int] | None = None
+        # (prompt, max_new_tokens, summary, cache length before it was asked, after): decoded ahead by summarize_lanes
+        self._ready_summary: tuple[str, int, str, int, int] | None = None
 
     # ---- pieces ----------------------------------------------------------------------------------
 
@@ -250,6 +250,9 @@ class StreamRunner:
         its tokens are in the cache as they would be had it been decoded here."""
         ready, self._ready_summary = self._ready_summary, None
         if ready is not None and ready[:2] == (prompt, max_new_tokens):
+            if cache_length(self.cache) != ready[4]:
+                raise RuntimeError(f"strategy {self.strategy.name}: the cache changed between the summary decoded for this reduction "
+                                   f"and its request (asking for a planned summary must be the reduction's first step on the cache)")
             return ready[2]
         if ready is not None:
             raise RuntimeError(f"strategy {self.strategy.name}: planned_summary() {ready[:2]} differs from the summary asked "

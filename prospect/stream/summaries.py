@@ -25,7 +25,8 @@ def summarize_lanes(failures: LaneFailures, lanes: list[Lane], reduces: Callable
     """Decode as one batch the summaries that the reductions about to run will ask for: those of the live
     `lanes` for which `reduces(lane)` holds (exactly the condition under which the caller reduces next) and
     whose strategy plans one (`planned_summary`), with room for at least one token. Fewer than two such lanes:
-    nothing to batch, each summary is decoded when its reduction asks."""
+    nothing to batch, each summary is decoded when its reduction asks. As for batched replies, an error in the
+    batch fails every lane of it."""
     asking: dict[int, tuple[str, int, list[int], int]] = {}
     for lane in [lane for lane in lanes if lane in failures.alive]:
         plan = lane.strategy.planned_summary()
@@ -50,7 +51,7 @@ def summarize_lanes(failures: LaneFailures, lanes: list[Lane], reduces: Callable
         replies = decode_lanes(live, torch.stack(logits), limits, timing_key="summary_ms", kind=KIND["summary"])
         for lane, tokens in zip(live, replies):
             prompt, max_new_tokens = asking[id(lane)][:2]
-            lane._ready_summary = (prompt, max_new_tokens, lane.model.decode(tokens), before[id(lane)])
+            lane._ready_summary = (prompt, max_new_tokens, lane.model.decode(tokens), before[id(lane)], cache_length(lane.cache))
             lane._timing["summary_tokens"] = lane._timing.get("summary_tokens", 0) + len(tokens)
 
     failures.together(group, summarize)
