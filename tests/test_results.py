@@ -28,14 +28,17 @@ def key(*overrides: str) -> str:
     return job_key(OmegaConf.to_container(compose(*overrides), resolve=True))
 
 
-def test_job_key_covers_what_changes_results_only():
+def test_job_key_covers_what_changes_results_only(monkeypatch):
     base = key()
     assert key("model.device=cpu") == base  # "auto" is hashed as what it resolves to (no GPU here)
     assert key("model.device=cuda") != base and key("model.dtype=bfloat16") != base
     # compile counts where the step it compiles runs: the optimized path (off on this CPU under "auto")
     assert key("stream.compile=true") == key("stream.compile=false") == base
+    # the sampling draw's version is part of sampled runs' keys only (greedy keys stayed as they were)
     sampled = OmegaConf.to_container(compose("stream.temperature=0.7"), resolve=True)
-    assert job_key(sampled) != job_key({**sampled, "stream": {**sampled["stream"], "temperature": 0.0}}) == base
+    before = job_key(sampled)
+    monkeypatch.setattr("prospect.tracking.results.SAMPLING_VERSION", 1)
+    assert job_key(sampled) != before and key() == base
     assert key("stream.optimized=true", "stream.compile=true") != key("stream.optimized=true") == key("stream.optimized=true", "stream.compile=auto")
     assert base == key() and len(base) == 16
     assert key("strategy.last_keep_len=256") != base

@@ -253,6 +253,19 @@ def test_optimized_path_reproduces_the_eager_path(tiny_model, synthetic_conversa
         assert float((k0 - k1).abs().max()) <= 1e-4 and float((v0 - v1).abs().max()) <= 1e-4
 
 
+def test_sampled_replies_are_the_same_on_the_eager_and_optimized_paths(tiny_model, synthetic_conversations):
+    """temperature > 0: the eager path (host loop) and the optimized path (draws in decode_on_device) choose
+    from the same per-decode noise, so on CPU in fp32 they sample the same replies and reductions."""
+    conversation = synthetic_conversations[1]
+    outcomes = []
+    for optimized in (False, True):
+        strategy = create_strategy("summarize_and_drop", last_keep_len=64, summary_max_new_tokens=12, **SMALL)
+        settings = StreamSettings(max_new_tokens=6, optimized=optimized, temperature=0.8, top_p=0.95, seed=11)
+        result = StreamRunner(tiny_model, strategy, settings).run(conversation)
+        outcomes.append((result.replies, [(r["events"], r.get("summary")) for r in result.trace]))
+    assert outcomes[0] == outcomes[1] and len(outcomes[0][0]) >= 4
+
+
 @pytest.mark.slow
 def test_the_compiled_step_gives_the_uncompiled_steps_replies(tiny_model, synthetic_conversations):
     """stream.compile (torch.compile'd norms and MLPs inside the optimized step; here inductor's CPU kernels): the
