@@ -25,12 +25,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from prospect.conf_files import CONF_DIR, group_options
 from prospect.config_values import ConfigError, first_line, get_bool, get_int, get_value
 from prospect.data.config_checks import check_dataset
+from prospect.declared_keys import check_declared_keys, declared_config
 from prospect.eval.config_checks import check_eval
 from prospect.models.config_checks import check_model
 from prospect.stream.settings import STREAM_MEASUREMENTS, StreamSettings, check_reply_fits
@@ -38,7 +39,7 @@ from prospect.tracking.config_checks import check_logger
 
 __all__ = [
     "CONF_DIR", "GROUPS", "PATH_KEYS", "ConfigError", "check_command_line", "check_eval", "check_group_choice",
-    "compose_config", "group_options", "quote_path_overrides", "validate",
+    "compose_config", "compose_job", "group_options", "quote_path_overrides", "validate",
 ]
 
 GROUPS = ("model", "strategy", "dataset", "eval", "logger", "experiment")
@@ -86,7 +87,8 @@ def check_command_line(argv: list[str]) -> None:
         for value in values:
             check_group_choice(group, value, conf_dir, search_path)
     for job_overrides in _job_override_lists(overrides, args.multirun, config_name, conf_dir, search_path):
-        validate(compose_config(job_overrides, config_name, conf_dir), search_path)
+        cfg, choices = compose_job(job_overrides, config_name, conf_dir)
+        validate(cfg, search_path, declared=declared_config(choices, config_name, conf_dir, search_path))
 
 
 def _is_searchpath(override: str) -> bool:
@@ -109,11 +111,21 @@ def _search_path(overrides: list[str]) -> list[str]:
 def compose_config(overrides: list[str], config_name: str = "config", conf_dir: Path = CONF_DIR) -> DictConfig:
     """Compose the job config the app would see (without the hydra node); errors become one line.
     A `hydra.searchpath=[...]` among the overrides adds its folders, as on the command line."""
+    return compose_job(overrides, config_name, conf_dir)[0]
+
+
+def compose_job(overrides: list[str], config_name: str = "config", conf_dir: Path = CONF_DIR
+                ) -> tuple[DictConfig, dict[str, str | None]]:
+    """(the job config without the hydra node, its group choices {group: option}), as compose_config."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             try:
-                return compose(config_name=config_name, overrides=overrides)
+                cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+                choices = dict(OmegaConf.to_container(cfg.hydra.runtime.choices))
+                with open_dict(cfg):
+                    del cfg["hydra"]
+                return cfg, choices
             except (HydraException, OmegaConfBaseException) as error:
                 message = first_line(error)
                 unknown = re.match(r"Could not override '([^']+)'", message)
@@ -137,7 +149,7 @@ def _unknown_key_message(key: str, overrides: list[str], config_name: str, compo
         keys = ""
     shown = offending[0] if offending else key
     where = parent or "the config"
-    return f"{shown}: unknown key; {where} has: {keys} (prefix + to add a new key: +{shown})"
+    return f"{shown}: unknown key; {where} has: {keys}"
 
 
 def _parser(conf_dir: Path = CONF_DIR, search_path: Iterable[str] = ()):
@@ -201,16 +213,19 @@ def _sweeper_params(overrides: list[str], config_name: str, conf_dir: Path) -> d
 # ---- checks of one composed config -------------------------------------------------------------
 
 
-def validate(cfg: DictConfig, search_path: Sequence[str] | None = None) -> None:
+def validate(cfg: DictConfig, search_path: Sequence[str] | None = None, declared: dict | None = None) -> None:
     """Raise ConfigError (one line) for the first bad value in a composed config.
 
     search_path: the hydra.searchpath entries whose folders add group options (default: those of the running
-    Hydra app, if any)."""
+    Hydra app, if any). declared: the keys the job's YAML files declare (prospect.declared_keys; the command
+    line's check passes them): any other key is refused first."""
     if search_path is None:
         search_path = _running_search_path()
     for section in ("model", "strategy", "dataset", "eval", "logger", "stream"):
         if section not in cfg or not isinstance(cfg[section], DictConfig):
             raise ConfigError(f"{section}: missing from the config (did an override delete it?)")
+    if declared is not None:
+        check_declared_keys(cfg, declared, _strategy_fields(cfg.strategy))
     get_int(cfg, "seed", "config")
     get_bool(cfg, "cache", "config")
     check_model(cfg.model)
@@ -248,6 +263,20 @@ def _check_summary(cfg: DictConfig, search_path: Iterable[str] = ()) -> None:
         return
     shown = str(baseline).lower() if isinstance(baseline, bool) else baseline
     raise ConfigError(f"summary.baseline={shown}: must be null, a job number >= 0 or a strategy: {', '.join(strategies)}")
+
+
+def _strategy_fields(strategy: DictConfig) -> tuple[str, ...] | None:
+    """The parameters of the strategy's class (None: it cannot be imported, reported by _check_strategy, or
+    it takes any keyword)."""
+    from prospect.context_strategies.registry import strategy_parameters  # lazy: the strategies import torch
+
+    module_name, _, class_name = str(strategy.get("_target_", "")).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    fields = strategy_parameters(cls)
+    return None if fields is None else tuple(sorted(fields))
 
 
 def _check_strategy(strategy: DictConfig, stream: DictConfig, seed: int) -> None:

@@ -134,6 +134,20 @@ BAD_COMMAND_LINES = [
     (["eval.foo=1"], "eval.foo=1: unknown key; eval has: name, sentence_model, match_threshold"),
     (["logger.foo=1"], "logger.foo=1: unknown key; logger has: name, mode, project"),
     (["+summary.foo=1"], "summary.foo: unknown key; summary has: baseline"),
+    # a key added with + (or ++) must be declared by the job's YAML files (prospect/declared_keys.py)
+    (["+model.foo=1"], "model.foo: unknown key; model has: name, hub_id, path"),
+    (["+strategy.foo=1"], "strategy.foo: unknown key; strategy has: max_seq_len, reserved_seq_len, position_mode, last_keep_len, _target_, name"),
+    (["strategy=drop_all", "+strategy.window=3"], "strategy.window: unknown key; strategy has: max_seq_len"),
+    (["strategy=snapkv", "+strategy.windw=3"], "strategy.windw: unknown key (did you mean window?); strategy has: max_seq_len, reserved_seq_len, position_mode, last_keep_len, _target_, name, window, kernel, selection"),
+    (["+dataset.foo=1"], "dataset.foo: unknown key; dataset has: name, subset, annotation"),
+    (["+dataset.generate.second=9"], "dataset.generate.second: unknown key (did you mean seconds?); dataset.generate has: videos, seconds"),
+    (["+eval._target_=os.system"], "eval._target_: unknown key; eval has: name, sentence_model"),
+    (["++eval.sentence_modle=x"], "eval.sentence_modle: unknown key (did you mean sentence_model?); eval has: name, sentence_model"),
+    (["+logger.foo=1"], "logger.foo: unknown key; logger has: name, mode, project"),
+    (["+stream.foo=1"], "stream.foo: unknown key; stream has: max_new_tokens"),
+    (["+sed=3"], "sed: unknown key (did you mean seed?); the config has: strategy, stream, seed"),
+    (["+paths.cache=/x"], "paths.cache: unknown key (did you mean cache_dir?); paths has: cache_dir"),
+    (["-m", "strategy=drop_middle,snapkv", "+strategy.windw=3"], "strategy.windw: unknown key"),
 ]
 
 
@@ -254,6 +268,35 @@ def test_strategy_in_a_config_folder_outside_the_repository(user_conf):
         check_command_line([searchpath, "strategy=keep_tail", "strategy.tail_len=x"])
     with pytest.raises(ConfigError, match=r"must be a list of folders, e\.g\. hydra\.searchpath=\[file:///a,/b\]$"):
         check_command_line([f"hydra.searchpath={user_conf}", "strategy=keep_tail"])
+    # a key of the class that its YAML leaves to the default can be added with +; any other key cannot
+    (user_conf / "strategy" / "keep_tail_bare.yaml").write_text("_target_: user_strategies.keep_tail.KeepTail\nname: keep_tail\n")
+    check_command_line([searchpath, "strategy=keep_tail_bare", "+strategy.tail_len=64"])
+    with pytest.raises(ConfigError, match=r"^strategy.tail_lenn: unknown key \(did you mean tail_len\?\); strategy has: .*, tail_len$"):
+        check_command_line([searchpath, "strategy=keep_tail_bare", "+strategy.tail_lenn=64"])
+
+
+def test_a_presets_keys_must_be_declared_by_an_option_of_their_group(tmp_path):
+    """An experiment preset declares no key: what it sets in a group must be a key of one of the group's options
+    (zoo_embedded sets summarize_and_drop's summary_max_new_tokens for every strategy it sweeps), so a typo in a
+    preset is refused like one on the command line; a strategy key is also one of its class's fields."""
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text("# @package _global_\nstrategy:\n  summary_max_new_tokens: 8\n  window: 16\n")
+    (conf / "typo.yaml").write_text("# @package _global_\neval:\n  match_treshold: 0.3\n")
+    (conf / "nested_typo.yaml").write_text("# @package _global_\ndataset:\n  generate:\n    video: 3\n")
+    (conf / "new_top.yaml").write_text("# @package _global_\nnotes: hello\n")
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    check_command_line(["-m", searchpath, "experiment=mine", "strategy=drop_middle,summarize_and_drop,snapkv"])
+    check_command_line(["experiment=zoo_embedded", "strategy=drop_all"])
+    expected = {
+        "typo": "eval.match_treshold: unknown key (did you mean match_threshold?); eval has: name, sentence_model",
+        "nested_typo": "dataset.generate.video: unknown key (did you mean videos?); dataset.generate has: videos, seconds",
+        "new_top": "notes: unknown key; the config has: strategy, stream, seed",
+    }
+    for preset, message in expected.items():
+        with pytest.raises(ConfigError) as raised:
+            check_command_line([searchpath, f"experiment={preset}"])
+        assert str(raised.value).startswith(message)
 
 
 def test_the_zoo_presets_sweep_the_registered_strategies():

@@ -388,3 +388,17 @@ def test_submitit_requeues_a_preempted_job_which_resumes_through_the_cache(tmp_p
     assert results["status"] == "ok" and len(trace) == predictions["conversations"][0]["num_frames"]
     logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "sweep" / ".submitit").rglob("*_log.*"))
     assert "interrupted by SIGUSR2 at frame" in logs and "Requeued job" in logs
+
+
+@pytest.mark.parametrize("override", ["+eval._target_=os.system", "+eval.sentence_modle=x", "+model.foo=1", "+top=1"])
+def test_unknown_key_stops_the_run_before_anything_loads(tmp_path, env, override):
+    """A key no YAML of the job declares, added with +: one line naming it and the keys allowed, exit 2,
+    before anything loads (no output folder is made)."""
+    out = tmp_path / "out"
+    run = Run(tmp_path, "unknown_key", [*TINY, override, f"hydra.run.dir={out}"], env)
+    assert run.wait(120) == 2
+    key = override.lstrip("+").split("=")[0]
+    assert run.stderr.strip().splitlines() == run.error_lines()  # one line, nothing else
+    assert len(run.error_lines()) == 1 and run.error_lines()[0].startswith(f"{ERROR_PREFIX}{key}: unknown key")
+    assert " has: " in run.error_lines()[0]
+    assert not out.exists()
