@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from prospect.data.proassist import LoadedDataset, conversation_from_images
+from prospect.data.proassist import LoadedDataset, conversation_from_images, with_unique_ids
 from prospect.data.types import Conversation
 from prospect.experiment import RunReport, finish_run, recording_failure, score, stream_jobs
 from prospect.stream.lanes import OneLane
@@ -22,16 +22,17 @@ from prospect.validation import compose_config
 
 
 def _conversations(dataset: Any) -> list[Conversation]:
+    """The dataset's conversations, each id unique (a repeated one gets `#N`, with a warning)."""
     if isinstance(dataset, LoadedDataset):
-        return dataset.conversations
+        return with_unique_ids(list(dataset.conversations))
     items = list(dataset)
-    return [
+    return with_unique_ids([
         item if isinstance(item, Conversation) else conversation_from_images(
             str(item["video_id"]), list(item["frames"]), list(item["conversation"]), float(item["fps"]),
             user_type=str(item.get("user_type", "unknown")),
         )
         for item in items
-    ]
+    ])
 
 
 class BaselineGenerator:

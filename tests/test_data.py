@@ -13,7 +13,7 @@ import pytest
 from conftest import REFERENCE_SAMPLES, REPO, compose
 from prospect.data import load_dataset
 from prospect.data.frames import FRAME_COLUMN, FrameError, encode_jpeg
-from prospect.data.proassist import DatasetError, load_conversations
+from prospect.data.proassist import DatasetError, conversation_from_sample, load_conversations
 from prospect.data.synthetic import USER_NAMES, draw_frame, generate, plan_video
 
 
@@ -90,6 +90,53 @@ def test_bad_samples_are_skipped_and_named(synthetic_root, tmp_path):
     assert "frames/nope.arrow: frames file missing (video ghost)" in reasons[1]
     assert "video synthetic_001: end_frame_idx 10000 past the video" in reasons[2] and "has 60 frames" in reasons[2]
 
+
+
+def test_duplicate_samples_load_once_and_ids_stay_unique(synthetic_root, tmp_path, caplog):
+    """The same sample twice (concatenated splits): the copy is skipped, naming the first line. A different sample
+    with the same (video_uid, clip_idx, user id) is kept under a distinct id `ID#lineN`, with a warning."""
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root, root)
+    path = root / "processed_data/synthetic/prepared/dialog_test_L0_I1.jsonl"
+    good = path.read_text().splitlines()
+    same_id = json.loads(good[0])
+    same_id["conversation"] = same_id["conversation"][:-1]  # another sample of the same video, clip and user
+    reordered = json.dumps(json.loads(good[0]), indent=None, separators=(", ", ":"), sort_keys=True)  # same JSON object
+    _write_annotation(root, [good[0], good[1], good[0], reordered, json.dumps(same_id), json.dumps(same_id), good[2]])
+    with caplog.at_level("WARNING", logger="prospect.data.proassist"):
+        loaded = load_conversations(root, "synthetic", "dialog_test_L0_I1")
+    ids = [c.id for c in loaded.conversations]
+    assert ids == ["synthetic_000/0/no_talk_0", "synthetic_000/0/talk_some_1", "synthetic_000/0/no_talk_0#line5",
+                   "synthetic_001/0/no_talk_0"]
+    assert len(set(ids)) == len(ids)
+    assert [(s.line, s.reason) for s in loaded.skipped] == [
+        (3, f"{path}:3: duplicate of line 1, skipped"), (4, f"{path}:4: duplicate of line 1, skipped"),
+        (6, f"{path}:6: duplicate of line 5, skipped"),
+    ]
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{path}:5: video synthetic_000: id synthetic_000/0/no_talk_0 also names line 1, whose sample differs; " \
+           "this one is streamed as synthetic_000/0/no_talk_0#line5" in messages
+    references = lambda conversation: [(f.index, f.reference) for f in conversation.frames]  # noqa: E731
+    other = conversation_from_sample(same_id, root / "processed_data" / "synthetic")  # the renamed one is the other sample
+    assert references(loaded.conversations[2]) == references(other) != references(loaded.conversations[0])
+
+
+def test_every_loader_path_gives_unique_ids(synthetic_root):
+    """The batch API (BaselineGenerator) takes LoadedDatasets, Conversations or the seed's video dicts: a repeated
+    id becomes `ID#N`, so predictions.json never holds one id twice."""
+    from prospect.generators import _conversations
+
+    loaded = load_conversations(synthetic_root, "synthetic", "dialog_test_L0_I1")
+    first = loaded.conversations[0]
+    image = first.image(0)
+    video = {"video_id": "v", "frames": [image, image, image], "fps": 1.0,
+             "conversation": [{"role": "user", "content": "Hi", "time": 0.0}, {"role": "assistant", "content": "Hello", "time": 1.0}]}
+    for dataset in ([first, first, loaded.conversations[1]], [video, video, video | {"user_type": "talk_some"}, video]):
+        ids = [c.id for c in _conversations(dataset)]
+        assert len(set(ids)) == len(ids) == len(dataset)
+        assert ids[1] == ids[0] + "#2"
+    assert [c.id for c in _conversations([video, video, video])][2] == "v/0/unknown#3"
+    assert [c.id for c in _conversations(loaded)] == [c.id for c in loaded.conversations]
 
 
 def test_hostile_lines_are_skipped_once_each(synthetic_root, tmp_path, caplog):

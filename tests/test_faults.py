@@ -402,3 +402,31 @@ def test_unknown_key_stops_the_run_before_anything_loads(tmp_path, env, override
     assert len(run.error_lines()) == 1 and run.error_lines()[0].startswith(f"{ERROR_PREFIX}{key}: unknown key")
     assert " has: " in run.error_lines()[0]
     assert not out.exists()
+
+
+def test_duplicate_samples_give_unique_conversation_ids(tmp_path, env):
+    """An annotation file holding its samples twice (concatenated splits) plus a different sample under an id
+    already used: every id in predictions.json is unique, each copy is named in one warning, the run is ok."""
+    from prospect.data.synthetic import generate
+
+    generate(tmp_path / "root", videos=1, seconds=8, fps=2, seed=0, knowledge=True)
+    annotation = tmp_path / "root" / "processed_data" / "synthetic" / "prepared" / "dialog-klg_test_L0_I1.jsonl"
+    lines = annotation.read_text().splitlines()
+    changed = json.loads(lines[0])
+    changed["conversation"] = changed["conversation"][:-1]
+    annotation.write_text("\n".join([*lines, *lines, json.dumps(changed)]) + "\n")
+    out = tmp_path / "out"
+    run = run_to_end(tmp_path, "duplicates", [*TINY, "logger=none", "dataset=proassist", f"dataset.root={tmp_path / 'root'}",
+                                              "dataset.subset=synthetic", "dataset.annotation=dialog-klg_test_L0_I1",
+                                              f"hydra.run.dir={out}"], env)
+    assert run.process.returncode == 0, run.stderr[-3000:]
+    results, predictions, trace = assert_nothing_lost(out)
+    ids = [c["id"] for c in predictions["conversations"]]
+    assert len(ids) == len(set(ids)) == 3
+    assert ids[2] == f"{ids[0]}#line{2 * len(lines) + 1}"
+    assert {r["conversation"] for r in trace} == set(ids)
+    logged = run.stdout + run.stderr
+    for copy, original in ((len(lines) + 1, 1), (len(lines) + 2, 2)):
+        assert f"{annotation}:{copy}: duplicate of line {original}, skipped" in logged
+    assert "whose sample differs; this one is streamed as" in logged
+    assert "Traceback" not in run.stderr

@@ -15,7 +15,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -83,6 +83,10 @@ def load_conversations(
     reported in `skipped` and by one warning naming file:line (and the video when known); the others
     still load. Lines are read as bytes and decoded one by one. `video_ids` keeps only
     those videos; `max_videos` keeps the first N distinct videos; `user_types` keeps those user types.
+
+    Conversation ids (`video_uid/clip_idx/user_id`) are unique: a line identical to an earlier one (the same
+    JSON object) is skipped (`FILE:LINE: duplicate of line K, skipped`); a line whose id an earlier, different
+    line already has is kept as `ID#lineN` (N its line), with a warning.
     """
     path = annotation_path(root, subset, annotation)
     if not path.is_file():
@@ -92,6 +96,8 @@ def load_conversations(
     sources: dict[Path, FrameSource] = {}
     kept_videos: list[str] = []
     loaded = LoadedDataset(conversations=[])
+    first_line_of: dict[str, int] = {}  # a loaded sample's canonical JSON -> its line
+    line_of_id: dict[str, int] = {}  # a loaded conversation's id -> its line
     with path.open("rb") as lines:  # bytes: one line that is not UTF-8 must not stop the others
         for line_number, raw in enumerate(lines, start=1):
             where = f"{path}:{line_number}"
@@ -114,11 +120,23 @@ def load_conversations(
             if video_uid not in kept_videos:
                 if max_videos is not None and len(kept_videos) >= max_videos:
                     continue
+            canonical = json.dumps(sample, sort_keys=True, ensure_ascii=False)
+            if canonical in first_line_of:  # the same sample twice (concatenated splits, a preparation run twice)
+                reason = f"{where}: duplicate of line {first_line_of[canonical]}, skipped"
+                loaded.skipped.append(SkippedSample(line_number, video_uid, reason))
+                continue
             try:
                 conversation = conversation_from_sample(sample, subset_dir(root, subset), sources)
             except (SampleError, FrameError) as error:
                 loaded.skipped.append(SkippedSample(line_number, video_uid, f"{where}: {error}"))
                 continue
+            first_line_of[canonical] = line_number
+            if conversation.id in line_of_id:  # same (video_uid, clip_idx, user id), other content: both are kept
+                distinct = f"{conversation.id}#line{line_number}"
+                log.warning("%s: video %s: id %s also names line %d, whose sample differs; this one is streamed as %s",
+                            where, video_uid, conversation.id, line_of_id[conversation.id], distinct)
+                conversation.id = distinct
+            line_of_id[conversation.id] = line_number
             if video_uid not in kept_videos:
                 kept_videos.append(video_uid)
             loaded.conversations.append(conversation)
@@ -322,6 +340,20 @@ def timed_turns_to_prepared(turns: list[dict], fps: float, num_frames: int) -> l
     if cursor < num_frames:
         prepared.append({"role": "frames", "start": cursor, "end": num_frames})
     return prepared
+
+
+def with_unique_ids(conversations: list[Conversation]) -> list[Conversation]:
+    """The conversations, a repeated id made unique as `ID#N` (its N-th occurrence, N >= 2) with a warning:
+    predictions.json, evaluation and paired comparisons key conversations by id."""
+    seen: dict[str, int] = {}
+    for index, conversation in enumerate(conversations):
+        count = seen[conversation.id] = seen.get(conversation.id, 0) + 1
+        if count > 1:
+            distinct = f"{conversation.id}#{count}"
+            log.warning("conversation %d: id %s repeats an earlier conversation's; it is kept as %s", index, conversation.id, distinct)
+            conversations[index] = replace(conversation, id=distinct)
+            seen[distinct] = 1
+    return conversations
 
 
 def conversation_from_images(video_uid: str, images: list, turns: list[dict], fps: float, user_type: str = "unknown") -> Conversation:
