@@ -5,7 +5,10 @@ overall) with the stream's measured scores (teacher-forced ref_ppl / ref_top1, s
 carries them, the 95% interval over conversations of the overall F1, ref_ppl, ref_top1 and speak_auc, a note
 for each measurement the file lacks (older files: one line, the rest still evaluates); writes metrics.json
 beside the predictions file, with the structure of `prospect.eval.evaluate_predictions`. Bad input: one
-line `prospect.evaluate: error: ...`, exit 2.
+line `prospect.evaluate: error: ...`, exit 2. A file that is not a predictions document is refused that way
+whatever its shape or size (`prospect.eval.read_predictions`): its raw bytes are checked in chunks before it is
+parsed (at most 1024 MB, or PROSPECT_MAX_PREDICTIONS_MB; UTF-8; one JSON object; at most 64 levels of
+brackets), then its shape, naming the first thing wrong (e.g. `FILE: conversations[3]: a string, not an object`).
 """
 
 from __future__ import annotations

@@ -430,3 +430,107 @@ def test_duplicate_samples_give_unique_conversation_ids(tmp_path, env):
         assert f"{annotation}:{copy}: duplicate of line {original}, skipped" in logged
     assert "whose sample differs; this one is streamed as" in logged
     assert "Traceback" not in run.stderr
+
+
+# ---- prospect.evaluate on files that are not predictions documents --------------------------------------
+
+EVALUATE_ERROR = "prospect.evaluate: error: "
+NOT_AN_OBJECT = "a predictions document is a JSON object with schema 'prospect.predictions/1'"
+
+
+def evaluate_refuses(tmp_path: Path, env: dict, predictions: Path, timeout: float = 120) -> tuple[str, float]:
+    """`python -m prospect.evaluate predictions=FILE` refuses FILE: exit 2, stderr one line naming the file, no
+    traceback, no metrics.json. Returns the line without its prefix and the seconds the command took."""
+    started = time.monotonic()
+    run = run_to_end(tmp_path, "evaluate", [f"predictions={predictions}"], env, module="prospect.evaluate", timeout=timeout)
+    seconds = time.monotonic() - started
+    assert run.process.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{EVALUATE_ERROR}{predictions}: "), lines
+    assert not (predictions.parent / "metrics.json").exists()
+    return lines[0][len(f"{EVALUATE_ERROR}{predictions}: "):], seconds
+
+
+def predictions_with(*conversations) -> dict:
+    """A predictions document (schema prospect.predictions/1) holding `conversations` as they are."""
+    return {"schema": "prospect.predictions/1", "conversations": list(conversations)}
+
+
+def a_conversation(cid: str = "v/x", **changes) -> dict:
+    conversation = {"id": cid, "video_uid": "v", "subset": "assembly101", "user_type": "talk_some", "fps": 2, "num_frames": 40,
+                    "frames": [{"index": 4, "gen": "Attach the cabin.", "ref": "Attach the cabin."}]}
+    return {key: value for key, value in {**conversation, **changes}.items() if value is not None}
+
+
+DEEP = 100_000
+NESTED = [
+    ("array", "[" * DEEP + "]" * DEEP, f"starts with '[' (an array) at byte 0, not '{{': {NOT_AN_OBJECT}"),
+    ("inside_a_document", '{"schema": "prospect.predictions/1", "conversations": ' + "[" * DEEP + "]" * DEEP + "}",
+     "nested more than 64 levels deep at byte 117 (a predictions document nests 5)"),
+    ("objects", '{"a": ' * DEEP + "1" + "}" * DEEP, "nested more than 64 levels deep at byte 384 (a predictions document nests 5)"),
+]
+
+
+@pytest.mark.parametrize("text,expected", [case[1:] for case in NESTED], ids=[case[0] for case in NESTED])
+def test_evaluate_on_a_deeply_nested_file(tmp_path, env, text, expected):
+    """100,000 levels of brackets (json.loads would raise RecursionError): refused before parsing."""
+    deep = tmp_path / "predictions.json"
+    deep.write_text(text)
+    assert evaluate_refuses(tmp_path, env, deep)[0] == expected
+
+
+def test_evaluate_on_a_large_random_file(tmp_path, env):
+    """100 MB of random bytes are refused at their first bytes (the file is read in 1 MB chunks, never whole);
+    with PROSPECT_MAX_PREDICTIONS_MB under its size, from its size alone; a 2 GB (sparse) file too."""
+    noise = tmp_path / "noise.json"
+    with noise.open("wb") as file:
+        for _ in range(100):
+            file.write(os.urandom(2**20))
+    message, seconds = evaluate_refuses(tmp_path, env, noise)
+    assert message.startswith(("not JSON ('utf-8' codec can't decode", "starts with ")), message
+    assert seconds < 20, f"{seconds:.1f} s to refuse 100 MB of random bytes"
+    message, _ = evaluate_refuses(tmp_path, {**env, "PROSPECT_MAX_PREDICTIONS_MB": "50"}, noise)
+    assert message == "100 MB, more than the 50 MB a predictions file may be (set PROSPECT_MAX_PREDICTIONS_MB to raise the limit)"
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as file:
+        file.truncate(2 * 2**30)
+    message, seconds = evaluate_refuses(tmp_path, env, huge)
+    assert message == "2048 MB, more than the 1024 MB a predictions file may be (set PROSPECT_MAX_PREDICTIONS_MB to raise the limit)"
+    assert seconds < 20
+
+
+SHAPES = [
+    ("json_array", [predictions_with(a_conversation())], f"starts with '[' (an array) at byte 0, not '{{': {NOT_AN_OBJECT}"),
+    ("conversation_a_string", predictions_with(a_conversation("a"), a_conversation("b"), a_conversation("c"), "v/d"),
+     "conversations[3]: a string, not an object"),
+    ("conversation_an_array", predictions_with([a_conversation()]), "conversations[0]: an array, not an object"),
+    ("conversations_an_object", {"schema": "prospect.predictions/1", "conversations": {"v/x": a_conversation()}},
+     "conversations: an object, not a list"),
+    ("conversation_without_fps", predictions_with(a_conversation(fps=None)), "conversations[0] (id=v/x): missing key 'fps'"),
+    ("conversation_without_id", predictions_with(a_conversation(id=None)), "conversations[0].id: missing"),
+    ("frame_not_an_object", predictions_with(a_conversation(frames=[None])), "conversations[0] (id=v/x).frames[0]: null, not an object"),
+    ("fps_beyond_any_video", predictions_with(a_conversation(fps=1e308)),
+     "conversations[0] (id=v/x).fps=1e+308: must be a positive number (at most 1000)"),
+]
+
+
+@pytest.mark.parametrize("document,expected", [case[1:] for case in SHAPES], ids=[case[0] for case in SHAPES])
+def test_evaluate_on_json_that_is_not_a_predictions_document(tmp_path, env, document, expected):
+    """Valid JSON of the wrong shape: one line naming the file and the first thing wrong."""
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps(document, indent=1))
+    assert evaluate_refuses(tmp_path, env, predictions)[0] == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", f"empty, or only whitespace: {NOT_AN_OBJECT}"),
+    ('{"schema": "prospect.predictions/1", "conversations": []} {}',
+     "not JSON: '{' at byte 58 after the document's end (the object that starts at byte 0)"),
+    ('{"schema": "prospect.predictions/1", "conversations": [}', "not JSON: '}' at byte 55 closes the '[' at byte 54"),
+    ('{"schema": ' + "7" * 5000 + "}", "not JSON (Exceeds the limit (4300 digits) for integer string conversion"),
+], ids=["empty", "data_after_the_end", "bracket_mismatch", "integer_of_5000_digits"])
+def test_evaluate_on_a_broken_json_file(tmp_path, env, text, expected):
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(text)
+    assert evaluate_refuses(tmp_path, env, predictions)[0].startswith(expected)

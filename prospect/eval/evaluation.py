@@ -40,6 +40,7 @@ __all__ = [
 
 CONVERSATION_KEYS = ("id", "video_uid", "subset", "user_type", "fps", "num_frames", "frames")
 FRAME_KEYS = ("index", "gen", "ref")
+MAX_FPS = 1000  # frames per second a predictions file may claim (videos: 2 to 240); beyond it the windows overflow
 DISABLED = "none"  # eval=none: no scoring
 
 
@@ -96,44 +97,85 @@ def _plain(node: Any) -> dict:
 # ---- the predictions document ----------------------------------------------------------------------
 
 
-def read_predictions(path: str | Path) -> dict:
-    """Load and validate a predictions.json; raises PredictionsError naming the file."""
+def read_predictions(path: str | Path, max_bytes: int | None = None) -> dict:
+    """Load and validate a predictions.json; raises PredictionsError naming the file (one line).
+
+    The raw bytes are checked first, in chunks (prospect.eval.predictions_file): a file larger than
+    `max_bytes` (default: 1024 MB, or PROSPECT_MAX_PREDICTIONS_MB) is refused from its size, one that is not
+    UTF-8, not a JSON object or nested deeper than a predictions document could be at the first byte that
+    shows it; only then is it parsed, and its shape validated (validate_predictions)."""
+    from prospect.eval.predictions_file import NotPredictions, check_predictions_bytes, max_predictions_bytes
+
     path = Path(path)
     if not path.is_file():
         raise PredictionsError(f"{path}: no such file")
+    if max_bytes is None:
+        try:
+            max_bytes = max_predictions_bytes()
+        except NotPredictions as error:  # a bad PROSPECT_MAX_PREDICTIONS_MB
+            raise PredictionsError(str(error)) from None
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        check_predictions_bytes(path, max_bytes)
+        text = path.read_text(encoding="utf-8")
+    except NotPredictions as error:
+        raise PredictionsError(f"{path}: {error}") from None
+    except UnicodeDecodeError as error:  # changed since the check
         raise PredictionsError(f"{path}: not JSON ({error})") from None
+    except OSError as error:
+        raise PredictionsError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        document = json.loads(text)
+    except RecursionError:  # only if the file changed since the check
+        raise PredictionsError(f"{path}: nested too deeply to be a predictions document") from None
+    except ValueError as error:  # JSONDecodeError, and e.g. an integer of more than 4300 digits
+        raise PredictionsError(f"{path}: not JSON ({error})") from None
+    del text
     validate_predictions(document, str(path))
     return document
 
 
+def _kind(value: Any) -> str:
+    """What a JSON value is, for messages: 'a string', 'an array', 'null', ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    for types, name in ((str, "a string"), ((int, float), "a number"), (list, "an array"), (dict, "an object")):
+        if isinstance(value, types):
+            return name
+    return type(value).__name__
+
+
 def validate_predictions(document: Any, source: str = "predictions") -> None:
-    """Check the document's shape (schema prospect.predictions/1); raises PredictionsError (one line)."""
+    """Check the document's shape (schema prospect.predictions/1); raises PredictionsError (one line) at
+    the first thing wrong, e.g. `FILE: conversations[3]: a string, not an object`."""
     if not isinstance(document, dict):
-        raise PredictionsError(f"{source}: expected a JSON object with schema {PREDICTIONS_SCHEMA}")
+        raise PredictionsError(f"{source}: {_kind(document)}; expected a JSON object with schema {PREDICTIONS_SCHEMA}")
     schema = document.get("schema")
     if schema != PREDICTIONS_SCHEMA:
         shown = "schema missing" if schema is None else f"schema={schema!r}"
         raise PredictionsError(f"{source}: {shown}; expected {PREDICTIONS_SCHEMA!r}")
-    conversations = document.get("conversations")
-    if not isinstance(conversations, list):
+    if "conversations" not in document:
         raise PredictionsError(f"{source}: conversations: missing or not a list")
+    conversations = document["conversations"]
+    if not isinstance(conversations, list):
+        raise PredictionsError(f"{source}: conversations: {_kind(conversations)}, not a list")
     seen: set[str] = set()
     for k, conversation in enumerate(conversations):
         where = f"{source}: conversations[{k}]"
         if not isinstance(conversation, dict):
-            raise PredictionsError(f"{where}: not an object")
-        if not isinstance(conversation.get("id"), str):
-            raise PredictionsError(f"{where}.id: missing or not a string")
+            raise PredictionsError(f"{where}: {_kind(conversation)}, not an object")
+        if "id" not in conversation:
+            raise PredictionsError(f"{where}.id: missing")
+        if not isinstance(conversation["id"], str):
+            raise PredictionsError(f"{where}.id: {_kind(conversation['id'])}, not a string")
         where = f"{where} (id={conversation['id']})"
         if conversation["id"] in seen:
             raise PredictionsError(f"{where}: duplicate id")
         seen.add(conversation["id"])
         if "error" in conversation:
             if not isinstance(conversation["error"], str):
-                raise PredictionsError(f"{where}.error: not a string")
+                raise PredictionsError(f"{where}.error: {_kind(conversation['error'])}, not a string")
             continue  # skipped by evaluation; nothing else is read
         missing = [key for key in CONVERSATION_KEYS if key not in conversation]
         if missing:
@@ -145,17 +187,17 @@ def _check_conversation(conversation: dict, where: str) -> None:
     fps, num_frames = conversation["fps"], conversation["num_frames"]
     if not isinstance(conversation["subset"], str):
         raise PredictionsError(f"{where}.subset={conversation['subset']!r}: not a string")
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-        raise PredictionsError(f"{where}.fps={fps!r}: must be a positive number")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or not 0 < fps <= MAX_FPS:
+        raise PredictionsError(f"{where}.fps={fps!r}: must be a positive number (at most {MAX_FPS})")
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 0:
         raise PredictionsError(f"{where}.num_frames={num_frames!r}: must be an integer >= 0")
     if not isinstance(conversation["frames"], list):
-        raise PredictionsError(f"{where}.frames: not a list")
+        raise PredictionsError(f"{where}.frames: {_kind(conversation['frames'])}, not a list")
     indices: set[int] = set()
     for n, frame in enumerate(conversation["frames"]):
         at = f"{where}.frames[{n}]"
         if not isinstance(frame, dict):
-            raise PredictionsError(f"{at}: not an object")
+            raise PredictionsError(f"{at}: {_kind(frame)}, not an object")
         missing = [key for key in FRAME_KEYS if key not in frame]
         if missing:
             raise PredictionsError(f"{at}: missing key {missing[0]!r}")
@@ -167,7 +209,7 @@ def _check_conversation(conversation: dict, where: str) -> None:
         indices.add(index)
         for key in ("gen", "ref"):
             if not isinstance(frame[key], str):
-                raise PredictionsError(f"{at}.{key}: not a string")
+                raise PredictionsError(f"{at}.{key}: {_kind(frame[key])}, not a string")
         if "ref_nll" in frame or "ref_tokens" in frame or "ref_top1" in frame:
             _check_turn_scores(frame, at)
     if stream_scores.SPEAK_FIELD in conversation:
