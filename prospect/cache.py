@@ -479,12 +479,17 @@ def recover_provenance(keys: torch.Tensor | None, keys_before: torch.Tensor | No
 # ---- merging: fewer tokens that stand for more -------------------------------------------------------
 
 
-def merge_tokens(cache: PositionedCache, groups: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None = None) -> None:
+def merge_tokens(cache: PositionedCache, groups: Sequence[torch.Tensor] | torch.Tensor,
+                 weights: Sequence[torch.Tensor] | torch.Tensor | None = None) -> None:
     """Replace the cached tokens by one token per group, the same groups in every layer and head (in place):
     group j (ascending cache slots) becomes token j; slots in no group are dropped. Groups are disjoint and
     listed by ascending first slot; `weights` (one non-negative weight per member; default: equal) are
-    normalised within each group. The rules are merge_tokens_per_head's."""
-    members, member_weights = pad_groups(groups, weights)
+    normalised within each group. The groups may come padded already ([count, width] with -1 after the members,
+    weights with 0), as pad_groups gives them. The rules are merge_tokens_per_head's."""
+    if isinstance(groups, torch.Tensor):
+        members, member_weights = groups, (groups >= 0).double() if weights is None else weights
+    else:
+        members, member_weights = pad_groups(groups, weights)
     _merge(cache, members, member_weights)
 
 
@@ -507,14 +512,16 @@ def merge_tokens_per_head(cache: PositionedCache, members: torch.Tensor, weights
     _merge(cache, members, weights)
 
 
-def pad_groups(groups: Sequence[torch.Tensor], weights: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_groups(groups: Sequence[Sequence[int] | torch.Tensor], weights: Sequence[Sequence[float] | torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Groups of slots (and their weights) as one [count, width] tensor padded with -1 (weights with 0)."""
-    width = max((len(group) for group in groups), default=1)
-    members = torch.full((len(groups), width), -1, dtype=torch.long)
-    padded = torch.zeros(len(groups), width, dtype=torch.float64)
-    for j, group in enumerate(groups):
-        members[j, : len(group)] = torch.as_tensor(group, dtype=torch.long)
-        padded[j, : len(group)] = 1.0 if weights is None else torch.as_tensor(weights[j], dtype=torch.float64)
+    lists = [group.tolist() if isinstance(group, torch.Tensor) else list(group) for group in groups]
+    width = max((len(group) for group in lists), default=1)
+    members = torch.tensor([group + [-1] * (width - len(group)) for group in lists], dtype=torch.long).view(len(lists), width)
+    if weights is None:
+        return members, (members >= 0).double()
+    values = [weight.tolist() if isinstance(weight, torch.Tensor) else list(weight) for weight in weights]
+    padded = torch.tensor([value + [0.0] * (width - len(value)) for value in values], dtype=torch.float64).view(len(lists), width)
     return members, padded
 
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from prospect.cache import KIND, PositionedCache, Records
+from prospect.cache import KIND, PositionedCache, Records, pad_groups
 from prospect.context_strategies.merge_keep import Groups, MergeKeep
 
 
@@ -66,8 +66,8 @@ class FrameMerge(MergeKeep):
         if total > room:
             queue = []
         groups = [sorted(g) for f in queue for g in list(f.patches.values()) + f.other] + [[slot] for f in queue for slot in f.text]
-        weights = [rows.merged[0][torch.tensor(g)].double() for g in groups]
-        return [([torch.tensor(g) for g in groups], weights)]
+        members, _ = pad_groups(groups)
+        return [(members, torch.where(members >= 0, rows.merged[0][members.clamp(min=0)].double(), 0.0))]
 
 
 def _merge_pair(older: _Frame, newer: _Frame) -> _Frame:

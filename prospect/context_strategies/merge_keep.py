@@ -20,7 +20,7 @@ import torch
 from prospect.cache import FRAME_KINDS, PositionedCache, Records, cache_length, merge_tokens, merge_tokens_per_head, pad_groups
 from prospect.context_strategies.budget import BudgetKeep
 
-Groups = tuple[list[torch.Tensor], list[torch.Tensor]]  # groups of slots (each ascending) and a weight per member
+Groups = tuple[torch.Tensor, torch.Tensor]  # groups of slots [count, width] (each ascending, -1 after its members), weights
 
 
 @dataclass
@@ -38,7 +38,8 @@ class MergeKeep(BudgetKeep):
     @abstractmethod
     def merge_frames(self, cache: PositionedCache, rows: Records, slots: list[torch.Tensor], room: int, context: dict[str, Any]) -> list[Groups]:
         """For each row r, what the frame tokens at `slots[r]` (ascending) become: groups of slots and their members'
-        weights, at most `room` groups, the same count in every row. `rows`: the records [rows, length]."""
+        weights (padded, as prospect.cache.pad_groups), at most `room` groups, the same count in every row.
+        `rows`: the records [rows, length]."""
 
     def handle_overflow(self, past_key_values: Any, last_msg, **context: Any):
         cache = past_key_values
@@ -54,26 +55,20 @@ class MergeKeep(BudgetKeep):
             raise RuntimeError(f"{self.name}: the rows of the cache hold different dialogue tokens")
         budget = self.last_keep_len
         if len(dialogue[0]) >= budget:  # text first: the newest dialogue tokens, no frame token
-            planned: list[Groups] = [([], []) for _ in dialogue]
+            planned: list[Groups] = [pad_groups([]) for _ in dialogue]
             dialogue = [d[len(d) - budget :] for d in dialogue]
         else:
             planned = self.merge_frames(cache, rows, [prefix + torch.nonzero(row).flatten() for row in frame], budget - len(dialogue[0]), context)
-        rows_groups = []
-        for (groups, group_weights), kept in zip(planned, dialogue):
-            every = [slot.view(1) for slot in torch.cat([torch.arange(prefix), kept])] + list(groups)
-            every_weights = [torch.ones(1, dtype=torch.float64)] * (len(every) - len(groups)) + list(group_weights)
-            order = sorted(range(len(every)), key=lambda i: int(every[i][0]))
-            rows_groups.append(([every[i] for i in order], [every_weights[i] for i in order]))
-        if len({len(groups) for groups, _ in rows_groups}) != 1:
+        rows_groups = [_with_singles(torch.cat([torch.arange(prefix), kept]), groups) for groups, kept in zip(planned, dialogue)]
+        if len({members.shape[0] for members, _ in rows_groups}) != 1:
             raise RuntimeError(f"{self.name}: the rows of the cache would keep different counts")
         if not self.per_layer():
             merge_tokens(cache, *rows_groups[0])
         else:
-            padded = [pad_groups(groups, group_weights) for groups, group_weights in rows_groups]
-            width = max(members.shape[1] for members, _ in padded)
+            width = max(members.shape[1] for members, _ in rows_groups)
             heads = next(iter(cache.layer_tensors()))[0].shape[1]
-            members = torch.stack([torch.nn.functional.pad(m, (0, width - m.shape[1]), value=-1) for m, _ in padded])
-            weights = torch.stack([torch.nn.functional.pad(w, (0, width - w.shape[1])) for _, w in padded])
+            members = torch.stack([_widen(m, width, -1) for m, _ in rows_groups])
+            weights = torch.stack([_widen(w, width, 0) for _, w in rows_groups])
             merge_tokens_per_head(cache, members[:, None].expand(-1, heads, -1, -1), weights[:, None].expand(-1, heads, -1, -1))
         self._apply_position_mode(cache)
         return cache, last_msg
@@ -88,3 +83,17 @@ class MergeKeep(BudgetKeep):
             raise RuntimeError(f"{self.name} keeps one set per layer, but the KV heads of a layer hold different tokens")
         return Records(*(t[:, 0] for t in records))
 
+
+
+def _widen(padded: torch.Tensor, width: int, fill: float) -> torch.Tensor:
+    return torch.nn.functional.pad(padded, (0, width - padded.shape[1]), value=fill)
+
+
+def _with_singles(singles: torch.Tensor, groups: Groups) -> Groups:
+    """The groups of one row with a single-token group for each slot of `singles`, all listed by first slot."""
+    members, weights = groups
+    width = max(members.shape[1], 1)
+    every = torch.cat([_widen(singles[:, None], width, -1), _widen(members, width, -1)])
+    every_weights = torch.cat([_widen(torch.ones(len(singles), 1, dtype=torch.float64), width, 0), _widen(weights, width, 0)])
+    order = torch.argsort(every[:, 0])
+    return every[order], every_weights[order]

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from prospect.cache import KIND, PositionedCache, Records, cache_length
+from prospect.cache import KIND, PositionedCache, Records, cache_length, pad_groups
 from prospect.context_strategies.budget import keep_order
 from prospect.context_strategies.merge_keep import Groups, MergeKeep
 from prospect.context_strategies.snapkv import window_attention
@@ -102,18 +102,21 @@ class StreamMem(MergeKeep):
         k = int((count <= target).sum()) - 1
         kept = torch.zeros(len(slots), dtype=torch.bool)
         kept[order[:k]] = True
-        groups = [slots[i].view(1) for i in torch.nonzero(kept).flatten()]
-        weights = [torch.ones(1, dtype=torch.float64) for _ in groups]
+        groups, weights = [slots[kept].view(-1, 1)], [torch.ones(int(kept.sum()), 1, dtype=torch.float64)]
         if self.merge:
             evicted = ~kept & (kinds == KIND["image"])
-            for frame in torch.unique(frames[evicted]).tolist():
-                members = torch.nonzero(evicted & (frames == frame)).flatten()
-                if len(members) >= 2:
-                    groups.append(slots[members])
-                    weights.append(scores[slots[members]].double())
-        if len(groups) != target:
-            raise RuntimeError(f"streammem: row {r} plans {len(groups)} tokens for {target}")
-        return groups, weights
+            folded = [slots[evicted & (frames == frame)] for frame in torch.unique(frames[evicted]).tolist()]
+            folded = [members for members in folded if len(members) >= 2]
+            if folded:
+                members, _ = pad_groups(folded)
+                groups.append(members)
+                weights.append(torch.where(members >= 0, scores[members.clamp(min=0)].double(), 0.0))
+        width = max(group.shape[1] for group in groups)
+        members = torch.cat([torch.nn.functional.pad(g, (0, width - g.shape[1]), value=-1) for g in groups])
+        weights = torch.cat([torch.nn.functional.pad(w, (0, width - w.shape[1])) for w in weights])
+        if len(members) != target:
+            raise RuntimeError(f"streammem: row {r} plans {len(members)} tokens for {target}")
+        return members, weights
 
 
 def probe_attention(cache: PositionedCache, context: dict[str, Any]) -> torch.Tensor:
