@@ -29,7 +29,8 @@ from prospect.eval.metrics import (
     F1, JACCARD_INDEX, MISSING_RATE, NUM_CONVERSATIONS, NUM_MATCHED, NUM_MISMATCHED, NUM_MISSED, NUM_REDUNDANT,
     PRECISION, RECALL, REDUNDANT_RATE, SEMANTIC_SCORE, TIME_DIFF,
 )
-from prospect.validation import CONF_DIR, ConfigError, check_eval, check_group_choice, compose_config, quote_path_overrides
+from prospect.declared_keys import check_declared_keys, declared_config
+from prospect.validation import CONF_DIR, ConfigError, check_eval, check_group_choice, compose_job, quote_path_overrides
 
 PROG = "prospect.evaluate"
 CONFIG_NAME = "evaluate"
@@ -137,7 +138,8 @@ def check_command_line(argv: list[str]) -> None:
         key, _, value = override.partition("=")
         if key == "eval":
             check_group_choice("eval", value)
-    compose_config(overrides, CONFIG_NAME)
+    cfg, choices = compose_job(overrides, CONFIG_NAME)
+    check_declared_keys(cfg, declared_config(choices, CONFIG_NAME, CONF_DIR))  # + keys no YAML declares
 
 
 def cli() -> None:

@@ -536,6 +536,9 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
         ((f"predictions={tmp_path / 'p.json'}", "eval=none"), "eval=none: scoring is disabled"),
         ((f"predictions={tmp_path / 'p.json'}", "eval=fancy"), "eval=fancy: unknown eval; choose one of: none, offline, proassist"),
         ((f"predictions={tmp_path / 'p.json'}", "eval.threshold=1"), "eval.threshold=1: unknown key"),
+        ((f"predictions={tmp_path / 'p.json'}", "+eval.sentence_modle=x"), "eval.sentence_modle: unknown key (did you mean sentence_model?)"),
+        ((f"predictions={tmp_path / 'p.json'}", "+eval._target_=os.system"), "eval._target_: unknown key; eval has: name, sentence_model"),
+        ((f"predictions={tmp_path / 'p.json'}", "+predictons=x"), "predictons: unknown key (did you mean predictions?); the config has: predictions, eval"),
         ((f"predictions={tmp_path / 'p.json'}", "eval.match_threshold=2"), "eval.match_threshold=2: must be in [0.0, 1.0]"),
         ((f"predictions={tmp_path / 'p.json'}", "eval.sentence_model=/nonexistent/m"), "eval.sentence_model=/nonexistent/m: no such directory"),
     ]
