@@ -3,11 +3,12 @@ user's preset) is refused in one line naming it and the keys allowed, before any
 
 What declares a key: the YAML files of the job's own group options (conf/config.yaml and the chosen
 `model`/`strategy`/`dataset`/`eval`/`logger` file), i.e. the config the job would compose with the same
-choices and no key overrides; for the strategy, also its class's fields. An `experiment` preset sets keys but
-declares none: a key it sets in a group must be declared by one of that group's options (a preset sweeping
-several strategies may set one strategy's key for all of them; the others ignore it), so that a typo in a
-preset is refused too. The `stream` and `summary` nodes are checked by their owners (prospect.validation),
-which know their keys.
+choices and no key overrides. A strategy key may also be one of its class's fields or a key another strategy
+option declares: strategies ignore the parameters they do not use (as `last_keep_len`), so that one sweep
+over several strategies can set one strategy's key (`++strategy.summary_max_new_tokens=128`). An `experiment`
+preset sets keys but declares none: a key it sets in a group must be declared by one of that group's options,
+so that a typo in a preset is refused too. The `stream` and `summary` nodes are checked by their owners
+(prospect.validation), which know their keys.
 
 Light on purpose (omegaconf and Hydra's compose only).
 """
@@ -43,6 +44,9 @@ def declared_config(choices: Mapping[str, str | None], config_name: str, conf_di
 def _declared(picked: tuple[tuple[str, str], ...], config_name: str, conf_dir: str, search_path: tuple[str, ...]) -> dict:
     options = [(group, value) for group, value in picked if group != "experiment"]
     declared = _compose(options, config_name, conf_dir, search_path)
+    if isinstance(declared.get("strategy"), dict):
+        for key, value in _keys_of_options("strategy", conf_dir, search_path).items():
+            declared["strategy"].setdefault(key, value)
     if len(options) == len(picked):
         return declared
     preset = _compose(list(picked), config_name, conf_dir, search_path)
