@@ -58,7 +58,7 @@ def test_bench_grid_runs_the_three_sweeps(tmp_path, model_cache_dir):
     out = tmp_path / "grid.json"
     result = subprocess.run(
         [sys.executable, "-m", "prospect.bench", "grid", "--fused", "--model", "tiny_random", "--seconds", "8", "--reply-tokens", "4",
-         "--eager-jobs", "4", "--jobs-per-gpu", "2", "--grid-dir", str(tmp_path / "grid"), "--out", str(out)],
+         "--eager-jobs", "4", "--jobs-per-gpu", "2", "--summary-tokens", "16", "--grid-dir", str(tmp_path / "grid"), "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=1800, env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)},
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -73,12 +73,16 @@ def test_bench_grid_runs_the_three_sweeps(tmp_path, model_cache_dir):
     assert len(agreement["per_job"]) == 6 and agreement["replies"] > 0 and agreement["rate"] == 1.0  # 6 distinct job keys
     assert "| fused lanes (hydra/launcher=fused) | 12 (12) | 12 |" in result.stdout and "fused/sequential_eager:" in result.stdout
     assert Path(report["grid_dir"]).parent == tmp_path / "grid"  # this run's own folder: a rerun keeps it
+    summarizing = [json.loads(p.read_text())["config"]["strategy"] for p in Path(report["grid_dir"]).rglob("results.json")]
+    assert {s["summary_max_new_tokens"] for s in summarizing if s["name"] == "summarize_and_drop"} == {16}
+    assert "summaries of up to 16 tokens" in result.stdout
 
 
 @pytest.mark.parametrize("args, message", [
     (["--part", "fused,pool"], "--part 'fused,pool': expected a comma-separated list of sequential_eager, concurrent_optimized, fused, zoo_fused"),
     (["--fused", "--lanes-per-gpu", "0"], "--lanes-per-gpu 0: must be at least 1"),
     (["--jobs-per-gpu", "-2"], "--jobs-per-gpu -2: must be at least 1"),
+    (["--summary-tokens", "0"], "--summary-tokens 0: must be at least 1"),
 ])
 def test_bench_grid_rejects_bad_arguments_in_one_line(tmp_path, args, message):
     result = subprocess.run([sys.executable, "-m", "prospect.bench", "grid", *args, "--grid-dir", str(tmp_path)], cwd=REPO,

@@ -232,3 +232,20 @@ def test_analysis_notebook_runs(tmp_path):
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("Pareto front" in str(o.get("text", "")) for o in outputs)
+
+
+def test_a_long_override_list_still_gives_a_job_folder_the_file_system_takes(tmp_path):
+    """hydra.sweep.subdir is N_OVERRIDES; past 200 bytes (file names stop at 255) it is cut and a hash of the
+    whole name added, so distinct jobs keep distinct folders and a long sweep command does not fail."""
+    from prospect.sweep import JOB_FOLDER_BYTES, job_folder
+
+    assert job_folder(3, "strategy=none,stream.max_new_tokens=4") == "3_strategy=none,stream.max_new_tokens=4"
+    assert job_folder(0, "") == "0"
+    long = ",".join(f"dataset.generate.key_{i}=é{i}" for i in range(40))
+    names = {job_folder(n, long + suffix) for n in (0, 1) for suffix in ("", ",x=1")}
+    assert len(names) == 4
+    for name in names:
+        assert len(name.encode()) <= JOB_FOLDER_BYTES and "..._" in name
+        (tmp_path / name).mkdir()  # a name the file system takes
+    # the config names it: a sweep job's folder comes from the resolver
+    assert "${prospect.job_folder:${hydra.job.num},${hydra.job.override_dirname}}" in (REPO / "conf" / "config.yaml").read_text()

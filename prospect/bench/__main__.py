@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid-dir", default="multirun/bench_grid", help="grid: each run's sweeps go to a new DATE_TIME folder in it")
     parser.add_argument("--fused", action="store_true", help="grid: also run the grid as lanes (hydra/launcher=fused)")
     parser.add_argument("--lanes-per-gpu", type=int, default=12, help="grid: the fused launcher's lanes_per_gpu")
+    parser.add_argument("--summary-tokens", type=int, default=None,
+                        help="grid: cap summarize_and_drop's summaries at N tokens (default: its 512; random weights never stop early)")
     parser.add_argument("--zoo-lanes-per-gpu", type=int, default=40, help="grid: lanes_per_gpu for the zoo_fused part")
     parser.add_argument("--part", default=None,
                         help=f"grid: the parts to run, comma-separated, of {', '.join(GRID_PARTS)}, or all (default: the first "
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def count_error(args) -> str | None:
     """What is wrong with the counts and lengths (the error line's text), or None."""
     counts = {"--eager-jobs": args.eager_jobs, "--jobs-per-gpu": args.jobs_per_gpu, "--lanes-per-gpu": args.lanes_per_gpu,
-              "--zoo-lanes-per-gpu": args.zoo_lanes_per_gpu}
+              "--zoo-lanes-per-gpu": args.zoo_lanes_per_gpu, "--summary-tokens": 1 if args.summary_tokens is None else args.summary_tokens}
     bad = next((f"{name} {value}" for name, value in counts.items() if value < 1), None)
     if bad:
         return f"{bad}: must be at least 1"

@@ -93,6 +93,8 @@ def grid_commands(args, root: Path, keep_lens: tuple[str, ...]) -> dict[str, lis
     base = [sys.executable, "-m", "prospect.run", "-m", f"model={args.model}", "model.random_init=true",
             "logger=none", "eval=none", f"dataset.generate.seconds={args.seconds}",
             f"stream.max_new_tokens={args.reply_tokens}", f"stream.min_new_tokens={args.reply_tokens}"]
+    if getattr(args, "summary_tokens", None):  # summarize_and_drop's summaries capped (the other strategies ignore the key)
+        base.append(f"++strategy.summary_max_new_tokens={args.summary_tokens}")
     grid = [*base, "experiment=strategy_grid", "cache=false"]
     eager_grid = ["strategy=none,drop_all,drop_middle,summarize_and_drop", f"strategy.last_keep_len={','.join(keep_lens)}"]
     return {
@@ -121,6 +123,7 @@ def run_grid(args) -> dict:
         if name in ("fused", "zoo_fused"):
             runs[name]["workers"] = _fused_workers(folder)
     report = {"grid": runs, "grid_dir": str(root), "model": args.model, "seconds": args.seconds, "reply_tokens": args.reply_tokens,
+              "summary_tokens": getattr(args, "summary_tokens", None) or 512,
               "jobs_per_gpu": args.jobs_per_gpu, "lanes_per_gpu": args.lanes_per_gpu,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "note": "sequential eager ran the 4 strategies at last_keep_len " + ",".join(keep_lens) + " (jobs per hour compared)"}
@@ -138,7 +141,8 @@ def format_grid(report: dict) -> str:
     """The grid report as docs/performance.md's "Sweep throughput" table."""
     names = {"sequential_eager": "sequential eager", "concurrent_optimized": f"GPU pool, {report['jobs_per_gpu']} jobs per GPU",
              "fused": "fused lanes (hydra/launcher=fused)", "zoo_fused": "strategy_zoo, fused"}
-    lines = [f"{report['model']} random-init, {report['seconds']:g} s video, {report['reply_tokens']}-token replies, GPU: {report['gpu']}", "",
+    lines = [f"{report['model']} random-init, {report['seconds']:g} s video, {report['reply_tokens']}-token replies, "
+             f"summaries of up to {report.get('summary_tokens', 512)} tokens, GPU: {report['gpu']}", "",
              "| sweep | jobs (computed) | ok | wall s | computed jobs/hour | ms/frame per job | peak MB |", "|---|---|---|---|---|---|---|"]
     for name, run in report["grid"].items():
         ms = f"{run['ms_per_frame']:.1f}" if run["ms_per_frame"] is not None else "-"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 from pathlib import Path
@@ -10,6 +11,24 @@ from omegaconf import OmegaConf
 
 from prospect.conf_files import CONF_DIR
 from prospect.config_values import ConfigError
+
+
+JOB_FOLDER_BYTES = 200  # a folder name may have 255 bytes on most file systems; room for a suffix
+
+
+def job_folder(number: object, overrides: object) -> str:
+    """A sweep job's folder name (hydra.sweep.subdir): `N_OVERRIDES`, or, when that is longer than JOB_FOLDER_BYTES,
+    its start and a hash of the whole `N_START..._HASH` (the job's overrides are in its .hydra/overrides.yaml)."""
+    name = f"{number}_{overrides}" if overrides not in (None, "") else str(number)
+    if len(name.encode()) <= JOB_FOLDER_BYTES:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    start = name.encode()[: JOB_FOLDER_BYTES - len(digest) - 4].decode(errors="ignore")
+    return f"{start}..._{digest}"
+
+
+if not OmegaConf.has_resolver("prospect.job_folder"):  # conf/config.yaml's hydra.sweep.subdir
+    OmegaConf.register_new_resolver("prospect.job_folder", job_folder)
 
 
 def sweep_group(sweep_dir: str | Path) -> str:
