@@ -9,7 +9,9 @@ scores and writes each job's files.
 Local files are the source of truth and are written first; results.json is written even when the run
 fails, without losing the predictions already made. Stop signals (prospect/signals.py; docs/sweeps.md,
 "Interruptions and preemption") stop every lane after the frame in progress; what was computed is
-written, then `Interrupted` is raised.
+written, then `Interrupted` is raised. A file that cannot be written for lack of room (a full disk, a
+file-size limit, a read-only file system, a quota) stops the run the same way with `DiskFull`: every file
+already written stays valid, results.json is written where it still can be, then `DiskFull` is raised.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from prospect.data.types import Conversation
 from prospect.eval import evaluate_predictions, measured_scores
 from prospect.eval.intervals import interval_summary, intervals
 from prospect.models.vlm import load_model
-from prospect.signals import Interrupted, StopSignals
+from prospect.signals import DiskFull, Interrupted, StopSignals, is_disk_full
 from prospect.stream.frame_record import ConversationResult
 from prospect.stream.lanes import LaneRunner, OneLane
 from prospect.stream.oracle import OracleRunner
@@ -63,12 +65,22 @@ class RunReport:
 @contextlib.contextmanager
 def recording_failure(report: RunReport) -> Iterator[None]:
     """Record an exception as the run's failure (status, error, traceback in the log) instead of raising;
-    an interrupt (Ctrl-C, a scheduler's signal) is recorded too, then raised again."""
+    an interrupt (Ctrl-C, a scheduler's signal) and a full disk (DiskFull; an OSError of a full disk becomes
+    one) are recorded too, then raised again."""
     try:
-        yield
+        try:
+            yield
+        except Exception as error:
+            if is_disk_full(error):  # wherever it came from, the run has no room for its files: stop
+                raise DiskFull.of(error) from None
+            raise
     except Exception as error:
         report.status, report.error = "failed", f"{type(error).__name__}: {error}"
         log.exception("run failed: %s", report.error)
+    except DiskFull as error:  # a file of the run has no room: the message names it
+        report.status, report.error, report.exit_code = "failed", str(error), error.exit_code
+        log.error("run stopped: %s; writing what was computed", error)
+        raise
     except Interrupted as error:  # a stop signal, at a safe point: the message names it and where
         report.status, report.error, report.exit_code = "failed", str(error), error.exit_code
         log.error("run %s; writing what was computed", error)
@@ -122,7 +134,8 @@ def finish_run(
     report: RunReport, output_dir: Path, config: dict, env: dict, key: str, strategy_name: str, max_seq_len: int | None = None,
     mirror: Any = None, extra: dict | None = None,
 ) -> dict:
-    """Write results.json, the plot and the timeline, print the summary, close the W&B mirror (always)."""
+    """Write results.json, the plot and the timeline, print the summary, close the W&B mirror (always).
+    A file the disk has no room for raises DiskFull at the end (results.json, if it was written, stands)."""
     failed = [r for r in report.results if r.error]
     if failed and report.status == "ok":
         report.status = "failed"
@@ -134,6 +147,7 @@ def finish_run(
     metrics: dict = {}
     predictions = predictions_document(report.results)
     document: dict = {}
+    full: DiskFull | None = None
     try:
         scores = scored(report, predictions)
         metrics = summarize(report, scores)
@@ -153,9 +167,15 @@ def finish_run(
 
             plot_cache_sizes(output_dir / "cache_sizes.png", records, title=f"{strategy_name}: cache length", max_seq_len=max_seq_len)
             write_timeline(output_dir / "timeline.html", predictions, records, title=f"{strategy_name} ({key})", max_seq_len=max_seq_len)
+        except DiskFull as error:  # figures are a courtesy, but a full disk stops the run (once its summary is out)
+            full = error
+            log.warning("could not write the plot/timeline: %s", error)
         except Exception as error:  # figures are a courtesy: they never cost the results
             log.warning("could not draw the plot/timeline: %s: %s", type(error).__name__, error)
         log.info("\n%s", console_summary(strategy_name, report.status, report.error, metrics, report.results, output_dir))
+    except DiskFull as error:  # no room for results.json: the files written so far stand, the job's are incomplete
+        full = error
+        log.error("results.json not written: %s", error)
     except Exception as error:  # still leave a results.json that says what happened
         log.exception("could not write the results")
         report.status, report.error = "failed", f"writing results failed: {type(error).__name__}: {error}"
@@ -163,9 +183,12 @@ def finish_run(
         write_json(output_dir / "results.json", document)
     finally:
         if mirror is not None:
-            exit_code = report.exit_code if report.exit_code is not None else 0 if report.status == "ok" else 1
+            exit_code = report.exit_code if report.exit_code is not None else full.exit_code if full is not None else \
+                0 if report.status == "ok" else 1
             mirror.finish(summary={**metrics, **interval_summary(document.get("intervals", {}))}, predictions=predictions,
                           exit_code=exit_code)
+    if full is not None:
+        raise full
     return document
 
 
@@ -202,7 +225,9 @@ def run_jobs(cfgs: Sequence[DictConfig], output_dirs: Sequence[str | Path], lane
 
     SIGINT/SIGTERM/SIGUSR2 stop every job at the next frame (prospect/signals.py): the files are written, then
     `Interrupted` is raised. A signal that comes once the last frame is streamed lets the jobs finish (status
-    ok) and `Interrupted` is raised after their files are written."""
+    ok) and `Interrupted` is raised after their files are written. A file that has no room (DiskFull) stops
+    every job the same way: each job's results.json is still tried, then the first DiskFull is raised (it
+    also takes the place of a signal's stop whose results could not be written)."""
     if len(cfgs) != len(output_dirs) or not cfgs:
         raise ValueError(f"run_jobs: {len(cfgs)} configs for {len(output_dirs)} output folders")
     if not lanes and len(cfgs) > 1:
@@ -225,6 +250,7 @@ def run_jobs(cfgs: Sequence[DictConfig], output_dirs: Sequence[str | Path], lane
     lanes_info: dict[str, Any] = {"jobs": len(cfgs), "job_keys": keys}
     with StopSignals.current() as stop:
         mirrors = [start_mirror(cfg, folder, config, concurrent=lanes) for cfg, folder, config in zip(cfgs, dirs, configs)]
+        stopped: BaseException | None = None
         try:
             with recording_failure(shared):
                 check_shared(configs)
@@ -248,19 +274,29 @@ def run_jobs(cfgs: Sequence[DictConfig], output_dirs: Sequence[str | Path], lane
                 for index in live:
                     with recording_failure(reports[index]):
                         score(reports[index], cfgs[index].eval)
-        finally:  # also when interrupted: what was computed is written, job by job
-            stop.writing = True
-            try:
-                documents = []
-                for index, cfg in enumerate(cfgs):
-                    report = reports[index]
-                    if shared.status != "ok" and report.status == "ok":
-                        report.status, report.error, report.exit_code = shared.status, shared.error, shared.exit_code
-                    extra = {"lanes": {**lanes_info, "job": index}} if lanes else None
+        except BaseException as error:  # stopped (a signal, a full disk): what was computed is still written, below
+            stopped = error
+        full: DiskFull | None = None
+        documents: list[dict] = []
+        stop.writing = True
+        try:
+            for index, cfg in enumerate(cfgs):
+                report = reports[index]
+                if shared.status != "ok" and report.status == "ok":
+                    report.status, report.error, report.exit_code = shared.status, shared.error, shared.exit_code
+                extra = {"lanes": {**lanes_info, "job": index}} if lanes else None
+                try:
                     documents.append(finish_run(report, dirs[index], configs[index], environment(device), keys[index],
                                                 str(cfg.strategy.name), int(cfg.strategy.max_seq_len), mirrors[index], extra))
-            finally:
-                stop.writing = False
+                except DiskFull as error:  # this job's files are incomplete; the other jobs still write theirs
+                    full = full or error
+                    documents.append({"status": "failed", "error": str(error)})
+        finally:
+            stop.writing = False
+        if stopped is not None and (full is None or isinstance(stopped, DiskFull)):
+            raise stopped  # the first file that had no room is the one named
+        if full is not None:
+            raise full
         stop.check("after the run finished (its results are complete)")
     return documents
 
@@ -339,18 +375,39 @@ def stream_jobs(runner: Any, conversations: Iterable[Conversation], files: Seque
         for job_results, result in zip(results, lane_results):
             job_results.append(result)
         try:
-            runner.run(conversation, lane_results, progress=True, on_frames=[f.record for f in files],
-                       on_step=lambda index: check(f"at frame {index} of conversation {conversation.id}"))
+            try:
+                runner.run(conversation, lane_results, progress=True, on_frames=[f.record for f in files],
+                           on_step=lambda index: check(f"at frame {index} of conversation {conversation.id}"))
+            except Exception as error:
+                if is_disk_full(error):  # no room for a file of the run: not this conversation's failure, stop
+                    raise DiskFull.of(error) from None
+                raise
         except Exception as error:  # recorded per conversation; the others still run
             for result in lane_results:
                 result.error = result.error or f"{type(error).__name__}: {error}"
             log.error("conversation %s failed after %d frames: %s: %s", conversation.id, len(lane_results[0].trace),
                       type(error).__name__, error)
-        except BaseException as error:  # interrupted: keep what each lane made, then stop
+        except BaseException as error:  # interrupted or a full disk: keep what each lane made, then stop
             peak = (lambda: peak_memory_mb(device)) if device is not None else None
-            for job_files, result in zip(files, lane_results):
-                job_files.stopped(result, error, peak)
+            reason = error
+            full = each_lane(files, lambda job_files, result: job_files.stopped(result, reason, peak), lane_results)
+            if full is not None and not isinstance(error, DiskFull):
+                raise full from None  # the predictions have no room: the files are incomplete, say so
             raise
-        for job_files, result in zip(files, lane_results):
-            job_files.conversation_done(result)
+        full = each_lane(files, lambda job_files, result: job_files.conversation_done(result), lane_results)
+        if full is not None:
+            raise full
         check(f"after conversation {conversation.id}")
+
+
+def each_lane(files: Sequence[JobFiles], write: Any, lane_results: Sequence[ConversationResult]) -> DiskFull | None:
+    """`write(job_files, result)` for every lane; a lane whose file has no room does not keep the others from
+    writing theirs. Returns the first DiskFull, or None."""
+    full = None
+    for job_files, result in zip(files, lane_results):
+        try:
+            write(job_files, result)
+        except DiskFull as error:
+            log.error("predictions.json not written: %s", error)
+            full = full or error
+    return full

@@ -8,11 +8,18 @@ progress (marked partial), results.json says failed and names the signal, and `p
 exits 128 + the signal's number. The same signal a second time stops at once. A sweep launcher (gpu_pool,
 fused) records the signals with `SweepStop` and forwards them to its jobs. docs/sweeps.md, "Interruptions
 and preemption", tells the user's side.
+
+A full disk stops a run the same way (`DiskFull`, raised where a file of the run cannot be written: no
+space, a file-size limit, a read-only file system, a quota): what was computed stays valid on disk, a sweep
+starts no further job but writes its summary where it still can, and `python -m prospect.run` prints one
+line and exits EXIT_DISK_FULL.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import signal
 import sys
@@ -22,6 +29,12 @@ from typing import Any, ClassVar, Iterable
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run (or a sweep job) failed: its results.json says why
 EXIT_USAGE = 2  # a bad command line or config, or an output folder that cannot be created: one line, nothing run
+EXIT_DISK_FULL = 3  # a file of the run could not be written (disk full, file too large, read-only, quota): one line
+
+# what a full or unwritable disk answers a write with: no space, over a file-size limit (ulimit -f), a read-only
+# file system, over a disk quota
+DISK_FULL_ERRNOS = frozenset(code for code in (errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", None))
+                             if code is not None)
 
 
 def exit_code(signum: int) -> int:
@@ -34,13 +47,35 @@ def print_error(message: str) -> None:
     print(f"prospect: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error` is an OSError of a full or unwritable disk (DISK_FULL_ERRNOS)."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)  # SIGUSR2: submitit's "preempted / time is up"
 
 
-class Interrupted(BaseException):
-    """A stop signal reached a safe point (between frames). A BaseException, like KeyboardInterrupt, so that
-    no per-conversation `except Exception` takes it for a failed conversation. `exit_code` is the shell's
-    128 + signal number: 130 SIGINT, 143 SIGTERM, 140 SIGUSR2."""
+class Stopped(BaseException):
+    """What ends a run early but keeps what it computed: a stop signal (`Interrupted`) or a full disk
+    (`DiskFull`). A BaseException, like KeyboardInterrupt, so that no per-conversation `except Exception`
+    takes it for a failed conversation. In a multirun prospect.run sets `sweep_dir`; its cli() then writes the
+    sweep summary, prints `sweep_message()` and exits `exit_code`."""
+
+    sweep_dir: str | None = None
+    summary_tried: bool = False  # the sweep summary was attempted already (it failed for lack of room)
+
+    @property
+    def exit_code(self) -> int:
+        raise NotImplementedError
+
+    def sweep_message(self) -> str:
+        """The one line a stopped sweep prints."""
+        raise NotImplementedError
+
+
+class Interrupted(Stopped):
+    """A stop signal reached a safe point (between frames). `exit_code` is the shell's 128 + signal number:
+    130 SIGINT, 143 SIGTERM, 140 SIGUSR2."""
 
     def __init__(self, signum: int, where: str = "") -> None:
         self.signum = int(signum)
@@ -54,6 +89,9 @@ class Interrupted(BaseException):
     def exit_code(self) -> int:
         return exit_code(self.signum)
 
+    def sweep_message(self) -> str:
+        return f"sweep stopped: {self} (jobs after it were not started; rerun the same command to resume: finished jobs are reused)"
+
     def hand_over(self) -> bool:
         """Pass the signal on to the handler that was installed before prospect's, when that is another
         program's Python handler (submitit's: SIGUSR2 checkpoints and requeues the job, then exits; SIGTERM
@@ -63,6 +101,61 @@ class Interrupted(BaseException):
             return False
         handler(self.signum, None)
         return True
+
+
+class DiskFull(Stopped):
+    """A file of the run could not be written for lack of room (DISK_FULL_ERRNOS): the run stops there, keeps
+    every file already written valid, and exits EXIT_DISK_FULL. `str()`: `cannot write FILE: STRERROR`.
+    `folder`: where what was computed is (the job's output folder; prospect.run sets it)."""
+
+    def __init__(self, path: Any, strerror: str, errno_: int | None = None, folder: str | None = None) -> None:
+        self.path, self.strerror, self.errno = str(path), strerror, errno_
+        self.folder = folder
+        self.sweep_dir: str | None = None
+        super().__init__(f"cannot write {self.path}: {strerror}")
+
+    @classmethod
+    def of(cls, error: OSError, path: Any = None) -> "DiskFull":
+        """`error` (a disk-full OSError) as DiskFull, naming `path` (default: the file the error names)."""
+        where = path if path is not None else error.filename if error.filename is not None else "a file"
+        return cls(where, error.strerror or os.strerror(error.errno), error.errno)
+
+    @classmethod
+    def parse(cls, message: str) -> "DiskFull | None":
+        """The DiskFull a `cannot write FILE: STRERROR` message (a results.json's error) tells of, or None."""
+        if not message.startswith("cannot write ") or ": " not in message:
+            return None
+        path, _, strerror = message[len("cannot write "):].rpartition(": ")
+        return cls(path, strerror.split(" (what was computed", 1)[0])
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_DISK_FULL
+
+    def message(self, folder: str | None = None) -> str:
+        """`cannot write FILE: STRERROR (what was computed is in DIR)` (DIR: `folder`, else the job's folder)."""
+        where = folder or self.folder
+        return f"{self} (what was computed is in {where})" if where else str(self)
+
+    def sweep_message(self) -> str:
+        return self.message(self.sweep_dir)
+
+
+def quiet_full_disk_logging(logger: logging.Logger | None = None) -> None:
+    """Let the handlers of `logger` (default: the root logger; e.g. Hydra's run.log) drop a record their file
+    has no room for, instead of printing logging's "--- Logging error ---" traceback on stderr; any other
+    error of a handler is reported as before. Safe to call again (a handler is changed once)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if getattr(handler, "quiet_when_disk_full", False):
+            continue
+        report = handler.handleError
+
+        def handle_error(record: logging.LogRecord, report: Any = report) -> None:
+            if not is_disk_full(sys.exc_info()[1]):
+                report(record)
+
+        handler.handleError = handle_error  # type: ignore[method-assign]
+        handler.quiet_when_disk_full = True  # type: ignore[attr-defined]
 
 
 class SignalFlags:

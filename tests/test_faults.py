@@ -534,3 +534,128 @@ def test_evaluate_on_a_broken_json_file(tmp_path, env, text, expected):
     predictions = tmp_path / "predictions.json"
     predictions.write_text(text)
     assert evaluate_refuses(tmp_path, env, predictions)[0].startswith(expected)
+
+
+# ---- a full disk: a file-size limit (ulimit -f) gives the error a full disk gives -----------------------------
+
+
+DISK_FULL_VIDEO = "dataset.generate.seconds=60"  # 120 frames, about 68 KB of trace.jsonl
+
+
+@pytest.fixture(scope="module")
+def disk_full_video(env) -> str:
+    """The 60 s video, generated before any run under a file-size limit (which could not write its frames)."""
+    from prospect.data.synthetic import ensure_generated
+    from prospect.validation import compose_config
+
+    cfg = compose_config([*TINY, DISK_FULL_VIDEO, f"paths.cache_dir={env['PROSPECT_CACHE_DIR']}"])
+    g = cfg.dataset.generate
+    ensure_generated(cfg.dataset.root, g.videos, g.seconds, g.fps, g.seed, g.knowledge, bool(g.get("named_user", False)))
+    return DISK_FULL_VIDEO
+
+
+class LimitedRun(Run):
+    """A `python -m prospect.run` whose process may write no file past `limit` bytes (RLIMIT_FSIZE, what `ulimit
+    -f` sets): a write past it fails with EFBIG ("File too large"), as a full disk fails one with ENOSPC (Python
+    ignores SIGXFSZ). Its own stdout and stderr files are under the limit too."""
+
+    def __init__(self, tmp_path: Path, name: str, args: list[str], env: dict, limit: int):
+        resource = pytest.importorskip("resource")
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        if hard != resource.RLIM_INFINITY and hard < limit:
+            pytest.skip(f"the file-size limit is already {hard} bytes")
+
+        def limited() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        self.out, self.err = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        with self.out.open("w") as out, self.err.open("w") as err:
+            try:
+                self.process = subprocess.Popen([sys.executable, "-m", "prospect.run", *args], cwd=REPO, stdout=out, stderr=err,
+                                                env=env, preexec_fn=limited)
+            except subprocess.SubprocessError as error:  # setrlimit refused
+                pytest.skip(f"cannot limit the file size here: {error}")
+        Run.started.append(self.process)
+
+
+def file_too_large() -> str:
+    import errno
+    import os
+
+    return os.strerror(errno.EFBIG)
+
+
+def assert_clean_stop(run: Run, line: str) -> None:
+    """Exit 3 (prospect.signals.EXIT_DISK_FULL), the one error line, and no traceback anywhere."""
+    assert run.wait() == 3, run.stderr[-3000:]
+    assert run.error_lines() == [f"{ERROR_PREFIX}{line}"]
+    output = run.stdout + run.stderr
+    assert "Traceback" not in output and "Logging error" not in output, output[-3000:]
+
+
+def assert_files_valid(folder: Path) -> None:
+    """Every JSON file under `folder` parses, every trace.jsonl line parses, and no temporary file is left."""
+    assert not list(folder.rglob("*.tmp")), "a failed atomic write leaves no temporary file"
+    for path in folder.rglob("*.json"):
+        json.loads(path.read_text())
+    for trace in folder.rglob("trace.jsonl"):
+        read_trace(trace.parent)
+
+
+def test_file_too_large_mid_run_keeps_what_was_computed(tmp_path, env, disk_full_video):
+    out = tmp_path / "out"
+    limit = 32 * 1024
+    run = LimitedRun(tmp_path, "run", [*TINY, disk_full_video, "logger=none", f"hydra.run.dir={out}"], env, limit)
+    message = f"cannot write {out / 'trace.jsonl'}: {file_too_large()}"
+    assert_clean_stop(run, f"{message} (what was computed is in {out})")
+    assert_files_valid(out)
+    results, predictions, trace = assert_nothing_lost(out)  # the frame whose record had no room is in no file
+    assert results["status"] == "failed" and results["error"] == message
+    [conversation] = predictions["conversations"]
+    assert 1 <= len(trace) < conversation["num_frames"] and conversation["partial"] is True
+    assert conversation["frames_streamed"] == len(trace)
+    assert (out / "trace.jsonl").stat().st_size <= limit
+
+
+def test_file_size_limit_below_results_json(tmp_path, env, disk_full_video):
+    """A limit so small that results.json cannot be written (hydra.output_subdir=null: Hydra's own files would
+    not fit either): trace.jsonl keeps its complete lines, no results.json and no temporary file is left, and a
+    sweep summary over the folder says the job's files are incomplete."""
+    from prospect.sweep.summary import write_summary
+
+    sweep = tmp_path / "sweep"
+    out = sweep / "0_job"
+    run = LimitedRun(tmp_path, "run", [*TINY, disk_full_video, "logger=none", f"hydra.run.dir={out}", "hydra.output_subdir=null"],
+                     env, 2048)
+    assert_clean_stop(run, f"cannot write {out / 'trace.jsonl'}: {file_too_large()} (what was computed is in {out})")
+    assert not (out / "results.json").exists()
+    assert_files_valid(out)
+    assert read_trace(out)
+    write_summary(sweep)
+    assert "missing: no results.json: the job's files are incomplete" in (sweep / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("launcher", ["basic", "fused"])
+def test_file_too_large_stops_a_sweep_with_its_summary(tmp_path, env, disk_full_video, launcher):
+    """Job 0 runs out of room: it is recorded failed, job 1 (its own lane set under fused) never starts, the
+    summary is written, and the sweep prints the one line and exits 3."""
+    import csv
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY[:-1], "stream.max_new_tokens=2,3", disk_full_video, "logger=none", f"hydra.sweep.dir={sweep}",
+            f"cache_root={tmp_path}"]
+    if launcher == "fused":
+        args.append("hydra/launcher=fused")
+    run = LimitedRun(tmp_path, "sweep", args, env, 32 * 1024)
+    run.wait()
+    [job] = sweep.glob("0_*")
+    message = f"cannot write {job / 'trace.jsonl'}: {file_too_large()}"
+    assert_clean_stop(run, f"{message} (what was computed is in {sweep})")
+    assert not list(sweep.glob("1_*")), "no job starts after the one that ran out of room"
+    assert_files_valid(sweep)
+    results, _, trace = assert_nothing_lost(job)
+    assert results["status"] == "failed" and results["error"] == message and trace
+    summary = (sweep / "summary.md").read_text()
+    assert "| failed |" in summary and message in summary
+    with (sweep / "summary.csv").open() as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["failed"]

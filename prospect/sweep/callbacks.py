@@ -13,6 +13,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from prospect.signals import DiskFull, is_disk_full
 from prospect.sweep.baselines import FROM_SWEEP_CONFIG, BaselineError, FromSweepConfig, baseline_text
 from prospect.sweep.summary import write_summary
 
@@ -45,14 +46,22 @@ def summarize_sweep(sweep_dir: str, interrupted: str | None = None,
                     baseline: str | int | None | FromSweepConfig = FROM_SWEEP_CONFIG) -> dict | None:
     """Write and print the summary of a sweep folder (summary.csv, summary.md, pareto.png,
     cache_timelines.png, ref_nll_by_turn.png) and count its failed jobs. `interrupted`: why the sweep stopped
-    early (a signal; prospect.run calls this itself then, as Hydra's end-of-multirun callback does not run).
-    `baseline`: summary.baseline (by default read from the sweep's multirun.yaml)."""
+    early (a signal, a full disk; prospect.run calls this itself then, as Hydra's end-of-multirun callback does not
+    run): the summary then never raises, a failure to write it is logged. `baseline`: summary.baseline (by default
+    read from the sweep's multirun.yaml). A summary the disk has no room for raises DiskFull (its files are
+    written atomically: none is left half written)."""
     try:
         summary = _write(sweep_dir, baseline)
-    except Exception as error:
+    except (Exception, DiskFull) as error:
+        if interrupted is None and (isinstance(error, DiskFull) or is_disk_full(error)):
+            full = error if isinstance(error, DiskFull) else DiskFull.of(error)
+            log.error("could not write the summary of the sweep %s: %s", sweep_dir, full)
+            full.sweep_dir, full.summary_tried = str(sweep_dir), True
+            raise full from None  # prospect.run's cli() prints the one line and exits EXIT_DISK_FULL
         if interrupted is None:
             raise
-        log.error("could not write the summary of the interrupted sweep %s: %s: %s", sweep_dir, type(error).__name__, error)
+        reason = str(error) if isinstance(error, DiskFull) else f"{type(error).__name__}: {error}"
+        log.error("could not write the summary of the stopped sweep %s: %s", sweep_dir, reason)
         return None
     _failed_jobs.append(sum(len(row["jobs"].split()) for row in summary["failures"]))
     log.info("sweep summary: %d jobs, %d distinct, written to %s", summary["jobs"], len(summary["rows"]),

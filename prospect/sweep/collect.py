@@ -40,6 +40,18 @@ class Job:
         return self.results["status"] if self.results else "missing"
 
     @property
+    def error(self) -> str | None:
+        """Its results.json's error; for a job without one that left other files (stopped by a full disk,
+        killed), that its files are incomplete."""
+        if self.results:
+            return self.results.get("error")
+        kept = [name for name in ("trace.jsonl", "predictions.json") if (self.folder / name).is_file()]
+        if kept:
+            return (f"no results.json: the job's files are incomplete (it stopped before writing it, e.g. on a full disk; "
+                    f"{' and '.join(kept)} {'holds' if len(kept) == 1 else 'hold'} what it computed)")
+        return None
+
+    @property
     def settings(self) -> dict[str, str]:
         """The overrides as {key: value} ('~key' without '=': value '')."""
         return dict(split_override(o) for o in self.overrides)
@@ -82,16 +94,18 @@ class Row:
             **{name: metrics.get(name) for name in SUMMARY_METRICS},
             "job_key": results.get("job_key"),
             "cached": sum(bool(j.results and j.results.get("cached")) for j in self.jobs),
-            "error": next((j.results.get("error") for j in self.jobs if j.results and j.results.get("error")), None),
+            "error": next((j.error for j in self.jobs if j.error), None),
         }
 
 
 def collect_jobs(sweep_dir: str | Path) -> list[Job]:
-    """Every job folder of a sweep (a folder holding .hydra/ or results.json), in job order. A '/' in an
-    override value nests a job folder deeper; its number is read from the top folder's name."""
+    """Every job folder of a sweep (a folder holding .hydra/, results.json, or what a job streams:
+    trace.jsonl, predictions.json), in job order. A '/' in an override value nests a job folder deeper; its
+    number is read from the top folder's name."""
     sweep_dir = Path(sweep_dir)
     folders = {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()}
-    folders |= {p.parent for p in sweep_dir.rglob("results.json")}
+    for name in ("results.json", "trace.jsonl", "predictions.json"):
+        folders |= {p.parent for p in sweep_dir.rglob(name)}
     folders = {f for f in folders if f != sweep_dir and not any(parent in folders for parent in f.parents)}
     jobs = []
     for folder in folders:

@@ -39,6 +39,9 @@ true batches them on the CPU too: faster, equal to each job alone up to float ro
 
 Signals are handled as by the GPU-pool launcher: forwarded to the running workers (whose lanes stop after
 their frame and write their files), no further worker starts, the summary is written, exit 128 + signal.
+A full disk too: a worker whose files had no room exits EXIT_DISK_FULL (its lanes stop, each job's
+results.json written where it can be), no further worker starts, and prospect.run writes the summary where it
+can, prints one line and exits EXIT_DISK_FULL.
 """
 
 from __future__ import annotations
@@ -60,8 +63,11 @@ from typing import Any, Sequence
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
 from omegaconf import OmegaConf
 
-from prospect.signals import EXIT_USAGE, Interrupted, StopSignals, SweepStop
-from prospect.sweep.gpu_pool import GpuPoolLauncher, PoolJob, check_launcher_settings, refuse, register_launcher, visible_gpus, write_hydra_files
+from prospect.signals import (EXIT_DISK_FULL, EXIT_USAGE, DiskFull, Interrupted, StopSignals, SweepStop, is_disk_full, print_error,
+                              quiet_full_disk_logging)
+from prospect.sweep.gpu_pool import (GpuPoolLauncher, PoolJob, check_launcher_settings, refuse, register_launcher, reported_disk_full,
+                                     visible_gpus, write_hydra_files, written)
+from prospect.tracking.job_files import write_json
 from prospect.sweep.lane_memory import balanced_sizes, capacity_sets, chunks, memory_sets
 from prospect.sweep.result_cache import find_result, key_lock, reuse_result, usable_result
 
@@ -172,6 +178,7 @@ class FusedLauncher(GpuPoolLauncher):
         gpus: list[str | None] = list(self.gpus or visible_gpus()) or [None]
         stop = SweepStop().install()
         running: list[Worker] = []
+        self.full = None
         try:
             jobs = [self._prepare(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
             self.workers_started = max(self.workers_started, first_free_worker(sweep_dir))  # a resumed sweep keeps the old logs
@@ -185,23 +192,27 @@ class FusedLauncher(GpuPoolLauncher):
                      len(lanes), len(waiting), self.lanes_per_gpu)
             finished: list[Worker] = []
             forwarded = 0
-            while running or (waiting and not stop.received):
+            while running or (waiting and not self._stopping(stop)):
                 forwarded = self._forward(stop, forwarded, running)
                 for worker in [w for w in running if w.process.poll() is not None]:
                     running.remove(worker)
                     finished.append(worker)
+                    if worker.process.returncode == EXIT_DISK_FULL and self.full is None:  # the next worker would fail the same way
+                        self.full = reported_disk_full(worker.jobs, worker.log_path)
                     self._collect(worker, stop)
                     self._write_workers(sweep_dir, finished + running)
                 self._settle_duplicates(duplicates, stop)
                 busy = {w.gpu for w in running}
                 for gpu in gpus:
-                    if waiting and gpu not in busy and not stop.received:
+                    if waiting and gpu not in busy and not self._stopping(stop):
                         worker = waiting.pop(0)
                         self._start_worker(worker, gpu, sweep_dir)
                         running.append(worker)
                         self._write_workers(sweep_dir, finished + running)
                 time.sleep(self.poll_s)
             self._settle_duplicates(duplicates, stop)
+        except (DiskFull, OSError) as error:  # the launcher's own writes (a plan, a reused job's files) had no room
+            self.full = self.full or self._no_room(error)
         finally:
             stop.uninstall()
             if running:  # an error in the launcher itself: leave no worker running without it
@@ -233,14 +244,14 @@ class FusedLauncher(GpuPoolLauncher):
 
     def _settle_duplicates(self, duplicates: dict[int, tuple[PoolJob, PoolJob]], stop: SweepStop) -> None:
         """Finish the jobs whose key's lane is done: reuse its ok result; after a failure record it (a rerun
-        recomputes them), unless the sweep is stopping (then they count as not started)."""
+        recomputes them), unless the sweep is stopping (a signal, a full disk: then they count as not started)."""
         for index, (job, source) in list(duplicates.items()):
             if source.result is None:
                 continue
             if usable_result(source.folder, job.key):
                 del duplicates[index]
                 self._reuse(job, source.folder)
-            elif not stop.received:
+            elif not self._stopping(stop):
                 del duplicates[index]
                 error = (source.result.return_value or {}).get("error")
                 write_hydra_files(job)
@@ -248,9 +259,11 @@ class FusedLauncher(GpuPoolLauncher):
 
     @staticmethod
     def _failed(job: PoolJob, error: str) -> dict:
+        """Record `job` failed in its results.json (left absent when the disk has no room for it: the summary then
+        says its files are incomplete)."""
         document = {"status": "failed", "error": error, "job_key": job.key}
         job.folder.mkdir(parents=True, exist_ok=True)
-        (job.folder / "results.json").write_text(json.dumps(document, indent=1) + "\n")
+        written(lambda: write_json(job.folder / "results.json", document), job.folder / "results.json")
         return document
 
     def _start_worker(self, worker: Worker, gpu: str | None, sweep_dir: Path) -> None:
@@ -293,8 +306,9 @@ class FusedLauncher(GpuPoolLauncher):
         for lane, job in enumerate(worker.jobs):
             config = job.folder / ".hydra" / "config.yaml"  # the worker writes it when the lane's set begins
             started = (job.folder / "results.json").is_file() or (config.is_file() and config.stat().st_mtime >= worker.started_at - 1)
-            (job.folder / "launcher.log").write_text(self._pointer(job, lane, worker, worker.gpu) + output)
-            if stop.received and not started:
+            log_file = job.folder / "launcher.log"
+            written(lambda: log_file.write_text(self._pointer(job, lane, worker, worker.gpu) + output), log_file)
+            if self._stopping(stop) and not started:
                 continue  # the worker stopped before this lane's set began: not started, as a job the pool never started
             self._finish(job)
 
@@ -312,9 +326,7 @@ class FusedLauncher(GpuPoolLauncher):
                  "returncode": w.process.returncode if w.process else None, "log": str(w.log_path)}
                 for w in sorted(workers, key=lambda w: w.index)]
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(".json.tmp")
-        staging.write_text(json.dumps(rows, indent=1) + "\n")
-        os.replace(staging, path)
+        written(lambda: write_json(path, rows), path)  # atomic; no room: the sweep is stopping, its summary says so
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -332,10 +344,13 @@ def _run_lane_set(jobs: list[PoolJob], batch_lanes: bool | None = None, search_p
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().addHandler(handler)
         handlers.append(handler)
+    quiet_full_disk_logging()  # a full disk: the logs lose lines, no "--- Logging error ---" traceback
     try:
         run_jobs([OmegaConf.create(j.config) for j in jobs], [j.folder for j in jobs], lanes=True, batch_lanes=batch_lanes,
                  search_path=list(search_path))
     except Exception as error:  # run_jobs records its lanes' failures; this is the set's own (e.g. a bug)
+        if is_disk_full(error):  # no room (e.g. for a job's folder): the worker stops, and so does the sweep
+            raise DiskFull.of(error) from None
         log.exception("lane set %s failed", " ".join(f"#{j.index}" for j in jobs))
         for job in jobs:
             if not (job.folder / "results.json").is_file():
@@ -359,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
                         force=True)
+    quiet_full_disk_logging()
     log.info("fused worker %s: CUDA_VISIBLE_DEVICES=%s, %d lane(s): %s", plan.get("worker"), os.environ.get("CUDA_VISIBLE_DEVICES"),
              len(jobs), " ".join(f"#{j.index}" for j in jobs))
     stop = StopSignals.current().install()  # for the whole worker: a signal between lane sets is not lost
@@ -383,6 +399,14 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as interrupted:
         log.error("fused worker %s: %s", plan.get("worker"), interrupted)
         return interrupted.exit_code
+    except (DiskFull, OSError) as error:  # a lane's file (or a job's .hydra files) had no room: the launcher stops the sweep
+        full = error if isinstance(error, DiskFull) else DiskFull.of(error) if is_disk_full(error) else None
+        if full is None:
+            raise
+        log.error("fused worker %s: %s", plan.get("worker"), full)
+        with contextlib.suppress(OSError):
+            print_error(full.message(", ".join(str(j.folder) for j in jobs)))  # the launcher reads this line
+        return EXIT_DISK_FULL
     finally:
         stop.uninstall()
     return 0

@@ -13,6 +13,11 @@ the launcher waits for the running ones, and prospect.run writes the sweep summa
 signal's number. A second signal is forwarded too (the jobs stop at once); a third kills the jobs. Jobs
 run in their own session, so a Ctrl-C at the terminal reaches them once, through the launcher.
 
+A job that exits EXIT_DISK_FULL (a file of its run had no room) stops the sweep the same way: no new job
+starts (it would fail the same way), the running ones finish, and prospect.run writes the summary where it
+can, prints the job's one line and exits EXIT_DISK_FULL. A job's results.json the launcher cannot write for
+lack of room is left absent: the summary says that job's files are incomplete.
+
 Hydra instantiates launchers only from its `hydra_plugins` namespace and only classes it registered,
 so `register()` (called by `python -m prospect.run` before Hydra starts) files this class under
 `hydra_plugins.prospect_gpu_pool`, the name conf/hydra/launcher/gpu_pool.yaml uses.
@@ -41,9 +46,10 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from prospect.signals import EXIT_USAGE, Interrupted, SweepStop, print_error
+from prospect.signals import EXIT_DISK_FULL, EXIT_USAGE, DiskFull, Interrupted, SweepStop, is_disk_full, print_error
 from prospect.sweep import sweep_group
 from prospect.sweep.result_cache import find_result, reuse_result
+from prospect.tracking.job_files import write_json
 from prospect.tracking.results import job_key
 
 log = logging.getLogger(__name__)
@@ -90,6 +96,44 @@ def write_hydra_files(job: PoolJob) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(job.task_overrides)), encoding="utf-8")
     (folder / "config.yaml").write_text(job.config_yaml, encoding="utf-8")
+
+
+def written(write: Any, what: str) -> bool:
+    """Call `write()`; when the disk has no room for it (DiskFull, or an OSError of a full disk), log that
+    `what` was not written and go on (the sweep is stopping already). Returns whether it was written."""
+    try:
+        write()
+        return True
+    except (OSError, DiskFull) as error:
+        if not (isinstance(error, DiskFull) or is_disk_full(error)):
+            raise
+        log.error("%s", error if isinstance(error, DiskFull) else DiskFull.of(error, what))
+        return False
+
+
+ERROR_LINE = "prospect: error: "
+
+
+def reported_disk_full(jobs: Sequence["PoolJob"], output: Path | None) -> DiskFull:
+    """What a process that exited EXIT_DISK_FULL ran out of room for: the `cannot write FILE: REASON` of its
+    jobs' results.json, else the line it printed in `output` (its console log), else its first job's folder."""
+    for job in jobs:
+        try:
+            error = json.loads((job.folder / "results.json").read_text()).get("error")
+        except (OSError, ValueError, AttributeError):
+            error = None
+        found = DiskFull.parse(error) if isinstance(error, str) else None
+        if found is not None:
+            return found
+    try:
+        lines = output.read_text(errors="replace").splitlines() if output is not None else []
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        found = DiskFull.parse(line.partition(ERROR_LINE)[2]) if ERROR_LINE in line else None
+        if found is not None:
+            return found
+    return DiskFull(jobs[0].folder if jobs else "the sweep's files", f"no room left (the process exited with code {EXIT_DISK_FULL})")
 
 
 def search_path_override(config: Any) -> str | None:
@@ -212,12 +256,12 @@ class GpuPoolLauncher(Launcher):
             code = job.process.returncode if job.process else None
             if results.is_file():
                 document = json.loads(results.read_text())
-            else:  # the process died before writing its results (killed, out of memory): record it
+            else:  # the process died before writing its results (killed, out of memory, a full disk): record it
                 killed = _signal_name(code)
                 how = f"was killed by {killed}" if killed else f"exited with code {code}"
                 document = {"status": "failed", "error": f"{self.process_name} {how} before writing results.json "
                             f"(see {job.folder / 'launcher.log'})", "job_key": job.key}
-                results.write_text(json.dumps(document, indent=1) + "\n")
+                written(lambda: write_json(results, document), results)  # no room: the summary says its files are incomplete
         ret = JobReturn(overrides=job.overrides, working_dir=str(job.folder), task_name="prospect.run", status=JobStatus.COMPLETED)
         ret.return_value = document
         job.result = ret
@@ -230,18 +274,23 @@ class GpuPoolLauncher(Launcher):
         log.info("Launching %d jobs on GPUs %s, %d per GPU", len(job_overrides), gpus, self.jobs_per_gpu)
         stop = SweepStop().install()
         running: list[PoolJob] = []
+        self.full = None
         try:
             jobs = [self._prepare(list(o), initial_job_idx + i) for i, o in enumerate(job_overrides)]
             waiting = list(jobs)
             forwarded = 0  # signals of stop.received passed on to the running jobs
-            while running or (waiting and not stop.received):
+            while running or (waiting and not self._stopping(stop)):
                 forwarded = self._forward(stop, forwarded, running)
                 for job in [j for j in running if j.process.poll() is not None]:
                     running.remove(job)
+                    if job.process.returncode == EXIT_DISK_FULL and self.full is None:  # the next job would fail the same way
+                        self.full = reported_disk_full([job], job.folder / "launcher.log")
                     self._finish(job)
-                if not stop.received:
+                if not self._stopping(stop):
                     self._schedule(waiting, running, gpus, stop)
                 time.sleep(self.poll_s)
+        except (DiskFull, OSError) as error:  # the launcher's own writes (a reused job's files) had no room
+            self.full = self.full or self._no_room(error)
         finally:
             stop.uninstall()
             if running:  # an error in the launcher itself: leave no job running without it
@@ -249,8 +298,27 @@ class GpuPoolLauncher(Launcher):
         self._raise_if_stopped(stop)
         return [job.result for job in jobs]
 
+    full: DiskFull | None = None  # a job (or the launcher) ran out of room: the sweep stops
+
+    @staticmethod
+    def _no_room(error: BaseException) -> DiskFull:
+        """`error` as DiskFull; raised again when it is not about room."""
+        if isinstance(error, DiskFull):
+            return error
+        if is_disk_full(error):
+            return DiskFull.of(error)
+        raise error
+
+    def _stopping(self, stop: SweepStop) -> bool:
+        """No new job starts: a stop signal came, or a job ran out of room for its files."""
+        return bool(stop.received) or self.full is not None
+
     def _raise_if_stopped(self, stop: SweepStop) -> None:
-        """After a stop signal: raise Interrupted, for prospect.run's cli() to write the summary and exit 128 + signal."""
+        """After a full disk: raise DiskFull; after a stop signal: raise Interrupted; for prospect.run's cli() to
+        write the summary and exit EXIT_DISK_FULL or 128 + signal."""
+        if self.full is not None:
+            self.full.sweep_dir = str(self.config.hydra.sweep.dir)
+            raise self.full
         if stop.received:
             interrupted = Interrupted(stop.signum)
             interrupted.sweep_dir = str(self.config.hydra.sweep.dir)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 from omegaconf import OmegaConf
 
 from prospect.signals import StopSignals
-from prospect.tracking.job_files import OUTPUT_FILES
+from prospect.tracking.job_files import OUTPUT_FILES, replace_atomically, write_json
 from prospect.tracking.results import job_key
 
 log = logging.getLogger(__name__)
@@ -61,21 +61,20 @@ def find_result(root: str | Path, key: str, prefer: str | Path | None = None) ->
 
 def reuse_result(source: Path, target: Path, config: dict | None = None) -> dict:
     """Copy a finished run into `target`; its results.json records where it came from, and carries the
-    target job's own `config` (same job key; e.g. a last_keep_len the strategy ignores)."""
+    target job's own `config` (same job key; e.g. a last_keep_len the strategy ignores). Each file is copied
+    atomically and results.json comes last: a full disk (DiskFull) leaves no half a file and no results.json."""
     target.mkdir(parents=True, exist_ok=True)
     document = json.loads((source / "results.json").read_text())
     if source.resolve() == target.resolve():
         return document  # resumed in place: the job's own result stands
     for name in RUN_FILES:
         if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
+            replace_atomically(target / name, lambda staging: shutil.copy2(source / name, staging))
     document["cached"] = True
     document["cached_from"] = str(document.get("cached_from") or source)
     if config is not None:
         document["config"] = config
-    staging = target / "results.json.tmp"
-    staging.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
-    os.replace(staging, target / "results.json")
+    write_json(target / "results.json", document)
     return document
 
 
@@ -120,8 +119,13 @@ def key_lock(root: str | Path, key: str, poll_s: float = 1.0, stale_after_s: flo
             StopSignals.current().check(f"while waiting for the lock of job key {key}")  # a stop signal ends the wait
             time.sleep(poll_s)
             continue
-        os.write(handle, me.encode())
-        os.close(handle)
+        try:
+            os.write(handle, me.encode())
+        except OSError:  # no room even for these few bytes: leave no empty lock behind
+            path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(handle)
         break
     stop = threading.Event()
 

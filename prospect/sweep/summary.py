@@ -34,6 +34,8 @@ from prospect.sweep.baselines import FROM_SWEEP_CONFIG, FromSweepConfig, add_dif
 from prospect.sweep.collect import Job, Row, collect_jobs, distinct_rows, metric_intervals, trace_records
 from prospect.sweep.overrides import Overrides, label
 from prospect.sweep.tables import job_records, write_csv, write_markdown
+from prospect.signals import DiskFull
+from prospect.tracking.job_files import replace_atomically
 from prospect.tracking.sweep_figures import NO_F1_NOTE, first_conversation, nll_by_turn_figure, pareto_figure, timelines_figure
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,8 @@ def _notes(jobs: Sequence[Job], overrides: Overrides, rows: Sequence[dict]) -> l
 
 def _draw_figures(sweep_dir: Path, rows: list[dict], grouped: list[Row], overrides: Overrides, notes: list[str]) -> list[Path]:
     """Write the figures; returns the files written. A figure with nothing to show is removed (no stale one from
-    an earlier summary) and noted; one that cannot be drawn is logged."""
+    an earlier summary) and noted; one that cannot be drawn is logged, one the disk has no room for noted (each
+    is written atomically: never half a PNG)."""
     figures = {"pareto.png": (lambda: pareto_figure(rows), "no job finished"),
                "cache_timelines.png": (lambda: cache_timelines_figure(grouped, overrides), "no job left a trace"),
                "ref_nll_by_turn.png": (lambda: ref_nll_by_turn_figure(grouped, overrides),
@@ -126,11 +129,13 @@ def _draw_figures(sweep_dir: Path, rows: list[dict], grouped: list[Row], overrid
         try:  # plots never cost the tables
             figure = draw()
             if figure is not None:
-                figure.savefig(sweep_dir / name)
+                replace_atomically(sweep_dir / name, lambda staging: figure.savefig(staging, format="png"))
                 files.append(sweep_dir / name)
             else:
                 (sweep_dir / name).unlink(missing_ok=True)
                 notes.append(f"no {name}: {absent}")
+        except DiskFull as error:
+            notes.append(f"no {name}: {error}")
         except Exception as error:
             log.warning("could not draw %s: %s: %s", name, type(error).__name__, error)
     return files

@@ -18,6 +18,7 @@ The metrics, their order and which have intervals and differences: prospect.eval
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from prospect.eval.per_run_metrics import BY_NAME, DIFFERENCE_METRICS, SHOWN_WIT
 from prospect.sweep.baselines import baseline_rule
 from prospect.sweep.collect import NO_VALUES_REASON, Job
 from prospect.sweep.overrides import Overrides
+from prospect.tracking.job_files import replace_atomically
 
 
 def _fmt(value) -> str:
@@ -216,7 +218,7 @@ def job_records(jobs: list[Job], overrides: Overrides, sweep_dir: Path, rows_by_
             **_difference_record(row),
             "job_key": results.get("job_key"),
             "cached": bool(results.get("cached")),
-            "error": results.get("error"),
+            "error": job.error,
             "shared_overrides": shared,
             "folder": str(job.folder.relative_to(sweep_dir)),
         })
@@ -224,16 +226,18 @@ def job_records(jobs: list[Job], overrides: Overrides, sweep_dir: Path, rows_by_
 
 
 def write_csv(path: Path, records: list[dict], overrides: Overrides) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=csv_columns(overrides))
-        writer.writeheader()
-        writer.writerows(records)
+    """summary.csv, written atomically (a full disk raises DiskFull and leaves no half a table)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=csv_columns(overrides))
+    writer.writeheader()
+    writer.writerows(records)
+    replace_atomically(path, lambda staging: staging.write_text(text.getvalue(), newline=""))
 
 
 def write_markdown(path: Path, rows: list[dict], failures: list[dict], overrides: Overrides, jobs: int = 0,
                    notes: Sequence[str] = (), baseline: str | int | None = None) -> None:
     """The shared overrides once, then one row per distinct job labelled by the varying overrides (metrics with
-    their intervals), then the paired differences against the baseline."""
+    their intervals), then the paired differences against the baseline. Written atomically (as write_csv)."""
     lines = ["# Sweep summary", ""]
     lines.append(f"{jobs or sum(len(r['jobs'].split()) for r in rows)} jobs, {len(rows)} distinct (jobs sharing a job key "
                  "were computed once; `cached` counts the jobs that reused that result).")
@@ -258,7 +262,7 @@ def write_markdown(path: Path, rows: list[dict], failures: list[dict], overrides
               "`diff_METRIC_low`, `diff_METRIC_high`, `diff_METRIC_excludes_zero`, `diff_note`, `job_key` "
               "(jobs with equal keys share one computation), `cached`, `error`, `shared_overrides` (the overrides above, "
               "the same in every row) and `folder`; `pandas.read_csv(\"summary.csv\")` reads it as is."]
-    path.write_text("\n".join(lines) + "\n")
+    replace_atomically(path, lambda staging: staging.write_text("\n".join(lines) + "\n"))
 
 
 def _differences_section(rows: list[dict], overrides: Overrides, baseline: str | int | None) -> list[str]:

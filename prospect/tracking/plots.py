@@ -8,6 +8,7 @@ from pathlib import Path
 from prospect.stream.frame_record import FrameRecord
 from prospect.context_strategies.events import REDUCTION_EVENTS
 from prospect.tracking import by_conversation, reductions
+from prospect.tracking.job_files import replace_atomically
 
 EVENT_COLOURS = {"compress": "#ff7f0e", "reset": "#d62728", "summary": "#2ca02c"}  # one per reduction event
 EVENT_MARKERS = {"compress": "v", "reset": "x", "summary": "s"}
@@ -29,7 +30,8 @@ def cache_curve(records: Iterable[FrameRecord]) -> list[tuple[float, int]]:
 
 def plot_cache_sizes(path_png: str | Path, records: Iterable[FrameRecord], title: str, max_seq_len: int | None = None) -> Path:
     """Write a PNG of cache length (tokens) against stream time (s) per conversation, with compressions,
-    resets and summaries marked and an optional max_seq_len line. Returns the path."""
+    resets and summaries marked and an optional max_seq_len line (atomically: DiskFull when the disk has no
+    room). Returns the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy, with the next: matplotlib costs ~0.5 s, only when a figure is drawn
     from matplotlib.figure import Figure
 
@@ -63,5 +65,5 @@ def plot_cache_sizes(path_png: str | Path, records: Iterable[FrameRecord], title
         axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
     path_png = Path(path_png)
-    figure.savefig(path_png)
+    replace_atomically(path_png, lambda staging: figure.savefig(staging, format="png"))  # a full disk leaves no half a PNG
     return path_png

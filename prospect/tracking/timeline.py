@@ -13,6 +13,7 @@ from typing import Any
 from prospect.stream.frame_record import FrameRecord
 from prospect.context_strategies.events import REDUCTION_EVENTS
 from prospect.tracking import by_conversation, reductions
+from prospect.tracking.job_files import replace_atomically
 from prospect.tracking.plots import EVENT_COLOURS, cache_curve
 
 WIDTH, LEFT, RIGHT = 960, 96, 16  # svg px
@@ -143,6 +144,7 @@ def write_timeline(
     """Write timeline.html from a predictions document and trace records (times in s, sizes in tokens).
 
     Conversations appear in predictions order, then any found only in the trace. All text is escaped.
+    Written atomically (DiskFull when the disk has no room).
     """
     traces = by_conversation(records)
     entries = {str(c["id"]): c for c in predictions.get("conversations", [])}
@@ -184,5 +186,5 @@ def write_timeline(
         f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
     path_html = Path(path_html)
-    path_html.write_text(page, encoding="utf-8")
+    replace_atomically(path_html, lambda staging: staging.write_text(page, encoding="utf-8"))  # DiskFull leaves no half a page
     return path_html
