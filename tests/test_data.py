@@ -121,6 +121,26 @@ def test_duplicate_samples_load_once_and_ids_stay_unique(synthetic_root, tmp_pat
     assert references(loaded.conversations[2]) == references(other) != references(loaded.conversations[0])
 
 
+def test_distinct_ids_hold_whatever_the_filters_and_never_collide(synthetic_root, tmp_path):
+    """The ids are settled over the whole file: a filter that drops the first of two samples sharing an id leaves
+    the second its `#lineN` id; an id the file already uses (even one ending in #lineN) is never given twice."""
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root, root)
+    good = (root / "processed_data/synthetic/prepared/dialog_test_L0_I1.jsonl").read_text().splitlines()
+    first = json.loads(good[0])
+    other_type = json.loads(good[0])
+    other_type["metadata"]["user_type"] = "talk_some"  # same video, clip and user id; another user type
+    squatter = json.loads(good[1])
+    squatter["metadata"]["user_id"] = first["metadata"]["user_id"] + "#line3"  # already holds the id line 3 would get
+    _write_annotation(root, [json.dumps(squatter), good[0], json.dumps(other_type)])
+    everything = [(c.id, c.user_type) for c in load_conversations(root, "synthetic", "dialog_test_L0_I1").conversations]
+    base = f"synthetic_000/0/{first['metadata']['user_id']}"
+    assert everything == [(f"{base}#line3", "talk_some"), (base, first["metadata"]["user_type"]), (f"{base}#line3-2", "talk_some")]
+    assert len({i for i, _ in everything}) == 3
+    only = load_conversations(root, "synthetic", "dialog_test_L0_I1", user_types=["talk_some"]).conversations
+    assert [c.id for c in only] == [f"{base}#line3", f"{base}#line3-2"]  # as unfiltered: the id names one sample
+
+
 def test_every_loader_path_gives_unique_ids(synthetic_root):
     """The batch API (BaselineGenerator) takes LoadedDatasets, Conversations or the seed's video dicts: a repeated
     id becomes `ID#N`, so predictions.json never holds one id twice."""
@@ -136,6 +156,8 @@ def test_every_loader_path_gives_unique_ids(synthetic_root):
         assert len(set(ids)) == len(ids) == len(dataset)
         assert ids[1] == ids[0] + "#2"
     assert [c.id for c in _conversations([video, video, video])][2] == "v/0/unknown#3"
+    named = [video | {"user_type": "unknown#2"}, video, video]  # the list already holds the id a repeat would get
+    assert [c.id for c in _conversations(named)] == ["v/0/unknown#2", "v/0/unknown", "v/0/unknown#3"]
     assert [c.id for c in _conversations(loaded)] == [c.id for c in loaded.conversations]
 
 

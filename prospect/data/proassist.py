@@ -97,52 +97,92 @@ def load_conversations(
     kept_videos: list[str] = []
     loaded = LoadedDataset(conversations=[])
     first_line_of: dict[str, int] = {}  # a loaded sample's canonical JSON -> its line
-    line_of_id: dict[str, int] = {}  # a loaded conversation's id -> its line
     with path.open("rb") as lines:  # bytes: one line that is not UTF-8 must not stop the others
-        for line_number, raw in enumerate(lines, start=1):
-            where = f"{path}:{line_number}"
-            sample, problem = _parse_line(raw)
-            if sample is None and problem is None:
-                continue  # blank line
-            video_uid = _known_video_uid(sample)
-            if wanted is not None and video_uid is not None and video_uid not in wanted:
-                continue  # another video's line, broken or not; a line whose video is unknown is reported
-            if problem is None:
-                try:
-                    check_sample_fields(sample)
-                except SampleError as error:
-                    problem = str(error)
-            if problem is not None:
-                loaded.skipped.append(SkippedSample(line_number, video_uid, f"{where}: {_naming(video_uid, problem)}"))
-                continue
-            if user_types is not None and ((sample.get("metadata") or {}).get("user_type") not in set(user_types)):
-                continue
-            if video_uid not in kept_videos:
-                if max_videos is not None and len(kept_videos) >= max_videos:
-                    continue
-            canonical = json.dumps(sample, sort_keys=True, ensure_ascii=False)
-            if canonical in first_line_of:  # the same sample twice (concatenated splits, a preparation run twice)
-                reason = f"{where}: duplicate of line {first_line_of[canonical]}, skipped"
-                loaded.skipped.append(SkippedSample(line_number, video_uid, reason))
-                continue
+        parsed = [(line_number, *_parse_line(raw)) for line_number, raw in enumerate(lines, start=1)]
+    ids = _distinct_ids(parsed)
+    for line_number, sample, problem in parsed:
+        where = f"{path}:{line_number}"
+        if sample is None and problem is None:
+            continue  # blank line
+        video_uid = _known_video_uid(sample)
+        if wanted is not None and video_uid is not None and video_uid not in wanted:
+            continue  # another video's line, broken or not; a line whose video is unknown is reported
+        if problem is None:
             try:
-                conversation = conversation_from_sample(sample, subset_dir(root, subset), sources)
-            except (SampleError, FrameError) as error:
-                loaded.skipped.append(SkippedSample(line_number, video_uid, f"{where}: {error}"))
+                check_sample_fields(sample)
+            except SampleError as error:
+                problem = str(error)
+        if problem is not None:
+            loaded.skipped.append(SkippedSample(line_number, video_uid, f"{where}: {_naming(video_uid, problem)}"))
+            continue
+        if user_types is not None and ((sample.get("metadata") or {}).get("user_type") not in set(user_types)):
+            continue
+        if video_uid not in kept_videos:
+            if max_videos is not None and len(kept_videos) >= max_videos:
                 continue
-            first_line_of[canonical] = line_number
-            if conversation.id in line_of_id:  # same (video_uid, clip_idx, user id), other content: both are kept
-                distinct = f"{conversation.id}#line{line_number}"
-                log.warning("%s: video %s: id %s also names line %d, whose sample differs; this one is streamed as %s",
-                            where, video_uid, conversation.id, line_of_id[conversation.id], distinct)
-                conversation.id = distinct
-            line_of_id[conversation.id] = line_number
-            if video_uid not in kept_videos:
-                kept_videos.append(video_uid)
-            loaded.conversations.append(conversation)
+        canonical = _canonical(sample)
+        if canonical in first_line_of:  # the same sample twice (concatenated splits, a preparation run twice)
+            reason = f"{where}: duplicate of line {first_line_of[canonical]}, skipped"
+            loaded.skipped.append(SkippedSample(line_number, video_uid, reason))
+            continue
+        try:
+            conversation = conversation_from_sample(sample, subset_dir(root, subset), sources)
+        except (SampleError, FrameError) as error:
+            loaded.skipped.append(SkippedSample(line_number, video_uid, f"{where}: {error}"))
+            continue
+        first_line_of[canonical] = line_number
+        distinct, first = ids.get(line_number, (conversation.id, None))
+        if first is not None:  # same (video_uid, clip_idx, user id) as an earlier line, other content: both are kept
+            log.warning("%s: video %s: id %s also names line %d, whose sample differs; this one is streamed as %s",
+                        where, video_uid, conversation.id, first, distinct)
+            conversation.id = distinct
+        if video_uid not in kept_videos:
+            kept_videos.append(video_uid)
+        loaded.conversations.append(conversation)
     for skipped in loaded.skipped:
         log.warning("skipped sample: %s", skipped.reason)
     return loaded
+
+
+def _canonical(sample: Any) -> str:
+    """A sample as one JSON text whatever its key order or spacing: equal texts, the same sample."""
+    return json.dumps(sample, sort_keys=True, ensure_ascii=False)
+
+
+def sample_id(sample: dict) -> str:
+    """A sample's conversation id: `video_uid/clip_idx/user_id` (the user type when there is no user id)."""
+    metadata = sample.get("metadata") or {}
+    user_id = metadata.get("user_id") or metadata.get("user_type") or "unknown"
+    return f"{sample['video_uid']}/{sample.get('clip_idx', 0)}/{user_id}"
+
+
+def _distinct_ids(parsed: list[tuple[int, Any, str | None]]) -> dict[int, tuple[str, int | None]]:
+    """{line: (its conversation id, the earlier line whose different sample has the same id, or None)}, over the
+    whole file (so the ids do not depend on the filters): the first sample with an id keeps it; a later,
+    different one becomes `ID#lineN` (N its line; `-2`, `-3`, ... appended should the file use that id too)."""
+    found = {}
+    for line_number, sample, problem in parsed:
+        if problem is None and sample is not None:
+            try:
+                check_sample_fields(sample)  # a line skipped as broken claims no id
+            except SampleError:
+                continue
+            found[line_number] = (sample_id(sample), _canonical(sample))
+    taken = {base for base, _ in found.values()}
+    first_of: dict[str, tuple[int, str]] = {}
+    ids: dict[int, tuple[str, int | None]] = {}
+    for line_number, (base, canonical) in found.items():
+        first_line, first_canonical = first_of.setdefault(base, (line_number, canonical))
+        if canonical == first_canonical:  # the first, or a copy of it (skipped as a duplicate)
+            ids[line_number] = (base, None)
+            continue
+        distinct, count = f"{base}#line{line_number}", 1
+        while distinct in taken:
+            count += 1
+            distinct = f"{base}#line{line_number}-{count}"
+        taken.add(distinct)
+        ids[line_number] = (distinct, first_line)
+    return ids
 
 
 def _parse_line(raw: bytes) -> tuple[Any, str | None]:
@@ -245,9 +285,8 @@ def conversation_from_sample(
 
     system_parts, frames = _stream_from_turns(sample["conversation"], start, end, fps, video_uid)
     user_type = metadata.get("user_type") or "unknown"
-    user_id = metadata.get("user_id") or user_type
     return Conversation(
-        id=f"{video_uid}/{sample.get('clip_idx', 0)}/{user_id}",
+        id=sample_id(sample),
         video_uid=video_uid,
         subset=sample.get("dataset") or subset_folder.name,
         user_type=user_type,
@@ -345,14 +384,18 @@ def timed_turns_to_prepared(turns: list[dict], fps: float, num_frames: int) -> l
 def with_unique_ids(conversations: list[Conversation]) -> list[Conversation]:
     """The conversations, a repeated id made unique as `ID#N` (its N-th occurrence, N >= 2) with a warning:
     predictions.json, evaluation and paired comparisons key conversations by id."""
+    taken = {conversation.id for conversation in conversations}
     seen: dict[str, int] = {}
     for index, conversation in enumerate(conversations):
         count = seen[conversation.id] = seen.get(conversation.id, 0) + 1
         if count > 1:
             distinct = f"{conversation.id}#{count}"
+            while distinct in taken:  # the list uses that id already
+                count += 1
+                distinct = f"{conversation.id}#{count}"
+            taken.add(distinct)
             log.warning("conversation %d: id %s repeats an earlier conversation's; it is kept as %s", index, conversation.id, distinct)
             conversations[index] = replace(conversation, id=distinct)
-            seen[distinct] = 1
     return conversations
 
 
