@@ -7,14 +7,14 @@ for each measurement the file lacks (older files: one line, the rest still evalu
 beside the predictions file, with the structure of `prospect.eval.evaluate_predictions`. Bad input: one
 line `prospect.evaluate: error: ...`, exit 2. A file that is not a predictions document is refused that way
 whatever its shape or size (`prospect.eval.read_predictions`): its raw bytes are checked in chunks before it is
-parsed (at most 1024 MB, or PROSPECT_MAX_PREDICTIONS_MB; UTF-8; one JSON object; at most 64 levels of
-brackets), then its shape, naming the first thing wrong (e.g. `FILE: conversations[3]: a string, not an object`).
+parsed (at most 256 MB, or PROSPECT_MAX_PREDICTIONS_MB; UTF-8; one JSON object; at most 64 levels of
+brackets; a first key other than "schema"), then its shape, naming the first thing wrong (e.g. `FILE:
+conversations[3]: a string, not an object`). A metrics.json that finds no room on the disk: one line, exit 3,
+no half file.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import hydra
 from hydra._internal.utils import get_args_parser
 from omegaconf import DictConfig, OmegaConf
 
-from prospect.signals import EXIT_USAGE
+from prospect.signals import EXIT_DISK_FULL, EXIT_USAGE, DiskFull
 from prospect.eval import DISABLED, EvalSetupError, PredictionsError, evaluate_predictions, read_predictions
 from prospect.eval.stream_scores import REF_PPL, REF_TOP1, SPEAK_AUC
 from prospect.eval.metrics import (
@@ -30,6 +30,7 @@ from prospect.eval.metrics import (
     PRECISION, RECALL, REDUNDANT_RATE, SEMANTIC_SCORE, TIME_DIFF,
 )
 from prospect.declared_keys import check_declared_keys, declared_config
+from prospect.tracking.job_files import write_json
 from prospect.validation import CONF_DIR, ConfigError, check_eval, check_group_choice, compose_job, quote_path_overrides
 
 PROG = "prospect.evaluate"
@@ -79,9 +80,7 @@ def evaluate_file(cfg: DictConfig) -> tuple[dict, Path]:
     document = read_predictions(path)
     result = evaluate_predictions(document, cfg.eval)
     target = path.parent / METRICS_FILE
-    staging = target.with_name(target.name + ".tmp")
-    staging.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(staging, target)
+    write_json(target, result)  # atomic; a full disk raises DiskFull and leaves no half file
     return result, target
 
 
@@ -119,6 +118,9 @@ def main(cfg: DictConfig) -> None:
         result, target = evaluate_file(cfg)
     except (UsageError, ConfigError, PredictionsError, EvalSetupError) as error:
         _fail(error)
+    except DiskFull as error:
+        print(f"{PROG}: error: {error} (nothing was written)", file=sys.stderr)
+        sys.exit(EXIT_DISK_FULL)
     print(format_table(result))
     print(f"wrote {target}")
 

@@ -468,7 +468,8 @@ NESTED = [
     ("array", "[" * DEEP + "]" * DEEP, f"starts with '[' (an array) at byte 0, not '{{': {NOT_AN_OBJECT}"),
     ("inside_a_document", '{"schema": "prospect.predictions/1", "conversations": ' + "[" * DEEP + "]" * DEEP + "}",
      "nested more than 64 levels deep at byte 117 (a predictions document nests 5)"),
-    ("objects", '{"a": ' * DEEP + "1" + "}" * DEEP, "nested more than 64 levels deep at byte 384 (a predictions document nests 5)"),
+    ("objects", '{"conversations": ' * DEEP + "1" + "}" * DEEP, "nested more than 64 levels deep at byte 1152 (a predictions document nests 5)"),
+    ("another_object", '{"a": ' * DEEP + "1" + "}" * DEEP, f"its first key is 'a', not 'schema': {NOT_AN_OBJECT}"),
 ]
 
 
@@ -496,7 +497,7 @@ def test_evaluate_on_a_large_random_file(tmp_path, env):
     with huge.open("wb") as file:
         file.truncate(2 * 2**30)
     message, seconds = evaluate_refuses(tmp_path, env, huge)
-    assert message == "2048 MB, more than the 1024 MB a predictions file may be (set PROSPECT_MAX_PREDICTIONS_MB to raise the limit)"
+    assert message == "2048 MB, more than the 256 MB a predictions file may be (set PROSPECT_MAX_PREDICTIONS_MB to raise the limit)"
     assert seconds < 20
 
 
@@ -512,6 +513,14 @@ SHAPES = [
     ("frame_not_an_object", predictions_with(a_conversation(frames=[None])), "conversations[0] (id=v/x).frames[0]: null, not an object"),
     ("fps_beyond_any_video", predictions_with(a_conversation(fps=1e308)),
      "conversations[0] (id=v/x).fps=1e+308: must be a positive number (at most 1000)"),
+    ("a_billion_frames", predictions_with(a_conversation(num_frames=10**9)),  # scoring would hold arrays of 10**9
+     "conversations[0] (id=v/x).num_frames=1000000000: must be an integer in [0, 10000000]"),
+    ("a_float_index", predictions_with(a_conversation(frames=[{"index": 1.0, "gen": "", "ref": ""}])),
+     "conversations[0] (id=v/x).frames[0].index=1.0: not an integer"),
+    ("perplexity_past_a_float", predictions_with(a_conversation(frames=[{"index": 4, "gen": "", "ref": "Hi", "ref_nll": 800.0,
+                                                                         "ref_tokens": 1, "ref_top1": 0.0}])),
+     "conversations[0] (id=v/x).frames[0].ref_nll=800.0: more than 700 nats per token over its 1 token(s) (exp would overflow)"),
+    ("another_schema", {"schema": "other/2", "conversations": [[]] * 1000}, "schema='other/2'; expected 'prospect.predictions/1'"),
 ]
 
 
@@ -659,3 +668,24 @@ def test_file_too_large_stops_a_sweep_with_its_summary(tmp_path, env, disk_full_
     assert "| failed |" in summary and message in summary
     with (sweep / "summary.csv").open() as handle:
         assert [row["status"] for row in csv.DictReader(handle)] == ["failed"]
+
+
+def test_evaluate_on_a_full_disk_writes_no_half_metrics_file(tmp_path, env):
+    """metrics.json finds no room (a file-size limit): one line, exit 3, no metrics.json and no .tmp left."""
+    import resource
+
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps(predictions_with(*(a_conversation(f"v/{n}") for n in range(40))), indent=1))
+    limit = 2048  # bytes: the predictions file is read, metrics.json (with its per-subset tables) is larger
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        code = subprocess.run([sys.executable, "-m", "prospect.evaluate", f"predictions={predictions}"], cwd=REPO, env=env,
+                              stdout=out, stderr=err, preexec_fn=limited, timeout=300).returncode
+    stderr = (tmp_path / "err").read_text()
+    assert code == 3, stderr[-2000:]
+    assert stderr.strip().splitlines() == [f"prospect.evaluate: error: cannot write {tmp_path / 'metrics.json'}: File too large "
+                                           "(nothing was written)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["err", "out", "predictions.json"]

@@ -41,6 +41,8 @@ __all__ = [
 CONVERSATION_KEYS = ("id", "video_uid", "subset", "user_type", "fps", "num_frames", "frames")
 FRAME_KEYS = ("index", "gen", "ref")
 MAX_FPS = 1000  # frames per second a predictions file may claim (videos: 2 to 240); beyond it the windows overflow
+MAX_FRAMES = 10_000_000  # frames a conversation may claim (58 days at 2 fps); scoring holds arrays of num_frames
+MAX_NLL_PER_TOKEN = 700.0  # nats: a reference's mean token NLL beyond it makes ref_ppl = exp(NLL) overflow a float
 DISABLED = "none"  # eval=none: no scoring
 
 
@@ -101,7 +103,7 @@ def read_predictions(path: str | Path, max_bytes: int | None = None) -> dict:
     """Load and validate a predictions.json; raises PredictionsError naming the file (one line).
 
     The raw bytes are checked first, in chunks (prospect.eval.predictions_file): a file larger than
-    `max_bytes` (default: 1024 MB, or PROSPECT_MAX_PREDICTIONS_MB) is refused from its size, one that is not
+    `max_bytes` (default: 256 MB, or PROSPECT_MAX_PREDICTIONS_MB) is refused from its size, one that is not
     UTF-8, not a JSON object or nested deeper than a predictions document could be at the first byte that
     shows it; only then is it parsed, and its shape validated (validate_predictions)."""
     from prospect.eval.predictions_file import NotPredictions, check_predictions_bytes, max_predictions_bytes
@@ -189,8 +191,8 @@ def _check_conversation(conversation: dict, where: str) -> None:
         raise PredictionsError(f"{where}.subset={conversation['subset']!r}: not a string")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or not 0 < fps <= MAX_FPS:
         raise PredictionsError(f"{where}.fps={fps!r}: must be a positive number (at most {MAX_FPS})")
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 0:
-        raise PredictionsError(f"{where}.num_frames={num_frames!r}: must be an integer >= 0")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 0 <= num_frames <= MAX_FRAMES:
+        raise PredictionsError(f"{where}.num_frames={num_frames!r}: must be an integer in [0, {MAX_FRAMES}]")
     if not isinstance(conversation["frames"], list):
         raise PredictionsError(f"{where}.frames: {_kind(conversation['frames'])}, not a list")
     indices: set[int] = set()
@@ -202,7 +204,9 @@ def _check_conversation(conversation: dict, where: str) -> None:
         if missing:
             raise PredictionsError(f"{at}: missing key {missing[0]!r}")
         index = frame["index"]
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_frames:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise PredictionsError(f"{at}.index={index!r}: not an integer")
+        if not 0 <= index < num_frames:
             raise PredictionsError(f"{at}.index={index!r}: out of range 0..{num_frames - 1} (num_frames={num_frames})")
         if index in indices:
             raise PredictionsError(f"{at}.index={index}: duplicate frame")
@@ -227,6 +231,9 @@ def _check_turn_scores(frame: dict, at: str) -> None:
         raise PredictionsError(f"{at}.ref_nll={nll!r}: must be a number >= 0")
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise PredictionsError(f"{at}.ref_tokens={tokens!r}: must be an integer >= 1")
+    if nll > MAX_NLL_PER_TOKEN * tokens:
+        raise PredictionsError(f"{at}.ref_nll={nll!r}: more than {MAX_NLL_PER_TOKEN:g} nats per token over its {tokens} "
+                               "token(s) (exp would overflow)")
     if not _number(top1) or not 0 <= top1 <= 1:
         raise PredictionsError(f"{at}.ref_top1={top1!r}: must be a number in [0, 1]")
     if frame.get("ref_truncated", True) is not True:

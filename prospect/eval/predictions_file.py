@@ -1,13 +1,14 @@
-"""The raw bytes of a predictions file, checked before anything parses them (stdlib only).
+"""The raw bytes of a predictions file, checked before anything parses them (stdlib only, and the schema name).
 
 `check_predictions_bytes(path, max_bytes)` reads the file in chunks of 1 MB, keeping only a few bytes and a
 stack of at most MAX_DEPTH open brackets between chunks, and stops at the first byte that proves the file is not
 a predictions document:
 
-- larger than `max_bytes` (`max_predictions_bytes()`: 1024 MB, or PROSPECT_MAX_PREDICTIONS_MB) - refused
+- larger than `max_bytes` (`max_predictions_bytes()`: 256 MB, or PROSPECT_MAX_PREDICTIONS_MB) - refused
   from its size alone, before a byte is read;
 - not UTF-8 (the message is the one Python's decoder gives for the whole file);
 - not starting with '{' (a predictions document is one JSON object), or with data after that object ends;
+- an object whose first key is not "schema" (or "conversations"), or whose schema is another;
 - a bracket that closes the wrong kind, or brackets nested more than MAX_DEPTH deep outside strings (a
   predictions document nests 5 levels: the document, its conversations, a conversation, its frames, a frame).
 
@@ -23,12 +24,14 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+from prospect.stream.frame_record import PREDICTIONS_SCHEMA
+
 MB = 2**20
 MAX_DEPTH = 64  # bracket levels outside strings; a predictions document has 5
-DEFAULT_MAX_MB = 1024  # a large evaluation (thousands of conversations with P(speak) per frame) writes a few hundred MB
+DEFAULT_MAX_MB = 256  # a ProAssist test split with P(speak) per frame writes tens of MB; json.loads takes up to ~30x the size
 MAX_MB_VARIABLE = "PROSPECT_MAX_PREDICTIONS_MB"
 CHUNK_BYTES = MB
-EXPECTED = "a predictions document is a JSON object with schema 'prospect.predictions/1'"
+EXPECTED = f"a predictions document is a JSON object with schema {PREDICTIONS_SCHEMA!r}"
 
 _WHITESPACE = re.compile(rb"[ \t\r\n]*+")
 # outside strings: everything but brackets and quotes, and whole strings (escapes included), in one C-level match
@@ -144,6 +147,27 @@ class _Scanner:
         # a document cut short (open brackets or string left) is for json.loads to report with its line and column
 
 
+_FIRST_KEY = re.compile(rb'\s*\{\s*"([^"\\]{0,200})"\s*:\s*("[^"\\]{0,200}")?')
+
+
+def _check_head(path: Path) -> None:
+    """Refuse from its first key a JSON object that is something else, before any parse of the whole: a
+    predictions document starts with `"schema": "prospect.predictions/1"` (or with "conversations", if a tool
+    sorted its keys)."""
+    with path.open("rb") as file:
+        head = file.read(4096)
+    match = _FIRST_KEY.match(head)
+    if match is None:
+        return  # not an object, or a key with escapes: the scan and the parse say what is wrong
+    key = match.group(1).decode("utf-8", "replace")
+    if key not in ("schema", "conversations"):
+        raise NotPredictions(f"its first key is {key!r}, not 'schema': {EXPECTED}")
+    if key == "schema" and match.group(2) is not None:
+        schema = match.group(2).decode("utf-8", "replace")[1:-1]
+        if schema != PREDICTIONS_SCHEMA:
+            raise NotPredictions(f"schema={schema!r}; expected {PREDICTIONS_SCHEMA!r}")
+
+
 def check_predictions_bytes(path: str | Path, max_bytes: int | None = None, max_depth: int = MAX_DEPTH) -> int:
     """Refuse what cannot be a predictions document from its size and its raw bytes, read in chunks (see
     the module's docstring); returns the file's size. Raises NotPredictions (one line, no file name) and
@@ -158,6 +182,7 @@ def check_predictions_bytes(path: str | Path, max_bytes: int | None = None, max_
 
     if size > limit:
         raise too_large(size)
+    _check_head(path)
     scanner = _Scanner(max_depth)
     carry, base, read = b"", 0, 0  # carry: a UTF-8 sequence cut by the chunk's end, at offset base
     with path.open("rb") as file:
