@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from prospect.conf_files import CONF_DIR, group_options
 from prospect.config_values import ConfigError, first_line, get_bool, get_int, get_value
 from prospect.data.config_checks import check_dataset
-from prospect.declared_keys import check_declared_keys, declared_config
+from prospect.declared_keys import DeclaredKeys, check_declared_keys, declared_config
 from prospect.eval.config_checks import check_eval
 from prospect.models.config_checks import check_model
 from prospect.stream.settings import STREAM_MEASUREMENTS, StreamSettings, check_reply_fits
@@ -86,9 +86,11 @@ def check_command_line(argv: list[str]) -> None:
     for group, values in _group_overrides(overrides, conf_dir, search_path):  # (sweeper params of presets: per job below)
         for value in values:
             check_group_choice(group, value, conf_dir, search_path)
-    for job_overrides in _job_override_lists(overrides, args.multirun, config_name, conf_dir, search_path):
-        cfg, choices = compose_job(job_overrides, config_name, conf_dir)
-        validate(cfg, search_path, declared=declared_config(choices, config_name, conf_dir, search_path))
+    jobs = [compose_job(job_overrides, config_name, conf_dir)
+            for job_overrides in _job_override_lists(overrides, args.multirun, config_name, conf_dir, search_path)]
+    strategies = {choices.get("strategy") for _, choices in jobs} - {None}  # each job may take the others' keys
+    for cfg, choices in jobs:
+        validate(cfg, search_path, declared=declared_config(choices, config_name, conf_dir, search_path, strategies))
 
 
 def _is_searchpath(override: str) -> bool:
@@ -213,7 +215,7 @@ def _sweeper_params(overrides: list[str], config_name: str, conf_dir: Path) -> d
 # ---- checks of one composed config -------------------------------------------------------------
 
 
-def validate(cfg: DictConfig, search_path: Sequence[str] | None = None, declared: dict | None = None) -> None:
+def validate(cfg: DictConfig, search_path: Sequence[str] | None = None, declared: DeclaredKeys | None = None) -> None:
     """Raise ConfigError (one line) for the first bad value in a composed config.
 
     search_path: the hydra.searchpath entries whose folders add group options (default: those of the running
