@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -142,7 +143,8 @@ def output_dir_problem(argv: list[str], create: bool = False) -> str | None:
     return None
 
 
-ROOM_PROBE_BYTES = 16 * 1024  # more than Hydra writes before the first job starts (multirun.yaml, .hydra/*.yaml)
+ROOM_PROBE_BYTES = 64 * 1024  # more than Hydra writes before the first job starts (multirun.yaml, .hydra/*.yaml)
+MIN_FILE_SIZE_LIMIT = 16 * 1024  # a file-size limit below it fails inside Hydra's own files (each a few KB)
 NO_ROOM_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
 
 
@@ -154,6 +156,11 @@ def no_room(argv: list[str]) -> DiskFull | None:
     found = _output_folder(argv)
     if found is None or not found[2].is_dir():
         return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    hydra_writes = any(arg in ("-m", "--multirun") for arg in argv) or "hydra.output_subdir=null" not in argv
+    if hydra_writes and soft != resource.RLIM_INFINITY and soft < MIN_FILE_SIZE_LIMIT:
+        return DiskFull(found[2], f"the file-size limit (ulimit -f) of {soft} bytes is below the {MIN_FILE_SIZE_LIMIT} "
+                                  "bytes Hydra's own files may need", errno.EFBIG)
     try:
         with tempfile.TemporaryFile(dir=found[2]) as probe:
             probe.write(bytes(ROOM_PROBE_BYTES))

@@ -689,3 +689,14 @@ def test_evaluate_on_a_full_disk_writes_no_half_metrics_file(tmp_path, env):
     assert stderr.strip().splitlines() == [f"prospect.evaluate: error: cannot write {tmp_path / 'metrics.json'}: File too large "
                                            "(nothing was written)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["err", "out", "predictions.json"]
+
+
+def test_file_size_limit_below_hydras_own_files_stops_before_anything_runs(tmp_path, env):
+    """A limit Hydra's .hydra/*.yaml would outgrow (a few KB): one line, exit 3, before Hydra writes a file."""
+    out = tmp_path / "out"
+    run = LimitedRun(tmp_path, "tiny_limit", [*TINY, "logger=none", f"hydra.run.dir={out}"], env, 3 * 1024)
+    assert run.wait(300) == 3, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines() == [
+        f"{ERROR_PREFIX}cannot write into the output folder {out}: the file-size limit (ulimit -f) of 3072 bytes is below "
+        "the 16384 bytes Hydra's own files may need (nothing was run)"]
+    assert list(out.iterdir()) == []
