@@ -86,11 +86,24 @@ def check_command_line(argv: list[str]) -> None:
     for group, values in _group_overrides(overrides, conf_dir, search_path):  # (sweeper params of presets: per job below)
         for value in values:
             check_group_choice(group, value, conf_dir, search_path)
-    jobs = [compose_job(job_overrides, config_name, conf_dir)
-            for job_overrides in _job_override_lists(overrides, args.multirun, config_name, conf_dir, search_path)]
+    lists = _job_override_lists(overrides, args.multirun, config_name, conf_dir, search_path)
+    jobs = [compose_job(job_overrides, config_name, conf_dir) for job_overrides in lists]
     strategies = {choices.get("strategy") for _, choices in jobs} - {None}  # each job may take the others' keys
-    for cfg, choices in jobs:
-        validate(cfg, search_path, declared=declared_config(choices, config_name, conf_dir, search_path, strategies))
+    checked = set()
+    for job_overrides, (cfg, choices) in zip(lists, jobs):
+        # Without + or ~ overrides a job's keys come from its YAML files only (Hydra refuses any other override),
+        # which declare them but for the preset's: those are the same in every job whose other choices match
+        others = tuple(sorted((group, str(value)) for group, value in choices.items() if group != "strategy"))
+        keyed = any(_changes_keys(o) for o in job_overrides) or others not in checked
+        checked.add(others)
+        declared = declared_config(choices, config_name, conf_dir, search_path, strategies) if keyed else None
+        validate(cfg, search_path, declared=declared)
+
+
+def _changes_keys(override: str) -> bool:
+    """A `+key=`, `++key=` or `~key` override (not a group choice such as `+experiment=x`): it adds or removes a key."""
+    key = override.partition("=")[0].strip()
+    return key[:1] in "+~" and key.lstrip("+~") not in GROUPS and not key.lstrip("+~").startswith("hydra")
 
 
 def _is_searchpath(override: str) -> bool:
