@@ -16,7 +16,12 @@ def load_dataset(dataset: DictConfig) -> LoadedDataset:
         from prospect.data.synthetic import ensure_generated  # lazy: at the top, `python -m prospect.data.synthetic` would import itself twice (runpy's RuntimeWarning)
 
         g = dataset.generate
-        ensure_generated(dataset.root, g.videos, g.seconds, g.fps, g.seed, g.knowledge, bool(g.get("named_user", False)))
+        try:
+            ensure_generated(dataset.root, g.videos, g.seconds, g.fps, g.seed, g.knowledge, bool(g.get("named_user", False)))
+        except OSError as error:  # a write that names no file (a full disk): name the folder being generated
+            if error.filename is None and error.errno is not None:
+                raise OSError(error.errno, error.strerror, str(dataset.root)) from error
+            raise
     video_ids = list(dataset.video_ids) if dataset.video_ids is not None else None
     user_types = list(dataset.user_types) if dataset.get("user_types") is not None else None
     return load_conversations(dataset.root, dataset.subset, dataset.annotation, video_ids, dataset.max_videos, user_types)

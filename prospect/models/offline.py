@@ -49,7 +49,12 @@ def _atomic_build(target: Path, build) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(staging)
+        try:
+            build(staging)
+        except OSError as error:  # a write that names no file (a full disk): name the folder being built
+            if error.filename is None and error.errno is not None:
+                raise OSError(error.errno, error.strerror, str(target)) from error
+            raise
         (staging / "prospect_build.json").write_text(json.dumps({"version": BUILD_VERSION}) + "\n")
         try:
             staging.rename(target)
