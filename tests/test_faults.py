@@ -390,7 +390,13 @@ def test_submitit_requeues_a_preempted_job_which_resumes_through_the_cache(tmp_p
     assert "interrupted by SIGUSR2 at frame" in logs and "Requeued job" in logs
 
 
-@pytest.mark.parametrize("override", ["+eval._target_=os.system", "+eval.sentence_modle=x", "+model.foo=1", "+top=1"])
+def first_fast(cases: list[tuple]) -> list:
+    """pytest params (case[0] the id) of which only the first runs by default, the others in the slow pass: each
+    starts a process, and tests/test_eval.py and tests/test_config.py check the same refusals in-process."""
+    return [pytest.param(*case[1:], id=case[0], marks=() if n == 0 else pytest.mark.slow) for n, case in enumerate(cases)]
+
+
+@pytest.mark.parametrize("override", first_fast([(o, o) for o in ["+eval._target_=os.system", "+eval.sentence_modle=x", "+model.foo=1", "+top=1"]]))
 def test_unknown_key_stops_the_run_before_anything_loads(tmp_path, env, override):
     """A key no YAML of the job declares, added with +: one line naming it and the keys allowed, exit 2,
     before anything loads (no output folder is made)."""
@@ -473,7 +479,7 @@ NESTED = [
 ]
 
 
-@pytest.mark.parametrize("text,expected", [case[1:] for case in NESTED], ids=[case[0] for case in NESTED])
+@pytest.mark.parametrize("text,expected", first_fast(NESTED))
 def test_evaluate_on_a_deeply_nested_file(tmp_path, env, text, expected):
     """100,000 levels of brackets (json.loads would raise RecursionError): refused before parsing."""
     deep = tmp_path / "predictions.json"
@@ -524,7 +530,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("document,expected", [case[1:] for case in SHAPES], ids=[case[0] for case in SHAPES])
+@pytest.mark.parametrize("document,expected", first_fast(SHAPES))
 def test_evaluate_on_json_that_is_not_a_predictions_document(tmp_path, env, document, expected):
     """Valid JSON of the wrong shape: one line naming the file and the first thing wrong."""
     predictions = tmp_path / "predictions.json"
@@ -532,17 +538,35 @@ def test_evaluate_on_json_that_is_not_a_predictions_document(tmp_path, env, docu
     assert evaluate_refuses(tmp_path, env, predictions)[0] == expected
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("", f"empty, or only whitespace: {NOT_AN_OBJECT}"),
-    ('{"schema": "prospect.predictions/1", "conversations": []} {}',
+BROKEN = [
+    ("empty", "", f"empty, or only whitespace: {NOT_AN_OBJECT}"),
+    ("data_after_the_end", '{"schema": "prospect.predictions/1", "conversations": []} {}',
      "not JSON: '{' at byte 58 after the document's end (the object that starts at byte 0)"),
-    ('{"schema": "prospect.predictions/1", "conversations": [}', "not JSON: '}' at byte 55 closes the '[' at byte 54"),
-    ('{"schema": ' + "7" * 5000 + "}", "not JSON (Exceeds the limit (4300 digits) for integer string conversion"),
-], ids=["empty", "data_after_the_end", "bracket_mismatch", "integer_of_5000_digits"])
+    ("bracket_mismatch", '{"schema": "prospect.predictions/1", "conversations": [}', "not JSON: '}' at byte 55 closes the '[' at byte 54"),
+    ("integer_of_5000_digits", '{"schema": ' + "7" * 5000 + "}", "not JSON (Exceeds the limit (4300 digits) for integer string conversion"),
+]
+
+
+@pytest.mark.parametrize("text,expected", first_fast(BROKEN))
 def test_evaluate_on_a_broken_json_file(tmp_path, env, text, expected):
     predictions = tmp_path / "predictions.json"
     predictions.write_text(text)
     assert evaluate_refuses(tmp_path, env, predictions)[0].startswith(expected)
+
+
+def test_every_hostile_predictions_file_is_refused_with_its_line(tmp_path):
+    """Every case above, in-process (the command's subprocess runs the first of each kind by default, all of
+    them in the slow pass): read_predictions refuses the file with the same one line."""
+    from prospect.eval import PredictionsError, read_predictions
+
+    cases = [*NESTED, *[(name, json.dumps(document, indent=1), expected) for name, document, expected in SHAPES], *BROKEN]
+    for name, text, expected in cases:
+        predictions = tmp_path / f"{name}.json"
+        predictions.write_text(text)
+        with pytest.raises(PredictionsError) as raised:
+            read_predictions(predictions)
+        assert str(raised.value).startswith(f"{predictions}: {expected}"), name
+        assert "\n" not in str(raised.value)
 
 
 # ---- a full disk: a file-size limit (ulimit -f) gives the error a full disk gives -----------------------------
