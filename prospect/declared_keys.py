@@ -5,9 +5,10 @@ key deleted with `~`.
 What declares a key: the YAML files of the job's own group options (conf/config.yaml and the chosen
 `model`/`strategy`/`dataset`/`eval`/`logger` file), i.e. the config the job would compose with the same
 choices and no key overrides. A strategy key may also be one of its class's fields, or a key of another
-strategy the same command runs: strategies ignore the parameters they do not use (as `last_keep_len`), so
-that one sweep over several strategies can set one strategy's key
-(`-m strategy=drop_middle,summarize_and_drop ++strategy.summary_max_new_tokens=128`). An `experiment` preset
+strategy option (prospect.validation passes them all): strategies ignore the parameters they do not use (as
+`last_keep_len`), so that one sweep over several strategies can set one strategy's key
+(`-m strategy=drop_middle,summarize_and_drop ++strategy.summary_max_new_tokens=128`), and each of its jobs
+passes alone as in the sweep. An `experiment` preset
 sets keys but declares none: a key it sets in a group must be declared by one of that group's options, so a
 typo in a preset is refused too. The `stream` and `summary` nodes are checked by their owners
 (prospect.validation), which know their keys.

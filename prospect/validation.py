@@ -88,7 +88,9 @@ def check_command_line(argv: list[str]) -> None:
             check_group_choice(group, value, conf_dir, search_path)
     lists = _job_override_lists(overrides, args.multirun, config_name, conf_dir, search_path)
     jobs = [compose_job(job_overrides, config_name, conf_dir) for job_overrides in lists]
-    strategies = {choices.get("strategy") for _, choices in jobs} - {None}  # each job may take the others' keys
+    # a strategy may take any strategy option's keys (it ignores those it does not use): a sweep's job run alone
+    # (the gpu_pool launcher starts each job as its own command) is checked as in its sweep
+    strategies = set(group_options("strategy", conf_dir, search_path))
     checked = set()
     for job_overrides, (cfg, choices) in zip(lists, jobs):
         # Without + or ~ overrides a job's keys come from its YAML files only (Hydra refuses any other override),

@@ -226,6 +226,7 @@ def test_strategy_grid_runs_as_lanes_and_a_rerun_computes_nothing(tmp_path, mode
     assert (tmp_path / "rerun" / "summary.md").read_text().count("| ok |") == 6
 
 
+@pytest.mark.slow
 def test_groups_and_lane_sets_spread_over_fake_gpus(tmp_path, model_cache_dir):
     """3 strategies x 2 max_new_tokens = 2 groups; lanes_per_gpu=2 splits a 3-lane group into 2 + 1; a job
     whose key is cached is no lane; the lane sets go to GPU ids 0 and 1, one process per id at a time."""
@@ -341,6 +342,7 @@ def test_a_killed_worker_fails_its_jobs_and_the_other_worker_goes_on(tmp_path, m
     assert "Failed or missing jobs" in summary and "killed by SIGKILL" in summary
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
 def test_sigterm_stops_the_lanes_and_writes_the_summary(tmp_path, model_cache_dir):
     """SIGTERM to a fused sweep reaches its worker, whose lanes stop after their frame and write their files; no
