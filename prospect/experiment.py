@@ -17,6 +17,7 @@ already written stays valid, results.json is written where it still can be, then
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from prospect.eval.intervals import interval_summary, intervals
 from prospect.models.vlm import load_model
 from prospect.signals import DiskFull, Interrupted, StopSignals, is_disk_full
 from prospect.stream.frame_record import ConversationResult
-from prospect.stream.lanes import LaneRunner, OneLane
+from prospect.stream.lanes import LaneRunner, OneLane, conversation_batch
 from prospect.stream.oracle import OracleRunner
 from prospect.stream.feed import peak_memory_mb
 from prospect.stream.runner import StreamRunner
@@ -234,8 +235,8 @@ def run_jobs(cfgs: Sequence[DictConfig], output_dirs: Sequence[str | Path], lane
         raise ValueError(f"run_jobs: {len(cfgs)} jobs without lanes; pass lanes=True to run them as lanes of one model")
     if lanes and any(cfg.model.get("oracle") for cfg in cfgs):  # no model, nothing to share
         return [run(cfg, output_dir) for cfg, output_dir in zip(cfgs, output_dirs)]
-    if lanes:
-        for cfg in cfgs:
+    if lanes or any(not isinstance(cfg.stream.get("conversation_batch", 1), str) and cfg.stream.conversation_batch > 1 for cfg in cfgs):
+        for cfg in cfgs:  # lanes run on the optimized step: "auto" settles to it before the job keys are computed
             if cfg.stream.optimized == "auto":
                 with open_dict(cfg):
                     cfg.stream.optimized = True
@@ -259,15 +260,16 @@ def run_jobs(cfgs: Sequence[DictConfig], output_dirs: Sequence[str | Path], lane
                 stop.check("while loading the dataset, before the stream started")
                 if not loaded.conversations:
                     raise RuntimeError(f"dataset {cfgs[0].dataset.name}: no conversation to run ({len(loaded.skipped)} skipped)")
-                runner, device = build_runner(cfgs, strategies, reports, lanes, batch_lanes)
+                runner, device, batch = build_runner(cfgs, strategies, reports, lanes, batch_lanes, len(loaded.conversations))
                 stop.check("while loading the model, before the stream started")
+                lanes_info.update(conversation_batch=batch)
                 if lanes:
                     lanes_info.update(lanes=len(live), batched=runner.static.batch_lanes)
                 log.info("%d conversations, job key%s %s", len(loaded.conversations), "s" if len(live) > 1 else "",
                          ", ".join(keys[i] for i in live))
                 files = [JobFiles(dirs[i], reports[i].results, mirror_trace(mirrors[i])) for i in live]
                 try:
-                    stream_jobs(runner, loaded.conversations, files, [reports[i].results for i in live], stop)
+                    stream_jobs(runner, loaded.conversations, files, [reports[i].results for i in live], stop, batch)
                 finally:
                     for job_files in files:
                         job_files.close()
@@ -284,7 +286,8 @@ def run_jobs(cfgs: Sequence[DictConfig], output_dirs: Sequence[str | Path], lane
                 report = reports[index]
                 if shared.status != "ok" and report.status == "ok":
                     report.status, report.error, report.exit_code = shared.status, shared.error, shared.exit_code
-                extra = {"lanes": {**lanes_info, "job": index}} if lanes else None
+                extra = {"lanes": {**lanes_info, "job": index}} if lanes else \
+                    {"conversation_batch": lanes_info["conversation_batch"]} if "conversation_batch" in lanes_info else None
                 try:
                     documents.append(finish_run(report, dirs[index], configs[index], environment(device), keys[index],
                                                 str(cfg.strategy.name), int(cfg.strategy.max_seq_len), mirrors[index], extra))
@@ -342,10 +345,12 @@ def validated_jobs(cfgs: Sequence[DictConfig], reports: Sequence[RunReport], lan
 
 
 def build_runner(cfgs: Sequence[DictConfig], strategies: list, reports: Sequence[RunReport], lanes: bool,
-                 batch_lanes: bool | None) -> tuple[Any, str]:
-    """(runner, device): the oracle, or one model under a LaneRunner (lanes) or the job alone (OneLane)."""
+                 batch_lanes: bool | None, conversations: int = 1) -> tuple[Any, str, int]:
+    """(runner, device, conversation batch): the oracle, or one model under a LaneRunner (lanes, or a job
+    streaming several conversations at once: one lane per job and conversation of a batch, a batch's jobs side
+    by side) or the job alone (OneLane)."""
     if cfgs[0].model.get("oracle"):
-        return OneLane(OracleRunner()), "cpu"
+        return OneLane(OracleRunner()), "cpu", 1
     started = time.perf_counter()
     model = load_model(cfgs[0].model, cfgs[0].paths.cache_dir, seed=int(cfgs[0].seed))
     log.info("model loaded in %.1f s", time.perf_counter() - started)
@@ -354,30 +359,42 @@ def build_runner(cfgs: Sequence[DictConfig], strategies: list, reports: Sequence
     log.info("model %s (%s, %s), strateg%s %s", model.name, model.device, str(model.dtype).removeprefix("torch."),
              "ies" if len(strategies) > 1 else "y", ", ".join(s.name for s in strategies))
     settings = stream_settings(cfgs[0])
-    if lanes:
-        runner = LaneRunner(model, strategies, settings, batch_lanes=batch_lanes)
+    optimized = model.device.type == "cuda" if settings.optimized == "auto" else bool(settings.optimized)
+    batch = conversation_batch(settings.conversation_batch, model, strategies, conversations, lanes or optimized)
+    if batch > 1:
+        log.info("streaming %d conversations at once (stream.conversation_batch=%s)", batch, settings.conversation_batch)
+    if lanes or batch > 1:  # each further conversation of a batch gets its own copy of every job's strategy
+        every = [copy.deepcopy(strategy) if slot else strategy for slot in range(batch) for strategy in strategies]
+        runner = LaneRunner(model, every, settings, batch_lanes=batch_lanes)
     else:
         runner = OneLane(StreamRunner(model, strategies[0], settings))
-    return runner, str(model.device)
+    return runner, str(model.device), batch
 
 
 def stream_jobs(runner: Any, conversations: Iterable[Conversation], files: Sequence[JobFiles],
-                results: Sequence[list[ConversationResult]], stop: StopSignals | None = None) -> None:
-    """Stream each conversation through the runner's lanes (LaneRunner or OneLane), one job's files per lane.
-    Each lane's results are appended as the conversation starts (an interrupted run keeps them). After each
-    frame `stop.check()` may end the run with `Interrupted`: each lane's conversation in progress is kept,
-    marked partial. A conversation that fails in what the lanes share (or in a job alone) is recorded in
-    every lane and the next one still runs."""
+                results: Sequence[list[ConversationResult]], stop: StopSignals | None = None, batch: int = 1) -> None:
+    """Stream the conversations through the runner's lanes (LaneRunner or OneLane), one job's files per lane,
+    `batch` conversations at once (lanes: conversation-major, each conversation's jobs side by side). Each
+    lane's results are appended in dataset order as its batch starts (an interrupted run keeps them). After each
+    frame `stop.check()` may end the run with `Interrupted`: each conversation in progress is kept, marked
+    partial. A conversation that fails in what the lanes share (or in a job alone) is recorded in every lane
+    of its batch and the next batch still runs."""
     check = stop.check if stop is not None else (lambda where: None)
     device = getattr(getattr(runner, "model", None), "device", None)
-    for conversation in conversations:
-        lane_results = [ConversationResult(conversation) for _ in files]
-        for job_results, result in zip(results, lane_results):
-            job_results.append(result)
+    conversations = list(conversations)
+    for start in range(0, len(conversations), batch):
+        group = conversations[start : start + batch]
+        lane_files = [job_files for _ in group for job_files in files]
+        lane_results = [ConversationResult(conversation) for conversation in group for _ in files]
+        for slot in range(len(group)):  # each job's results in dataset order
+            for job_results, result in zip(results, lane_results[slot * len(files) : (slot + 1) * len(files)]):
+                job_results.append(result)
+        where = f"conversation {group[0].id}" if len(group) == 1 else f"conversations {', '.join(c.id for c in group)}"
         try:
             try:
-                runner.run(conversation, lane_results, progress=True, on_frames=[f.record for f in files],
-                           on_step=lambda index: check(f"at frame {index} of conversation {conversation.id}"))
+                streamed = [c for c in group for _ in files] if batch > 1 else group[0]  # a batch's lanes, or every lane's one
+                runner.run(streamed, lane_results, progress=True, on_frames=[f.record for f in lane_files],
+                           on_step=lambda index: check(f"at frame {index} of {where}"))
             except Exception as error:
                 if is_disk_full(error):  # no room for a file of the run: not this conversation's failure, stop
                     raise DiskFull.of(error) from None
@@ -385,19 +402,18 @@ def stream_jobs(runner: Any, conversations: Iterable[Conversation], files: Seque
         except Exception as error:  # recorded per conversation; the others still run
             for result in lane_results:
                 result.error = result.error or f"{type(error).__name__}: {error}"
-            log.error("conversation %s failed after %d frames: %s: %s", conversation.id, len(lane_results[0].trace),
-                      type(error).__name__, error)
+            log.error("%s failed after %d frames: %s: %s", where, len(lane_results[0].trace), type(error).__name__, error)
         except BaseException as error:  # interrupted or a full disk: keep what each lane made, then stop
             peak = (lambda: peak_memory_mb(device)) if device is not None else None
             reason = error
-            full = each_lane(files, lambda job_files, result: job_files.stopped(result, reason, peak), lane_results)
+            full = each_lane(lane_files, lambda job_files, result: job_files.stopped(result, reason, peak), lane_results)
             if full is not None and not isinstance(error, DiskFull):
                 raise full from None  # the predictions have no room: the files are incomplete, say so
             raise
-        full = each_lane(files, lambda job_files, result: job_files.conversation_done(result), lane_results)
+        full = each_lane(lane_files, lambda job_files, result: job_files.conversation_done(result), lane_results)
         if full is not None:
             raise full
-        check(f"after conversation {conversation.id}")
+        check(f"after {where}")
 
 
 def each_lane(files: Sequence[JobFiles], write: Any, lane_results: Sequence[ConversationResult]) -> DiskFull | None:

@@ -18,7 +18,8 @@ import yaml
 from conftest import REPO, compose
 from test_sweep import _processes_mentioning
 from prospect.sweep.fused import group_key, lane_sets
-from prospect.sweep.lane_memory import GIB, activation_bytes_per_lane, balanced_sizes, kv_bytes_per_lane, split_for_memory
+from prospect.models.footprint import GIB, activation_bytes_per_lane, kv_bytes_per_lane
+from prospect.sweep.lane_memory import balanced_sizes, split_for_memory
 from prospect.sweep.gpu_pool import PoolJob
 from prospect.tracking.results import job_key
 

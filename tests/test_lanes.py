@@ -349,3 +349,68 @@ def test_sampled_lanes_equal_their_jobs_and_the_host_loop(tiny_model, synthetic_
     assert on_device != run(4, on_device=True)
     greedy = LaneRunner(tiny_model, [create_strategy("drop_middle", **SMALL)], StreamSettings(max_new_tokens=8, optimized=True)).run(conversation)
     assert on_device[0][0] != greedy[0].replies
+
+
+def _shorter(conversation, frames: int, suffix: str):
+    import dataclasses
+
+    return dataclasses.replace(conversation, id=f"{conversation.id}{suffix}", frames=conversation.frames[:frames])
+
+
+@pytest.mark.parametrize("policy", ["gt_turns", pytest.param("threshold", marks=pytest.mark.slow)])
+def test_conversations_as_lanes_equal_each_conversation_alone(tiny_model, synthetic_conversations, policy):
+    """Lanes streaming different conversations of different lengths (strategies x conversations, as
+    stream.conversation_batch makes them): each lane's replies, trace, cache contents equal its conversation
+    streamed alone under its strategy, bitwise; a lane whose conversation ended sits the later steps out."""
+    settings = StreamSettings(max_new_tokens=8, optimized=True, **POLICIES[policy])
+    first, second = synthetic_conversations[0], synthetic_conversations[-1]
+    conversations = [first, _shorter(second, 23, "-short"), _shorter(first, 41, "-mid")]
+    names = ["drop_middle", "summarize_and_drop", "snapkv"]
+    strategies = [create_strategy(name, **SMALL) for name in names for _ in conversations]
+    per_lane = [c for _ in names for c in conversations]
+    lanes = LaneRunner(tiny_model, strategies, settings)
+    steps = []
+    original = lanes.static.forward_lanes
+    lanes.static.forward_lanes = lambda caches, *args, **kwargs: steps.append(len(caches)) or original(caches, *args, **kwargs)
+    together = lanes.run(per_lane)
+    assert max(steps) > len(names)  # lanes of several conversations went through the model as one step
+    for lane, conversation, result in zip(lanes.lanes, per_lane, together):
+        alone_runner = StreamRunner(tiny_model, create_strategy(lane.strategy.name, **SMALL), settings)
+        alone = alone_runner.run(conversation)
+        label = (lane.strategy.name, conversation.id)
+        assert result.error is None, label
+        assert result.conversation is conversation
+        assert len(result.trace) == len(alone.trace) == conversation.num_frames, label
+        assert result.replies == alone.replies, label
+        assert comparable(result.trace) == comparable(alone.trace), label
+        assert all(torch.equal(a, b) for a, b in zip(lane.cache.records, alone_runner.cache.records)), label
+        for (k1, v1), (k2, v2) in zip(lane.cache.layer_tensors(), alone_runner.cache.layer_tensors()):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2), label
+    events = {event for result in together for r in result.trace for event in r["events"]}
+    assert {"compress", "summary", "speak"} <= events
+
+
+def test_conversations_as_batched_lanes_match_them_one_at_a_time(tiny_model, synthetic_conversations):
+    """The batched step over lanes of different conversations (per-lane images and chunks of several lengths,
+    what CUDA graphs replay) on CPU: the same replies and events as lane by lane, keys within fp32 rounding."""
+    settings = StreamSettings(max_new_tokens=8, optimized=True)
+    first, second = synthetic_conversations[0], synthetic_conversations[-1]
+    conversations = [first, _shorter(second, 30, "-short")]
+    names = ["drop_middle", "drop_middle"]
+
+    def runner(batch: bool) -> LaneRunner:
+        return LaneRunner(tiny_model, [create_strategy(n, **SMALL) for n in names], settings, batch_lanes=batch)
+
+    one_by_one, batched = runner(False), runner(True)
+    images = []
+    original = batched.static.forward_lanes
+    batched.static.forward_lanes = lambda caches, ids, image=None, *a, **k: images.append(isinstance(image, list)) or original(caches, ids, image, *a, **k)
+    a, b = one_by_one.run(conversations), batched.run(conversations)
+    assert any(images)  # frames of two conversations in one step, each lane with its own image
+    for x, y in zip(a, b):
+        assert x.replies == y.replies and len(x.trace) == len(y.trace)
+        assert [r["events"] for r in x.trace] == [r["events"] for r in y.trace]
+    for lane_a, lane_b in zip(one_by_one.lanes, batched.lanes):
+        assert all(torch.equal(p, q) for p, q in zip(lane_a.cache.records, lane_b.cache.records))
+        for (k1, _), (k2, _) in zip(lane_a.cache.layer_tensors(), lane_b.cache.layer_tensors()):
+            torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)

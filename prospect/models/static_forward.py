@@ -285,14 +285,15 @@ class StaticForward:
         self,
         caches: Sequence[PositionedCache],
         input_ids: Sequence[Sequence[int]],
-        image_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         all_logits: bool = False,
         provenances: Sequence[Provenance | None] | None = None,
         append: bool = True,
     ) -> torch.Tensor:
         """Append each lane's chunk (`input_ids[i]` to `caches[i]`, all of one length) as one batch; returns
-        the logits of those lanes, in order: [len(caches), vocab] (or [len(caches), n, vocab]). A chunk with
-        image tokens is the same ids for every lane (a frame), with `image_features` filling them.
+        the logits of those lanes, in order: [len(caches), vocab] (or [len(caches), n, vocab]). Image tokens
+        take the rows of `image_features`: one tensor for a frame every lane feeds alike (the same ids), or a
+        list with each lane's own (lanes streaming different conversations).
 
         append=False computes the chunk on top of each cache without keeping it: its keys/values go to the
         free slots after the cache's tokens (never visible: a later chunk overwrites them before anything
@@ -311,8 +312,11 @@ class StaticForward:
         if len(set(lanes)) != len(lanes):
             raise ValueError("a lane appears twice in one step")
         with_image = image_features is not None or any(self.model.image_token_id in chunk for chunk in ids)
-        if with_image and any(chunk != ids[0] for chunk in ids):
-            raise ValueError("a step with image tokens feeds the same ids to every lane")
+        per_lane_images = isinstance(image_features, (list, tuple))
+        if per_lane_images and len(image_features) != len(ids):
+            raise ValueError(f"{len(image_features)} lanes' image features for {len(ids)} chunks")
+        if with_image and not per_lane_images and any(chunk != ids[0] for chunk in ids):
+            raise ValueError("a step with one image feeds the same ids to every lane (pass one image per lane otherwise)")
         span = self._span(lanes)
         key = (n, all_logits, with_image, span)
         step = self.steps.get(key)
@@ -326,7 +330,10 @@ class StaticForward:
             first[lane] = int(cache.take_positions(n, provenance)[0]) if append else cache.next_position
             active[lane] = True
             rows[lane] = chunk
-        if with_image:
+        if with_image and per_lane_images:  # the other lanes' rows keep stale embeddings: inactive, they write nowhere seen
+            for lane, chunk, image in zip(lanes, ids, image_features):
+                step.embeds[lane].copy_(self.model.embed(chunk, image)[0])
+        elif with_image:
             step.embeds.copy_(self.model.embed(ids[0], image_features).expand(self.lanes, -1, -1))
         else:
             step.ids.copy_(torch.tensor(rows), non_blocking=True)

@@ -84,30 +84,42 @@ def frame_features(model: VisionLanguageModel, conversation: Conversation, frame
 def forward_lanes(
     lanes: list[Lane],
     ids: list[list[int]],
-    image: torch.Tensor | None = None,
+    image: torch.Tensor | list[torch.Tensor] | None = None,
     kind: int | None = None,
     provenances: list[Provenance] | None = None,
     all_logits: bool = False,
     append: bool = True,
 ) -> list[torch.Tensor]:
-    """Feed `ids[i]` to lane i (one step for lanes on one StaticForward, else one after the other); returns each
-    lane's last logits (every token's with all_logits). append=False: computed on top of each cache, which is
-    left as it was (a measurement, see score_references and probe_speak)."""
+    """Feed `ids[i]` to lane i and return each lane's last logits (every token's with all_logits). `image`: the
+    image features of a frame every lane feeds, or a list with each lane's own. Lanes on one StaticForward whose
+    chunks have one length are one step (lanes streaming different conversations may feed chunks of several
+    lengths: one step per length); other lanes go one after the other. append=False: computed on top of each
+    cache, which is left as it was (a measurement, see score_references and probe_speak)."""
     if not lanes:
         return []
     if provenances is None:
         provenances = [Provenance.of(len(chunk), KIND["assistant"] if kind is None else kind) for chunk in ids]
+    images = list(image) if isinstance(image, (list, tuple)) else [image] * len(lanes)
     static = lanes[0].static
-    if len(lanes) == 1 or static is None or any(lane.static is not static for lane in lanes) or len({len(c) for c in ids}) > 1:
-        return [lane._forward(chunk, image, provenance=p, all_logits=all_logits, append=append)
-                for lane, chunk, p in zip(lanes, ids, provenances)]
-    firsts = [lane.cache.next_position for lane in lanes]
-    logits = static.forward_lanes([lane.cache for lane in lanes], ids, image, all_logits, provenances, append)
-    for row, lane, chunk, first in zip(logits, lanes, ids, firsts):
-        lane._cache_max = max(lane._cache_max, cache_length(lane.cache))
-        if lane.on_forward is not None and append:
-            lane.on_forward(chunk, image, torch.arange(first, first + len(chunk)), row)
-    return list(logits)
+    if len(lanes) == 1 or static is None or any(lane.static is not static for lane in lanes):
+        return [lane._forward(chunk, own_image, provenance=p, all_logits=all_logits, append=append)
+                for lane, chunk, own_image, p in zip(lanes, ids, images, provenances)]
+    by_length: dict[int, list[int]] = {}
+    for index, chunk in enumerate(ids):
+        by_length.setdefault(len(chunk), []).append(index)
+    out: list[torch.Tensor | None] = [None] * len(lanes)
+    for group in by_length.values():
+        members = [lanes[i] for i in group]
+        firsts = [lane.cache.next_position for lane in members]
+        step_image = [images[i] for i in group] if isinstance(image, (list, tuple)) else image
+        logits = static.forward_lanes([lane.cache for lane in members], [ids[i] for i in group], step_image, all_logits,
+                                      [provenances[i] for i in group], append)
+        for row, index, lane, first in zip(logits, group, members, firsts):
+            out[index] = row
+            lane._cache_max = max(lane._cache_max, cache_length(lane.cache))
+            if lane.on_forward is not None and append:
+                lane.on_forward(ids[index], images[index], torch.arange(first, first + len(ids[index])), row)
+    return out
 
 
 class LaneFailures:

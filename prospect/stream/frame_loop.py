@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -32,18 +32,23 @@ log = logging.getLogger(__name__)
 
 def stream_lanes(
     lanes: list[Lane],
-    conversation: Conversation,
+    conversations: Conversation | Sequence[Conversation],
     results: list[ConversationResult],
     progress: bool = False,
     on_frames: list[Callable[[dict], None] | None] | None = None,
     on_step: Callable[[int], None] | None = None,
     isolate: bool = True,
 ) -> list[ConversationResult]:
-    """Stream one conversation through `lanes` (one result each, filled frame by frame).
+    """Stream one conversation through `lanes`, or each lane its own (`conversations`, one per lane: the
+    conversations of a dataset as lanes); one result each, filled frame by frame.
 
-    After each frame, lane i's record is in `results[i].trace` and `on_frames[i](record)` is called, then
-    `on_step(frame index)` once: the safe points between frames (whatever they raise stops every lane). A lane that
-    raises is handled by `isolate` (see LaneFailures).
+    Step t feeds every lane the t-th fed frame of its conversation; a lane whose conversation has fewer frames
+    has finished and sits the rest out (its cache untouched). Lanes streaming one conversation share its vision
+    features and text; chunks of one length go through the model as one step (forward_lanes).
+
+    After each step, each lane's record is in its `results[i].trace` and `on_frames[i](record)` is called, then
+    `on_step(frame index)` once (the first lane's frame index at that step): the safe points between frames
+    (whatever they raise stops every lane). A lane that raises is handled by `isolate` (see LaneFailures).
 
     Longer than the house's 80 lines on purpose: its body is the protocol of one frame in its order (records,
     make room, the frame chunk, replies, reductions, bookkeeping), and the order is what the bitwise
@@ -53,6 +58,10 @@ def stream_lanes(
     for lane in lanes[1:]:
         if lane.model is not model or (lane.settings.frame_stride, lane.vision_batch_size) != (settings.frame_stride, lanes[0].vision_batch_size):
             raise ValueError("lanes share the model, frame_stride and vision_batch_size")
+    if isinstance(conversations, Conversation):
+        conversations = [conversations] * len(lanes)
+    if len(conversations) != len(lanes):
+        raise ValueError(f"{len(conversations)} conversations for {len(lanes)} lanes")
     on_frames = on_frames or [None] * len(lanes)
     callbacks = {id(lane): callback for lane, callback in zip(lanes, on_frames)}
     failures = LaneFailures(lanes, results, isolate)
@@ -60,75 +69,92 @@ def stream_lanes(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     shared: dict[int, list[PositionedCache]] = {}
-    for lane in lanes:
+    for lane, conversation in zip(lanes, conversations):
         if lane.static is not None:
             caches = shared.setdefault(id(lane.static), lane.static.caches())
             lane._start(conversation, caches[lane.lane])
         else:
             lane._start(conversation, model.new_cache(lane.capacity, lane.record_queries))
     started = time.perf_counter()
+    distinct = list({id(c): c for c in conversations}.values())  # in order of first appearance
 
-    system = model.chat.stream_start
-    if conversation.system_prompt:
-        system += model.chat.text_turn("system", conversation.system_prompt)
-    if system:
-        ids = model.encode(system)
-        failures.together(lanes, lambda live: forward_lanes(live, [ids] * len(live), kind=KIND["system"]))
+    def system_ids(conversation: Conversation) -> list[int]:
+        system = model.chat.stream_start
+        if conversation.system_prompt:
+            system += model.chat.text_turn("system", conversation.system_prompt)
+        return model.encode(system) if system else []
+
+    systems = {id(c): system_ids(c) for c in distinct}
+    starting = [lane for lane in lanes if systems[id(lane._conversation)]]
+    if starting:
+        failures.together(starting, lambda live: forward_lanes(live, [systems[id(lane._conversation)] for lane in live], kind=KIND["system"]))
     failures.each(lanes, lambda lane: lane.strategy.start_stream(prompt_len=cache_length(lane.cache)))
 
-    schedule = frames_to_feed(conversation, settings.frame_stride)
-    features = frame_features(model, conversation, [frame for frame, _, _ in schedule], lanes[0].vision_batch_size)
-    iterator = schedule
+    schedules = {id(c): frames_to_feed(c, settings.frame_stride) for c in distinct}
+    features = {id(c): frame_features(model, c, [frame for frame, _, _ in schedules[id(c)]], lanes[0].vision_batch_size) for c in distinct}
+    steps = range(max(len(schedule) for schedule in schedules.values()))
     if progress:
-        iterator = tqdm(schedule, desc=conversation.id, unit="frame", leave=False)
+        steps = tqdm(steps, desc=distinct[0].id if len(distinct) == 1 else f"{len(distinct)} conversations", unit="frame", leave=False)
     records: dict[int, FrameRecord] = {}
-    for frame, turns, references in iterator:
+    for step in steps:
         if not failures.alive:
             break
         synchronize(device)
         frame_start = time.perf_counter()
-        for lane in failures.alive:
-            records[id(lane)] = FrameRecord(conversation=conversation.id, index=frame.index, time=frame.time,
+        # what each conversation with a frame at this step feeds: (frame, turns, references, text ids, provenance, image)
+        feeding: dict[int, tuple] = {}
+        for conversation in distinct:
+            schedule = schedules[id(conversation)]
+            if step < len(schedule) and any(lane._conversation is conversation for lane in failures.alive):
+                frame, turns, references = schedule[step]
+                pieces = [(model.chat.text_turn(t.role, t.content), turn_kind(t), -1) for t in turns]
+                pieces.append((model.chat.frame(model.image_tokens, frame.time), KIND["frame_text"], frame.index))
+                feeding[id(conversation)] = (frame, turns, references, *model.encode_labeled(pieces))
+        active = [lane for lane in failures.alive if id(lane._conversation) in feeding]
+        if not active:
+            break
+        for lane in active:
+            lane._frame, lane._turns, lane._references, lane._text_ids, lane._text_provenance = feeding[id(lane._conversation)]
+            records[id(lane)] = FrameRecord(conversation=lane._conversation.id, index=lane._frame.index, time=lane._frame.time,
                                             cache_before=cache_length(lane.cache), events=["frame"],
-                                            reference_due=bool(references))
+                                            reference_due=bool(lane._references))
             lane._timing = {"vision_ms": 0.0, "frame_prefill_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "reduce_ms": 0.0}
             lane._cache_max = cache_length(lane.cache)
-            for turn in turns:
+            for turn in lane._turns:
                 if turn.role == "system" and turn.content.startswith(KNOWLEDGE_PREFIX):
                     lane._knowledge = turn.content
-        pieces = [(model.chat.text_turn(t.role, t.content), turn_kind(t), -1) for t in turns]
-        pieces.append((model.chat.frame(model.image_tokens, frame.time), KIND["frame_text"], frame.index))
-        text_ids, text_provenance = model.encode_labeled(pieces)
 
         def make_room(lane: Lane) -> None:
-            lane._pending = lane._make_room(len(lane._pending) + len(text_ids), lane._pending, records[id(lane)], frame)
+            lane._pending = lane._make_room(len(lane._pending) + len(lane._text_ids), lane._pending, records[id(lane)], lane._frame)
 
-        summarize_lanes(failures, lanes, lambda lane: lane._needs_room(len(lane._pending) + len(text_ids)))
-        failures.each(lanes, make_room)
-        image, vision_ms = next(features)
-        for lane in failures.alive:
-            lane._timing["vision_ms"] = vision_ms
+        summarize_lanes(failures, active, lambda lane: lane._needs_room(len(lane._pending) + len(lane._text_ids)))
+        failures.each(active, make_room)
+        images = {key: next(features[key]) for key in feeding}  # (image features, vision ms per frame)
+        for lane in [lane for lane in active if lane in failures.alive]:
+            lane._image, lane._timing["vision_ms"] = images[id(lane._conversation)]
         # the frame chunk: one step for the lanes with nothing pending, alone for a lane with a restart text
-        plain = [lane for lane in failures.alive if not lane._pending]
-        for group in [plain] + [[lane] for lane in failures.alive if lane._pending]:
+        live = [lane for lane in active if lane in failures.alive]
+        plain = [lane for lane in live if not lane._pending]
+        for group in [plain] + [[lane] for lane in live if lane._pending]:
             synchronize(device)
             t0 = time.perf_counter()
 
-            def feed(live: list[Lane]) -> None:
-                chunks = [lane._pending + text_ids for lane in live]
-                provenances = [Provenance.concat([Provenance.of(len(lane._pending), lane._pending_kind), text_provenance]) for lane in live]
-                forward_lanes(live, chunks, image, provenances=provenances)
+            def feed(members: list[Lane]) -> None:
+                chunks = [lane._pending + lane._text_ids for lane in members]
+                provenances = [Provenance.concat([Provenance.of(len(lane._pending), lane._pending_kind), lane._text_provenance])
+                               for lane in members]
+                image = [lane._image for lane in members] if len(feeding) > 1 else members[0]._image
+                forward_lanes(members, chunks, image, provenances=provenances)
 
             failures.together(group, feed)
             synchronize(device)
             for lane in [lane for lane in group if lane in failures.alive]:
                 lane._timing["frame_prefill_ms"] = (time.perf_counter() - t0) * 1000
                 lane._timing["prefill_ms"] += lane._timing["frame_prefill_ms"]
-                records[id(lane)]["chunk_tokens"] = len(lane._pending) + len(text_ids)
+                records[id(lane)]["chunk_tokens"] = len(lane._pending) + len(lane._text_ids)
                 lane._pending = []
 
-        speak = bool(references) if settings.talk_policy == "gt_turns" else None
-        replies = reply_lanes(failures, speak, records, frame, references)
+        replies = reply_lanes(failures, active, records)
 
         def after_replies(lane: Lane) -> bool:
             """Record the reply, capture the initial cache; returns whether the strategy reduces now."""
@@ -136,22 +162,22 @@ def stream_lanes(
             reply_ids = replies.get(id(lane))
             if reply_ids is not None:
                 reply = model.decode(reply_ids)
-                result.replies[frame.index] = reply
+                result.replies[lane._frame.index] = reply
                 record["reply"] = reply
                 record["events"].append("speak")
             record["generated_tokens"] = len(reply_ids or [])
-            if not lane._initial_captured and any(t.role == "user" for t in turns):
+            if not lane._initial_captured and any(t.role == "user" for t in lane._turns):
                 lane.strategy.set_initial_cache(lane.cache)
                 lane._initial_captured = True
             return lane.strategy.should_reduce(lane.cache)
 
-        reducing = failures.each(lanes, after_replies)
-        summarize_lanes(failures, lanes, lambda lane: reducing[id(lane)])
+        reducing = failures.each(active, after_replies)
+        summarize_lanes(failures, active, lambda lane: reducing[id(lane)])
 
         def finish_frame(lane: Lane) -> None:
             record = records[id(lane)]
             if reducing[id(lane)]:
-                lane._pending = lane._reduce(lane._pending, record, frame)
+                lane._pending = lane._reduce(lane._pending, record, lane._frame)
             synchronize(device)
             record.update(lane._timing)
             record["cache_after"] = cache_length(lane.cache)
@@ -169,17 +195,20 @@ def stream_lanes(
             if cache_length(lane.cache) > lane.capacity:  # the invariant; a bug if it ever fires
                 raise ContextOverflowError(f"cache holds {cache_length(lane.cache)} tokens > capacity {lane.capacity}")
 
-        failures.each(lanes, finish_frame)
-        for lane in list(failures.alive):
-            failures.results[id(lane)].trace.append(records[id(lane)])
+        failures.each(active, finish_frame)
+        for lane in [lane for lane in active if lane in failures.alive]:
+            result = failures.results[id(lane)]
+            result.trace.append(records[id(lane)])
+            if step == len(schedules[id(lane._conversation)]) - 1:
+                result.wall_s = time.perf_counter() - started  # its conversation is done
             callback = callbacks[id(lane)]
             if callback is not None:
                 callback(records[id(lane)])
         if on_step is not None:
-            on_step(frame.index)
+            on_step(records[id(active[0])]["index"])
     wall = time.perf_counter() - started
     peak = peak_memory_mb(device)
     for lane in lanes:
         result = failures.results[id(lane)]
-        result.wall_s, result.peak_memory_mb = wall, peak
+        result.wall_s, result.peak_memory_mb = result.wall_s or wall, peak
     return results

@@ -54,17 +54,47 @@ class LaneRunner:
 
     def run(
         self,
-        conversation: Conversation,
+        conversation: Conversation | Sequence[Conversation],
         results: list[ConversationResult] | None = None,
         progress: bool = False,
         on_frames: list[Callable[[dict], None] | None] | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> list[ConversationResult]:
-        """Stream one conversation through every lane; one result per lane (pass `results` to keep partial
-        output if this raises). `on_frames[i](record)` follows each of lane i's frames, `on_step(frame index)`
-        each frame of all lanes: the safe points (what they raise stops every lane)."""
-        results = results if results is not None else [ConversationResult(conversation) for _ in self.lanes]
-        return stream_lanes(self.lanes, conversation, results, progress, on_frames, on_step, isolate=True)
+        """Stream one conversation through every lane, or a list of them, one per lane (conversations as
+        lanes; a shorter list runs the first lanes only); one result per lane (pass `results` to keep partial output if this raises).
+        `on_frames[i](record)` follows each of lane i's frames, `on_step(frame index)` each step of all lanes:
+        the safe points (what they raise stops every lane)."""
+        per_lane = [conversation] * len(self.lanes) if isinstance(conversation, Conversation) else list(conversation)
+        if len(per_lane) > len(self.lanes):
+            raise ValueError(f"{len(per_lane)} conversations for {len(self.lanes)} lanes")
+        results = results if results is not None else [ConversationResult(c) for c in per_lane]
+        # fewer conversations than lanes (a dataset's last batch): the first lanes run, the others stay idle
+        return stream_lanes(self.lanes[: len(per_lane)], per_lane, results, progress, on_frames, on_step, isolate=True)
+
+
+MAX_CONVERSATION_BATCH = 16  # conversation_batch=auto streams at most this many conversations at once
+
+
+def conversation_batch(requested: int | str, model: VisionLanguageModel, strategies: Sequence[BaseContextStrategy],
+                       conversations: int, optimized: bool) -> int:
+    """How many conversations a job (or a fused lane set of `strategies`) streams at once as lanes: an integer
+    is taken as it is (at most `conversations`); auto is 1 off CUDA or off the optimized step, else as many
+    as the GPU's free memory holds beside what is loaded, each conversation costing one lane per strategy at
+    the largest capacity (prospect.models.footprint.lane_bytes), at most MAX_CONVERSATION_BATCH."""
+    if requested != "auto":
+        return max(1, min(int(requested), conversations))
+    if model.device.type != "cuda" or not optimized or conversations <= 1:
+        return 1
+    import torch
+
+    from prospect.models.footprint import RESERVE_BYTES, lane_bytes
+
+    capacity = max(strategy.capacity(model.max_positions) for strategy in strategies)
+    records = any(strategy.records_queries for strategy in strategies)
+    per_conversation = len(strategies) * lane_bytes(model.model.config.text_config, model.dtype.itemsize, capacity, records)
+    free, _ = torch.cuda.mem_get_info(model.device)
+    fit = (free - RESERVE_BYTES) // per_conversation if per_conversation > 0 else conversations
+    return int(max(1, min(fit, MAX_CONVERSATION_BATCH, conversations)))
 
 
 class OneLane:

@@ -10,7 +10,6 @@ import time
 import torch
 
 from prospect.cache import KIND, cache_length, crop_end
-from prospect.data.types import StreamFrame
 from prospect.stream.decode import decode_lanes
 from prospect.stream.reference_scores import token_scores
 from prospect.stream.feed import SCORE_ALIGN, Lane, LaneFailures, forward_lanes
@@ -21,24 +20,31 @@ from prospect.stream.talk import not_talk_probability
 log = logging.getLogger(__name__)
 
 
-def reply_lanes(
-    failures: LaneFailures, speak: bool | None, records: dict[int, FrameRecord], frame: StreamFrame, references: tuple[str, ...] = ()
-) -> dict[int, list[int]]:
-    """Prompt an assistant turn in every live lane and decode the replies together: {id(lane): reply ids} of
-    the lanes that spoke. speak=None asks the threshold policy (ProAssist's not-talk probability on the first
-    token) in each lane; False: nobody speaks (gt_turns at a frame without a reference: P(speak) is probed,
-    see probe_speak).
+def speaks(lane: Lane) -> bool | None:
+    """Whether the lane's talk policy has it speak at its frame: gt_turns, where a reference is due; threshold:
+    None (its not-talk probability decides)."""
+    return bool(lane._references) if lane.settings.talk_policy == "gt_turns" else None
 
-    Measurements that change nothing (StreamSettings.reference_scores / speak_probe): with `references` due,
+
+def reply_lanes(failures: LaneFailures, lanes: list[Lane], records: dict[int, FrameRecord]) -> dict[int, list[int]]:
+    """Prompt an assistant turn in each live lane of `lanes` that may speak at its frame (`lane._frame`, with the
+    references `lane._references` due there) and decode the replies together: {id(lane): reply ids} of the
+    lanes that spoke. Under the threshold policy each lane reads ProAssist's not-talk probability on the first
+    token; under gt_turns a lane without a reference due stays silent (P(speak) is probed, see probe_speak).
+
+    Measurements that change nothing (StreamSettings.reference_scores / speak_probe): with references due,
     each lane scores them teacher-forced on top of its reply prompt before it decides or decodes
     (score_references); every lane that prompted records `speak_probability` = 1 - P(end of turn first)."""
-    if speak is False:
-        probe_speak(failures, records)
+    lanes = [lane for lane in lanes if lane in failures.alive]
+    silent = [lane for lane in lanes if speaks(lane) is False]
+    if silent:
+        probe_speak(failures, silent, records)
+    lanes = [lane for lane in lanes if speaks(lane) is not False]
+    if not lanes:
         return {}
-    lanes = list(failures.alive)
 
     def make_room(lane: Lane) -> None:
-        pending = lane._make_room(lane._reply_budget(), [], records[id(lane)], frame)
+        pending = lane._make_room(lane._reply_budget(), [], records[id(lane)], lane._frame)
         if pending:  # a reduction (summary) just queued a new context: feed it before the prompt
             lane._forward(pending, kind=lane._pending_kind)
 
@@ -51,15 +57,18 @@ def reply_lanes(
         lane._timing["prefill_ms"] += (time.perf_counter() - t0) * 1000
     probabilities = {}
     for lane in prompted:
-        if speak is None or lane.settings.speak_probe:
+        if speaks(lane) is None or lane.settings.speak_probe:
             probabilities[id(lane)] = not_talk_probability(prompts[id(lane)], lane.model.stop_ids)
             records[id(lane)]["speak_probability"] = 1.0 - probabilities[id(lane)]
-    scoring = [lane for lane in prompted if references and lane.settings.reference_scores]
-    if scoring:
-        failures.together(scoring, lambda live: score_references(live, {id(lane): prompts[id(lane)] for lane in live}, references, records))
+    scoring: dict[tuple[str, ...], list[Lane]] = {}  # lanes of one conversation score the same references
+    for lane in prompted:
+        if lane._references and lane.settings.reference_scores:
+            scoring.setdefault(tuple(lane._references), []).append(lane)
+    for references, group in scoring.items():
+        failures.together(group, lambda live: score_references(live, {id(lane): prompts[id(lane)] for lane in live}, references, records))
     speakers = []
     for lane in [lane for lane in prompted if lane in failures.alive]:
-        if speak is None:
+        if speaks(lane) is None:
             probability = probabilities[id(lane)]
             records[id(lane)]["not_talk_probability"] = probability
             if probability > lane.settings.talk_threshold:
@@ -75,12 +84,12 @@ def reply_lanes(
     return replies or {}
 
 
-def probe_speak(failures: LaneFailures, records: dict[int, FrameRecord]) -> None:
-    """gt_turns at a frame without a reference: each live lane with speak_probe on reads P(speak) = 1 - P(end of
-    turn first) after an assistant prompt it does not keep (one step for the lanes on a StaticForward); the
-    cache is left exactly as it was. A lane whose cache has no room for the prompt records nothing (making room
-    would be a reduction the stream does not make)."""
-    lanes = [lane for lane in failures.alive if lane.settings.speak_probe
+def probe_speak(failures: LaneFailures, lanes: list[Lane], records: dict[int, FrameRecord]) -> None:
+    """gt_turns at a frame without a reference: each live lane of `lanes` with speak_probe on reads P(speak) =
+    1 - P(end of turn first) after an assistant prompt it does not keep (one step for the lanes on a
+    StaticForward); the cache is left exactly as it was. A lane whose cache has no room for the prompt records
+    nothing (making room would be a reduction the stream does not make)."""
+    lanes = [lane for lane in lanes if lane in failures.alive and lane.settings.speak_probe
              and cache_length(lane.cache) + len(lane.prompt_ids) <= lane.capacity]
     if not lanes:
         return

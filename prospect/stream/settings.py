@@ -34,6 +34,8 @@ class StreamSettings:
     vision_batch_size: int | str = "auto"
     optimized: bool | str = "auto"
     compile: bool | str = "auto"  # the optimized step's norms and MLPs through torch.compile (auto: on CUDA)
+    # conversations of the dataset streamed at once, as lanes of one model (auto: by free GPU memory, 1 on CPU)
+    conversation_batch: int | str = "auto"
     # Measurements that leave the stream as it is (set from eval.reference_scores / eval.speak_probe):
     # teacher-forced scores of each reference reply, and P(speak) at frames where gt_turns stays silent.
     reference_scores: bool = True
@@ -56,10 +58,13 @@ class StreamSettings:
         for name in ("optimized", "compile"):
             if getattr(self, name) not in ("auto", True, False):
                 raise ValueError(f"{name}={getattr(self, name)}: choose one of: auto, true, false")
-        if self.vision_batch_size != "auto" and (
-            isinstance(self.vision_batch_size, bool) or not isinstance(self.vision_batch_size, int) or self.vision_batch_size < 1
-        ):
-            raise ValueError(f"vision_batch_size={self.vision_batch_size}: must be auto or an integer >= 1")
+        for name in ("vision_batch_size", "conversation_batch"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value}: must be auto or an integer >= 1")
+        if self.optimized is False and self.conversation_batch not in ("auto", 1):
+            raise ValueError(f"conversation_batch={self.conversation_batch}: conversations stream as lanes on the optimized step "
+                             f"only (stream.optimized=false); use 1")
 
 
 def check_reply_fits(strategy: Any, settings: StreamSettings) -> None:

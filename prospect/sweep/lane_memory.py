@@ -4,8 +4,8 @@ A worker's lanes share one model and keep each its own static KV buffers, whose 
 capacity. `capacity_sets` keeps lanes of similar capacity together (`full`, whose buffer is the model's max
 positions, apart from bounded strategies); `memory_sets` splits a set further so that weights + L x (KV rows,
 query rows where a strategy keeps them, an activation margin) + a reserve fit the GPU's free memory
-(`split_for_memory`, in balanced sets: `balanced_sizes`, `chunks`). What a model costs comes from its
-architecture (prospect.models.footprint). Everything that needs torch is imported where it is used: the
+(`split_for_memory`, in balanced sets: `balanced_sizes`, `chunks`). What a model and a lane cost comes from
+the architecture (prospect.models.footprint). Everything that needs torch is imported where it is used: the
 launcher process, which imports this module, loads no torch.
 """
 
@@ -17,13 +17,11 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
+from prospect.models.footprint import GIB, RESERVE_BYTES, lane_bytes
 from prospect.sweep.gpu_pool import PoolJob
 
 log = logging.getLogger("prospect.sweep.fused")  # the fused worker's log lines, under its name as before this module existed
 
-GIB = 2**30
-RESERVE_BYTES = GIB  # CUDA graph pools, allocator fragmentation, the vision tower's activations
-ACTIVATION_TOKENS = 1024  # the longest chunk a lane feeds at once (system prompt and knowledge, a summary's restart)
 CAPACITY_RATIO = 2  # a lane set never holds lanes whose capacities differ by more than this factor (capacity_sets)
 
 
@@ -42,27 +40,6 @@ def chunks(items: Sequence[Any], sizes: Sequence[int]) -> list[list[Any]]:
         out.append(list(items[start : start + size]))
         start += size
     return out
-
-
-def kv_bytes_per_lane(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, capacity: int) -> int:
-    """One lane's rows of the static KV buffers: keys and values of every layer, over the buffer's slots
-    (capacity and scratch slot, aligned: prospect.models.static_forward.buffer_slots)."""
-    from prospect.models.static_forward import buffer_slots  # lazy, as every torch module here: the launcher loads no torch
-
-    return 2 * layers * kv_heads * head_dim * dtype_bytes * buffer_slots(capacity)
-
-
-def query_bytes_per_lane(layers: int, heads: int, head_dim: int, dtype_bytes: int, capacity: int) -> int:
-    """One lane's rows of the query buffers, kept when a lane's strategy scores keys by queries (snapkv)."""
-    from prospect.models.static_forward import buffer_slots  # lazy: torch
-
-    return layers * heads * head_dim * dtype_bytes * buffer_slots(capacity)
-
-
-def activation_bytes_per_lane(hidden: int, ffn: int, vocab: int, dtype_bytes: int, tokens: int = ACTIVATION_TOKENS) -> int:
-    """A margin for one lane's activations in its largest step: float32 logits over the vocabulary and a
-    few hidden/MLP-sized tensors per token."""
-    return tokens * (vocab * 4 + 4 * (hidden + ffn) * dtype_bytes)
 
 
 def split_for_memory(lanes: int, free_bytes: int, weight_bytes: int, lane_bytes: int, reserve_bytes: int = RESERVE_BYTES) -> list[int]:
@@ -121,10 +98,7 @@ def memory_sets(jobs: list[PoolJob]) -> list[list[PoolJob]]:
         text, parameters = model_footprint(model_cfg)
         strategies = [strategy_from_config(OmegaConf.create(j.config["strategy"])) for j in jobs]
         capacity = max(strategy.capacity(text.max_position_embeddings) for strategy in strategies)
-        lane = kv_bytes_per_lane(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, dtype_bytes, capacity)
-        if any(strategy.records_queries for strategy in strategies):  # every lane then keeps queries too
-            lane += query_bytes_per_lane(text.num_hidden_layers, text.num_attention_heads, text.head_dim, dtype_bytes, capacity)
-        lane += activation_bytes_per_lane(text.hidden_size, text.intermediate_size, text.vocab_size, dtype_bytes)
+        lane = lane_bytes(text, dtype_bytes, capacity, any(strategy.records_queries for strategy in strategies))
         free, _ = torch.cuda.mem_get_info(device)
     except Exception as error:  # the lanes' own run reports a real problem (e.g. the model cannot be loaded)
         log.warning("cannot estimate the lanes' memory (%s: %s): running the %d lanes together", type(error).__name__, error, len(jobs))

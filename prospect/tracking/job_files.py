@@ -124,11 +124,12 @@ class JobFiles:
 
     def _forget(self, record: FrameRecord) -> None:
         """Take the frame whose record could not be written out of its conversation's result (its reply too)."""
-        result = self.results[-1] if self.results else None
-        if result is not None and result.trace and result.trace[-1] is record:
-            result.trace.pop()
-            if "reply" in record:
-                result.replies.pop(record["index"], None)
+        for result in reversed(self.results):  # several conversations stream at once with conversation_batch > 1
+            if result.trace and result.trace[-1] is record:
+                result.trace.pop()
+                if "reply" in record:
+                    result.replies.pop(record["index"], None)
+                return
 
     def predictions(self) -> None:
         write_json(self.output_dir / "predictions.json", predictions_document(self.results))

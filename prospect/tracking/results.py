@@ -109,7 +109,7 @@ def job_key(config: dict) -> str:
     dtype, optimized path, compile) and PROTOCOL_VERSION; not the logger or paths."""
     dataset = {k: v for k, v in config["dataset"].items() if k != "root"}
     model = {k: v for k, v in config["model"].items() if k not in ("device", "dtype")}  # hashed as resolved
-    stream = {k: v for k, v in config["stream"].items() if k not in ("optimized", "compile", "vision_batch_size")}
+    stream = {k: v for k, v in config["stream"].items() if k not in ("optimized", "compile", "vision_batch_size", "conversation_batch")}
     relevant = {
         "protocol": PROTOCOL_VERSION,
         "execution": resolved_execution(config["model"], config["stream"]),

@@ -1,0 +1,87 @@
+"""stream.conversation_batch: a job streams several conversations of its dataset at once, as lanes of one model
+(docs/stream.md, "Conversations as lanes"). Real runs of `python -m prospect.run` with the tiny random model on
+CPU: each conversation's predictions and trace equal those of the conversations streamed one after the other,
+alone and under the fused launcher (strategies x conversations). Bad values: tests/test_config.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from test_fused import _untimed_trace, fused, jobs
+
+# 2 videos x 2 user types = 4 conversations of 12 s; a cache small enough that each conversation reduces once
+DATA = ["model=tiny_random", "model.device=cpu", "dataset.generate.videos=2", "dataset.generate.seconds=12", "dataset.user_types=null",
+        "strategy.max_seq_len=800", "strategy.reserved_seq_len=32", "strategy.last_keep_len=128", "stream.max_new_tokens=4"]
+SUMMARY_ROOM = "strategy.max_seq_len=1300"  # a summary's restart (knowledge and summary) needs more room
+
+
+def prospect_run(tmp_path: Path, model_cache_dir: Path, *args: str, folder: str) -> subprocess.CompletedProcess:
+    sweep = ["-m", f"hydra.sweep.dir={tmp_path / folder}"] if "-m" in args else [f"hydra.run.dir={tmp_path / folder}"]
+    command = [sys.executable, "-m", "prospect.run", *sweep, "logger=none", f"cache_root={tmp_path}",
+               *[a for a in args if a != "-m"]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PROSPECT_CACHE_DIR": str(model_cache_dir)}
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+def by_conversation(trace: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for record in trace:
+        out.setdefault(record["conversation"], []).append({k: v for k, v in record.items() if k != "wall_ms"})
+    return out
+
+
+def assert_same_job(batched: Path, alone: Path) -> dict:
+    """The same predictions (dataset order), each conversation's trace, job key and scores; returns batched's results."""
+    mine, theirs = (json.loads((f / "results.json").read_text()) for f in (batched, alone))
+    assert mine["status"] == theirs["status"] == "ok", (mine.get("error"), theirs.get("error"))
+    assert mine["job_key"] == theirs["job_key"]
+    assert json.loads((batched / "predictions.json").read_text()) == json.loads((alone / "predictions.json").read_text())
+    assert by_conversation(_untimed_trace(batched)) == by_conversation(_untimed_trace(alone))
+    for name in ("ref_ppl", "speak_auc", "F1", "cache_tokens_mean"):
+        if name in theirs["metrics"]:
+            assert mine["metrics"][name] == theirs["metrics"][name], name
+    return mine
+
+
+def test_a_job_streams_its_conversations_in_batches_as_it_would_one_by_one(tmp_path, model_cache_dir):
+    alone = prospect_run(tmp_path, model_cache_dir, *DATA, "strategy=summarize_and_drop", SUMMARY_ROOM, "stream.optimized=true",
+                         "stream.conversation_batch=1", folder="alone")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    batched = prospect_run(tmp_path, model_cache_dir, *DATA, "strategy=summarize_and_drop", SUMMARY_ROOM, "stream.conversation_batch=3",
+                           folder="batched")
+    assert batched.returncode == 0, batched.stderr[-3000:]
+    results = assert_same_job(tmp_path / "batched", tmp_path / "alone")
+    assert results["conversation_batch"] == 3 and results["config"]["stream"]["optimized"] is True
+    predictions = json.loads((tmp_path / "batched" / "predictions.json").read_text())["conversations"]
+    assert len(predictions) == 4 and any(frame["gen"] for c in predictions for frame in c["frames"])
+    trace = [json.loads(line) for line in (tmp_path / "batched" / "trace.jsonl").read_text().splitlines()]
+    firsts = [record["conversation"] for record in trace[:3]]
+    assert len(set(firsts)) == 3  # the first batch's three conversations streamed side by side
+    assert sum("summary" in record["events"] for record in trace) >= 4
+    assert "streaming 3 conversations at once" in (tmp_path / "batched" / "run.log").read_text()
+
+
+@pytest.mark.slow  # CI's slow pass; tests/test_lanes.py checks strategies x conversations as lanes bitwise by default
+def test_fused_lanes_compose_with_conversation_batches(tmp_path, model_cache_dir):
+    """hydra/launcher=fused with conversation_batch 2: 2 strategies x 2 conversations as lanes of one process;
+    each job equals the same job run alone, one conversation after the other."""
+    strategies = "strategy=drop_middle,snapkv"
+    lanes = fused(tmp_path, *DATA, strategies, "stream.conversation_batch=2", name="lanes", model_cache_dir=model_cache_dir)
+    assert lanes.returncode == 0, lanes.stderr[-3000:]
+    alone = prospect_run(tmp_path, model_cache_dir, "-m", *DATA, strategies, "stream.optimized=true", "stream.conversation_batch=1",
+                         folder="alone")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    mine, theirs = jobs(tmp_path / "lanes"), jobs(tmp_path / "alone")
+    assert sorted(mine) == sorted(theirs) == [0, 1]
+    for number in mine:
+        results = assert_same_job(mine[number][0], theirs[number][0])
+        assert results["lanes"]["conversation_batch"] == 2 and results["lanes"]["jobs"] == 2
+        trace = [json.loads(line) for line in (mine[number][0] / "trace.jsonl").read_text().splitlines()]
+        assert sum(len(record.get("reductions", [])) for record in trace) >= 4
