@@ -129,3 +129,25 @@ def test_bench_zoo_times_every_bounded_strategy_by_default():
     args = build_parser().parse_args(["zoo"])
     assert args.strategies is None
     assert list(build_strategies(args)) == zoo_strategies() and "full" not in zoo_strategies()
+
+
+def test_bench_dataset_streams_conversations_one_by_one_and_batched(tmp_path, model_cache_dir):
+    out = tmp_path / "dataset.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "prospect.bench", "dataset", "--model", "tiny_random", "--device", "cpu", "--seconds", "16", "--turns", "4",
+         "--reply-tokens", "5", "--conversations", "4", "--conversation-batch", "3", "--max-seq-len", "700", "--reserved", "32",
+         "--last-keep", "128", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["video"]["frames_each"] == [17, 22, 27, 33] and report["video"]["frames"] == 99  # 8 s to 16 s at 2 fps
+    assert report["one_by_one"]["conversation_batch"] == 1 and report["batched"]["conversation_batch"] == 3
+    assert report["ratio"] == pytest.approx(report["batched"]["frames_per_s"] / report["one_by_one"]["frames_per_s"])
+    assert report["replies_compared"] == 12 and report["reply_agreement"] == 1.0  # CPU: lanes one at a time, bitwise
+    assert "batched / one by one:" in result.stdout
+
+
+def test_bench_dataset_rejects_a_bad_count_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "prospect.bench", "dataset", "--conversations", "0"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip() == "prospect.bench: error: --conversations 0: must be at least 1"

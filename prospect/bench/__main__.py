@@ -16,7 +16,7 @@ from prospect.bench.grid import GRID_PARTS, format_grid, grid_parts, run_grid
 def build_parser() -> argparse.ArgumentParser:
     """The arguments of every mode (each mode reads those it needs)."""
     parser = argparse.ArgumentParser(prog="python -m prospect.bench", description=prospect.bench.__doc__.split("\n\n")[0])
-    parser.add_argument("mode", nargs="?", choices=("stream", "grid", "zoo"), default="stream")
+    parser.add_argument("mode", nargs="?", choices=("stream", "grid", "zoo", "dataset"), default="stream")
     # default None: every bounded strategy (prospect.context_strategies.zoo_strategies, which loads torch: not before parsing)
     parser.add_argument("--strategies", default=None, help="zoo: the strategies to time, comma-separated; NAME:KEY=VALUE sets a strategy key (snapkv:selection=shared)")
     parser.add_argument("--model", default="smolvlm2_2b", help="a model config name (built with random weights)")
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--part", default=None,
                         help=f"grid: the parts to run, comma-separated, of {', '.join(GRID_PARTS)}, or all (default: the first "
                              "two, and fused with --fused); for machines that limit one command's time")
+    parser.add_argument("--conversations", type=int, default=16, help="dataset: how many conversations of mixed length")
+    parser.add_argument("--conversation-batch", type=int, default=16, help="dataset: conversations at once in the batched run")
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default: bench.json or grid.json)")
     return parser
 
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def count_error(args) -> str | None:
     """What is wrong with the counts and lengths (the error line's text), or None."""
     counts = {"--eager-jobs": args.eager_jobs, "--jobs-per-gpu": args.jobs_per_gpu, "--lanes-per-gpu": args.lanes_per_gpu,
-              "--zoo-lanes-per-gpu": args.zoo_lanes_per_gpu, "--summary-tokens": 1 if args.summary_tokens is None else args.summary_tokens}
+              "--zoo-lanes-per-gpu": args.zoo_lanes_per_gpu, "--summary-tokens": 1 if args.summary_tokens is None else args.summary_tokens,
+              "--conversations": args.conversations, "--conversation-batch": args.conversation_batch}
     bad = next((f"{name} {value}" for name, value in counts.items() if value < 1), None)
     if bad:
         return f"{bad}: must be at least 1"
@@ -64,6 +67,10 @@ def mode_functions(mode: str) -> tuple:
     """(check: raises ValueError for bad arguments, or None; run: the report; format: its text) of a mode."""
     if mode == "grid":
         return grid_parts, run_grid, format_grid
+    if mode == "dataset":
+        from prospect.bench import dataset  # lazy, as below: torch and the model code load after the arguments are parsed
+
+        return None, dataset.run_dataset, dataset.format_dataset
     if mode == "zoo":
         from prospect.bench import zoo  # lazy, as stream below: torch and the model code load after the arguments are parsed
 
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
     report = run(args)
     text = format_report(report)
-    out = args.out or Path({"grid": "grid.json", "zoo": "zoo.json"}.get(args.mode, "bench.json"))
+    out = args.out or Path({"grid": "grid.json", "zoo": "zoo.json", "dataset": "dataset.json"}.get(args.mode, "bench.json"))
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(text)
     print(f"wrote {out}")
