@@ -374,21 +374,28 @@ def build_runner(cfgs: Sequence[DictConfig], strategies: list, reports: Sequence
 def stream_jobs(runner: Any, conversations: Iterable[Conversation], files: Sequence[JobFiles],
                 results: Sequence[list[ConversationResult]], stop: StopSignals | None = None, batch: int = 1) -> None:
     """Stream the conversations through the runner's lanes (LaneRunner or OneLane), one job's files per lane,
-    `batch` conversations at once (lanes: conversation-major, each conversation's jobs side by side). Each
-    lane's results are appended in dataset order as its batch starts (an interrupted run keeps them). After each
+    `batch` conversations at once (lanes: conversation-major, each conversation's jobs side by side; with
+    batch > 1 the conversations are batched longest first, so a batch's lanes end at about the same step).
+    Each lane's result joins its job's results (kept in dataset order) as its batch starts (an interrupted run
+    keeps them). After each
     frame `stop.check()` may end the run with `Interrupted`: each conversation in progress is kept, marked
     partial. A conversation that fails in what the lanes share (or in a job alone) is recorded in every lane
     of its batch and the next batch still runs."""
     check = stop.check if stop is not None else (lambda where: None)
     device = getattr(getattr(runner, "model", None), "device", None)
     conversations = list(conversations)
+    position = {id(conversation): index for index, conversation in enumerate(conversations)}
+    if batch > 1:  # a batch lasts as long as its longest conversation: batch conversations of similar length
+        conversations = sorted(conversations, key=lambda conversation: -conversation.num_frames)
     for start in range(0, len(conversations), batch):
         group = conversations[start : start + batch]
         lane_files = [job_files for _ in group for job_files in files]
         lane_results = [ConversationResult(conversation) for conversation in group for _ in files]
-        for slot in range(len(group)):  # each job's results in dataset order
+        for slot in range(len(group)):
             for job_results, result in zip(results, lane_results[slot * len(files) : (slot + 1) * len(files)]):
                 job_results.append(result)
+        for job_results in results:  # predictions.json lists the conversations started so far in dataset order
+            job_results.sort(key=lambda result: position.get(id(result.conversation), len(position)))
         where = f"conversation {group[0].id}" if len(group) == 1 else f"conversations {', '.join(c.id for c in group)}"
         try:
             try:

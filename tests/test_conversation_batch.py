@@ -85,3 +85,42 @@ def test_fused_lanes_compose_with_conversation_batches(tmp_path, model_cache_dir
         assert results["lanes"]["conversation_batch"] == 2 and results["lanes"]["jobs"] == 2
         trace = [json.loads(line) for line in (mine[number][0] / "trace.jsonl").read_text().splitlines()]
         assert sum(len(record.get("reductions", [])) for record in trace) >= 4
+
+
+def test_batches_take_the_longest_conversations_first_and_files_keep_dataset_order(tmp_path, tiny_model, synthetic_conversations):
+    """stream_jobs with batch 2 over conversations of 20, 57 and 35 frames: the first batch holds the 57- and
+    35-frame ones (similar lengths), the second the 20-frame one; predictions.json lists them in dataset order and
+    each equals its conversation streamed alone."""
+    import dataclasses
+
+    from prospect.context_strategies import create_strategy
+    from prospect.experiment import stream_jobs
+    from prospect.stream.lanes import LaneRunner
+    from prospect.stream.runner import StreamRunner
+    from prospect.stream.settings import StreamSettings
+    from prospect.tracking.job_files import JobFiles
+
+    first, last = synthetic_conversations[0], synthetic_conversations[-1]
+    conversations = [dataclasses.replace(first, id="short", frames=first.frames[:20]), last,
+                     dataclasses.replace(first, id="mid", frames=first.frames[:35])]
+    settings = StreamSettings(max_new_tokens=4, optimized=True)
+    small = dict(max_seq_len=384, reserved_seq_len=32, last_keep_len=64)
+    runner = LaneRunner(tiny_model, [create_strategy("drop_middle", **small) for _ in range(2)], settings)
+    batches = []
+    original = runner.run
+    runner.run = lambda streamed, *a, **k: batches.append([c.id for c in streamed]) or original(streamed, *a, **k)
+    results: list = []
+    files = JobFiles(tmp_path, results)
+    try:
+        stream_jobs(runner, conversations, [files], [results], batch=2)
+    finally:
+        files.close()
+    assert batches == [[last.id, "mid"], ["short"]]
+    predictions = json.loads((tmp_path / "predictions.json").read_text())["conversations"]
+    assert [c["id"] for c in predictions] == ["short", last.id, "mid"] == [r.conversation.id for r in results]
+    trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    for conversation, result in zip(conversations, results):
+        alone = StreamRunner(tiny_model, create_strategy("drop_middle", **small), settings).run(conversation)
+        assert result.replies == alone.replies and len(result.trace) == conversation.num_frames
+        mine = [r for r in trace if r["conversation"] == conversation.id]
+        assert [r["cache_after"] for r in mine] == [r["cache_after"] for r in alone.trace]

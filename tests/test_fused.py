@@ -374,3 +374,18 @@ def test_sigterm_stops_the_lanes_and_writes_the_summary(tmp_path, model_cache_di
     assert len(jobs(grid)) == 4 and all(d["status"] == "ok" for _, d in jobs(grid).values())
     assert [w["worker"] for w in workers(grid)] == [0, 1, 2]
     assert (grid / "fused" / "worker-0.log").read_text() == first_log
+
+
+def test_conversation_batch_auto_takes_what_the_gpu_share_holds():
+    """stream.conversation_batch=auto on a GPU: the 2.2B's lanes (4096-token buffers) beside its weights."""
+    from prospect.models.footprint import RESERVE_BYTES
+    from prospect.stream.lanes import MAX_CONVERSATION_BATCH, batch_that_fits
+
+    lane = kv_bytes_per_lane(layers=24, kv_heads=32, head_dim=64, dtype_bytes=2, capacity=4096) + \
+        activation_bytes_per_lane(hidden=2048, ffn=8192, vocab=49280, dtype_bytes=2)
+    free = 139 * GIB - 5 * GIB  # an H200 with the model loaded
+    assert batch_that_fits(free, lane, 100, 1, RESERVE_BYTES) == MAX_CONVERSATION_BATCH == 16
+    assert batch_that_fits(free, lane, 5, 1, RESERVE_BYTES) == 5  # never more than the dataset holds
+    assert batch_that_fits(free, 12 * lane, 100, 1, RESERVE_BYTES) == 10  # 12 fused jobs: 12 lanes (~1 GiB each) per conversation
+    assert batch_that_fits(18 * GIB, lane, 100, 4, RESERVE_BYTES) == 3  # a 24 GB card shared by 4 gpu_pool jobs
+    assert batch_that_fits(GIB, lane, 100, 4, RESERVE_BYTES) == 1  # nothing fits: one conversation, as before

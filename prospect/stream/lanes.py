@@ -18,6 +18,7 @@ that rounding (docs/sweeps.md, "Fused sweeps", gives the measured agreement).
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any, Callable, Sequence
 
 from prospect.context_strategies import BaseContextStrategy
@@ -27,7 +28,7 @@ from prospect.models.vlm import VisionLanguageModel
 from prospect.stream.frame_record import ConversationResult, FrameRecord
 from prospect.stream.frame_loop import stream_lanes
 from prospect.stream.runner import StreamRunner
-from prospect.stream.settings import StreamSettings
+from prospect.stream.settings import GPU_SHARE_ENV, StreamSettings
 
 
 class LaneRunner:
@@ -79,8 +80,9 @@ def conversation_batch(requested: int | str, model: VisionLanguageModel, strateg
                        conversations: int, optimized: bool) -> int:
     """How many conversations a job (or a fused lane set of `strategies`) streams at once as lanes: an integer
     is taken as it is (at most `conversations`); auto is 1 off CUDA or off the optimized step, else as many
-    as the GPU's free memory holds beside what is loaded, each conversation costing one lane per strategy at
-    the largest capacity (prospect.models.footprint.lane_bytes), at most MAX_CONVERSATION_BATCH."""
+    as the GPU's free memory holds beside what is loaded (its share of it where the gpu_pool launcher runs
+    several jobs on one GPU: GPU_SHARE_ENV), each conversation costing one lane per strategy at the largest
+    capacity (prospect.models.footprint.lane_bytes), at most MAX_CONVERSATION_BATCH."""
     if requested != "auto":
         return max(1, min(int(requested), conversations))
     if model.device.type != "cuda" or not optimized or conversations <= 1:
@@ -93,7 +95,17 @@ def conversation_batch(requested: int | str, model: VisionLanguageModel, strateg
     records = any(strategy.records_queries for strategy in strategies)
     per_conversation = len(strategies) * lane_bytes(model.model.config.text_config, model.dtype.itemsize, capacity, records)
     free, _ = torch.cuda.mem_get_info(model.device)
-    fit = (free - RESERVE_BYTES) // per_conversation if per_conversation > 0 else conversations
+    try:
+        share = max(1, int(os.environ.get(GPU_SHARE_ENV, "1")))
+    except ValueError:
+        share = 1
+    return batch_that_fits(free, per_conversation, conversations, share, RESERVE_BYTES)
+
+
+def batch_that_fits(free_bytes: int, per_conversation_bytes: int, conversations: int, share: int = 1, reserve_bytes: int = 0) -> int:
+    """The conversations of `per_conversation_bytes` each that fit in `free_bytes / share` less `reserve_bytes`:
+    at least 1, at most MAX_CONVERSATION_BATCH and `conversations`."""
+    fit = (free_bytes // share - reserve_bytes) // per_conversation_bytes if per_conversation_bytes > 0 else conversations
     return int(max(1, min(fit, MAX_CONVERSATION_BATCH, conversations)))
 
 

@@ -14,6 +14,7 @@ from prospect.typed_fields import check_field_types
 
 TALK_POLICIES = ("gt_turns", "threshold")
 STREAM_MEASUREMENTS = ("reference_scores", "speak_probe")  # StreamSettings fields set from the eval config group
+GPU_SHARE_ENV = "PROSPECT_JOBS_PER_GPU"  # set by the gpu_pool launcher: jobs sharing a GPU (conversation_batch=auto takes its share)
 
 
 @dataclass

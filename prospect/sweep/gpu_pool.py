@@ -46,6 +46,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from prospect.stream.settings import GPU_SHARE_ENV
 from prospect.signals import EXIT_DISK_FULL, EXIT_USAGE, DiskFull, Interrupted, SweepStop, is_disk_full, print_error
 from prospect.sweep import sweep_group
 from prospect.sweep.result_cache import find_result, reuse_result
@@ -243,6 +244,7 @@ class GpuPoolLauncher(Launcher):
         env = dict(os.environ)
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
+            env[GPU_SHARE_ENV] = str(self.jobs_per_gpu)  # stream.conversation_batch=auto sizes itself to its share
         log.info("\t#%d on GPU %s: %s", job.index, gpu, " ".join(filter_overrides(job.overrides)))
         with (job.folder / "launcher.log").open("w") as output:
             # its own session: a Ctrl-C at the terminal reaches the job once, forwarded by the launcher (SweepStop)

@@ -99,6 +99,8 @@ def memory_sets(jobs: list[PoolJob]) -> list[list[PoolJob]]:
         strategies = [strategy_from_config(OmegaConf.create(j.config["strategy"])) for j in jobs]
         capacity = max(strategy.capacity(text.max_position_embeddings) for strategy in strategies)
         lane = lane_bytes(text, dtype_bytes, capacity, any(strategy.records_queries for strategy in strategies))
+        batch = jobs[0].config["stream"].get("conversation_batch", "auto")
+        lane *= batch if isinstance(batch, int) else 1  # a job of N conversations at once is N lanes (auto fits itself)
         free, _ = torch.cuda.mem_get_info(device)
     except Exception as error:  # the lanes' own run reports a real problem (e.g. the model cannot be loaded)
         log.warning("cannot estimate the lanes' memory (%s: %s): running the %d lanes together", type(error).__name__, error, len(jobs))
