@@ -55,15 +55,19 @@ def assert_each_lane_equals_its_job_alone(model, lanes: LaneRunner, settings: St
     return together
 
 
-@pytest.mark.parametrize("policy", ["gt_turns", pytest.param("threshold", marks=pytest.mark.slow)])  # threshold: CI's slow pass
+@pytest.mark.parametrize("policy", ["gt_turns", pytest.param("gt_turns_every_conversation", marks=pytest.mark.slow),
+                                    pytest.param("threshold", marks=pytest.mark.slow)])  # CI's slow pass
 def test_every_lane_equals_its_job_run_alone(tiny_model, synthetic_conversations, policy):
+    """By default on one conversation of each synthetic video; the slow pass streams all four."""
+    every = policy == "gt_turns_every_conversation"
+    policy = "gt_turns" if every else policy
     settings = StreamSettings(max_new_tokens=8, optimized=True, **POLICIES[policy])
     lanes = LaneRunner(tiny_model, lane_strategies(), settings)
     assert len(lanes.lanes) >= 3
     steps = []
     original = lanes.static.forward_lanes
     lanes.static.forward_lanes = lambda caches, *args, **kwargs: steps.append(len(caches)) or original(caches, *args, **kwargs)
-    conversations = synthetic_conversations if policy == "gt_turns" else synthetic_conversations[:1]
+    conversations = synthetic_conversations if every else synthetic_conversations[::2] if policy == "gt_turns" else synthetic_conversations[:1]
     for conversation in conversations:
         together = assert_each_lane_equals_its_job_alone(tiny_model, lanes, settings, conversation)
     assert max(steps) == len(lanes.lanes) and min(steps) == 1  # frames went as one step of all lanes; restarts alone
