@@ -42,7 +42,7 @@ from prospect.stream.runner import StreamRunner
 from prospect.stream.settings import stream_settings
 from prospect.tracking.console import console_summary
 from prospect.tracking.job_files import JobFiles, predictions_document, write_json
-from prospect.tracking.results import environment, job_key, results_document, stream_metrics
+from prospect.tracking.results import batches_conversations, environment, job_key, results_document, stream_metrics
 from prospect.validation import validate
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def run_jobs(cfgs: Sequence[DictConfig], output_dirs: Sequence[str | Path], lane
         raise ValueError(f"run_jobs: {len(cfgs)} jobs without lanes; pass lanes=True to run them as lanes of one model")
     if lanes and any(cfg.model.get("oracle") for cfg in cfgs):  # no model, nothing to share
         return [run(cfg, output_dir) for cfg, output_dir in zip(cfgs, output_dirs)]
-    if lanes or any(not isinstance(cfg.stream.get("conversation_batch", 1), str) and cfg.stream.conversation_batch > 1 for cfg in cfgs):
+    if lanes or any(batches_conversations(cfg) for cfg in cfgs):
         for cfg in cfgs:  # lanes run on the optimized step: "auto" settles to it before the job keys are computed
             if cfg.stream.optimized == "auto":
                 with open_dict(cfg):
@@ -413,7 +413,11 @@ def stream_jobs(runner: Any, conversations: Iterable[Conversation], files: Seque
         except BaseException as error:  # interrupted or a full disk: keep what each lane made, then stop
             peak = (lambda: peak_memory_mb(device)) if device is not None else None
             reason = error
-            full = each_lane(lane_files, lambda job_files, result: job_files.stopped(result, reason, peak), lane_results)
+
+            def keep(job_files: JobFiles, result: ConversationResult) -> None:  # a conversation the batch finished stays whole
+                job_files.conversation_done(result) if result.finished else job_files.stopped(result, reason, peak)
+
+            full = each_lane(lane_files, keep, lane_results)
             if full is not None and not isinstance(error, DiskFull):
                 raise full from None  # the predictions have no room: the files are incomplete, say so
             raise

@@ -124,3 +124,109 @@ def test_batches_take_the_longest_conversations_first_and_files_keep_dataset_ord
         assert result.replies == alone.replies and len(result.trace) == conversation.num_frames
         mine = [r for r in trace if r["conversation"] == conversation.id]
         assert [r["cache_after"] for r in mine] == [r["cache_after"] for r in alone.trace]
+
+
+class _BrokenFrames:
+    """A frame source whose frames from `at` on cannot be read (a corrupt video)."""
+
+    def __init__(self, source, at: int):
+        self.source, self.at = source, at
+
+    def image(self, original_index: int):
+        if original_index >= self.at:
+            raise OSError(f"corrupt video frame {original_index}")
+        return self.source.image(original_index)
+
+
+def _stream(tmp_path, model, conversations, batch, stop=None, strategy="drop_middle"):
+    """stream_jobs of one drop_middle job over `conversations`, `batch` at once; returns (results, predictions.json)."""
+    from prospect.context_strategies import create_strategy
+    from prospect.experiment import stream_jobs
+    from prospect.stream.lanes import LaneRunner
+    from prospect.stream.settings import StreamSettings
+    from prospect.tracking.job_files import JobFiles
+
+    settings = StreamSettings(max_new_tokens=4, optimized=True)
+    small = dict(max_seq_len=384, reserved_seq_len=32, last_keep_len=64)
+    runner = LaneRunner(model, [create_strategy(strategy, **small) for _ in range(batch)], settings)
+    results: list = []
+    files = JobFiles(tmp_path, results)
+    raised = None
+    try:
+        stream_jobs(runner, conversations, [files], [results], stop, batch=batch)
+    except BaseException as error:
+        raised = error
+    finally:
+        files.close()
+    predictions = {c["id"]: c for c in json.loads((tmp_path / "predictions.json").read_text())["conversations"]}
+    return results, predictions, raised
+
+
+def test_a_conversation_whose_frames_fail_fails_alone_in_its_batch(tmp_path, tiny_model, synthetic_conversations):
+    import dataclasses
+
+    first, last = synthetic_conversations[0], synthetic_conversations[-1]
+    broken = dataclasses.replace(first, id="broken", frame_source=_BrokenFrames(first.frame_source, at=20))
+    healthy = dataclasses.replace(last, id="healthy", frames=last.frames[:40])
+    (tmp_path / "batched").mkdir()
+    (tmp_path / "alone").mkdir()
+    results, predictions, raised = _stream(tmp_path / "batched", tiny_model, [broken, healthy], batch=2)
+    alone, _, _ = _stream(tmp_path / "alone", tiny_model, [healthy], batch=1)
+    assert raised is None
+    by_id = {r.conversation.id: r for r in results}
+    assert by_id["broken"].error == "OSError: corrupt video frame 20" and 0 < len(by_id["broken"].trace) <= 20
+    assert predictions["broken"]["error"] == "OSError: corrupt video frame 20"
+    assert by_id["healthy"].error is None and "error" not in predictions["healthy"]
+    assert by_id["healthy"].replies == alone[0].replies and len(by_id["healthy"].trace) == 40
+
+
+def test_a_system_prompt_that_does_not_fit_fails_its_conversation_alone(tmp_path, tiny_model, synthetic_conversations):
+    import dataclasses
+
+    first, last = synthetic_conversations[0], synthetic_conversations[-1]
+    long = dataclasses.replace(first, id="long_prompt", system_prompt="Watch closely. " * 200, frames=first.frames[:12])
+    healthy = dataclasses.replace(last, id="healthy", frames=last.frames[:12])
+    results, predictions, raised = _stream(tmp_path, tiny_model, [long, healthy], batch=2)
+    by_id = {r.conversation.id: r for r in results}
+    assert raised is None and "KV buffer full" in by_id["long_prompt"].error and by_id["long_prompt"].trace == []
+    assert by_id["healthy"].error is None and len(by_id["healthy"].trace) == 12
+
+
+def test_a_stop_mid_batch_keeps_the_conversations_it_finished_whole(tmp_path, tiny_model, synthetic_conversations):
+    """SIGTERM at step 30 of a batch of a 10-frame and a 57-frame conversation: the first was done at step 10 and
+    stays whole (scored), the second is marked partial with its 30 frames."""
+    import dataclasses
+
+    from prospect.signals import Interrupted
+
+    first, last = synthetic_conversations[0], synthetic_conversations[-1]
+    short = dataclasses.replace(first, id="short", frames=first.frames[:10])
+
+    class StopAtFrame30:
+        def check(self, where: str) -> None:
+            if where.startswith("at frame 30 "):
+                raise Interrupted(15, where)
+
+    results, predictions, raised = _stream(tmp_path, tiny_model, [short, last], batch=2, stop=StopAtFrame30())
+    assert isinstance(raised, Interrupted) and "at frame 30 of conversations" in str(raised)
+    assert "partial" not in predictions["short"] and "error" not in predictions["short"]
+    assert predictions[last.id]["partial"] is True and predictions[last.id]["frames_streamed"] == 31
+    assert len({r.conversation.id: r for r in results}["short"].trace) == 10
+
+
+def test_an_explicit_batch_has_one_job_key_before_and_after_the_run_settles_it():
+    """The result cache looks a job up by the key of its composed config (stream.optimized auto) and the run writes
+    the key of the settled one (optimized true): an explicit conversation_batch > 1 runs optimized, so both agree on
+    CPU too; the oracle streams nothing and ignores the setting."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose
+    from prospect.tracking.results import job_key
+
+    composed = OmegaConf.to_container(compose("model=tiny_random", "stream.conversation_batch=2"), resolve=True)
+    settled = {**composed, "stream": {**composed["stream"], "optimized": True}}
+    alone = {**composed, "stream": {**composed["stream"], "conversation_batch": 1, "optimized": True}}
+    assert job_key(composed) == job_key(settled) == job_key(alone)
+    oracle = OmegaConf.to_container(compose("model=oracle", "stream.conversation_batch=3"), resolve=True)
+    plain = OmegaConf.to_container(compose("model=oracle"), resolve=True)
+    assert job_key(oracle) == job_key(plain)

@@ -323,6 +323,13 @@ class StaticForward:
         if step is None:
             hidden = self.model.model.config.text_config.hidden_size
             step = self.steps[key] = _Step(n, self.lanes, with_image, hidden, self.device, self.model.dtype)
+        # the embeddings first: a chunk whose image features do not fit raises before any cache changes
+        if with_image and per_lane_images:  # the other lanes' rows keep stale embeddings: inactive, they write nowhere seen
+            embedded = [self.model.embed(chunk, image)[0] for chunk, image in zip(ids, image_features)]
+            for lane, embeds in zip(lanes, embedded):
+                step.embeds[lane].copy_(embeds)
+        elif with_image:
+            step.embeds.copy_(self.model.embed(ids[0], image_features).expand(self.lanes, -1, -1))
         start, first, active = [0] * self.lanes, [0] * self.lanes, [False] * self.lanes
         rows = [[0] * n for _ in range(self.lanes)]
         for lane, cache, chunk, provenance in zip(lanes, caches, ids, provenances):
@@ -330,12 +337,7 @@ class StaticForward:
             first[lane] = int(cache.take_positions(n, provenance)[0]) if append else cache.next_position
             active[lane] = True
             rows[lane] = chunk
-        if with_image and per_lane_images:  # the other lanes' rows keep stale embeddings: inactive, they write nowhere seen
-            for lane, chunk, image in zip(lanes, ids, image_features):
-                step.embeds[lane].copy_(self.model.embed(chunk, image)[0])
-        elif with_image:
-            step.embeds.copy_(self.model.embed(ids[0], image_features).expand(self.lanes, -1, -1))
-        else:
+        if not with_image:
             step.ids.copy_(torch.tensor(rows), non_blocking=True)
         step.start.copy_(torch.tensor(start), non_blocking=True)
         step.first.copy_(torch.tensor(first), non_blocking=True)

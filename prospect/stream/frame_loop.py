@@ -84,10 +84,11 @@ def stream_lanes(
             system += model.chat.text_turn("system", conversation.system_prompt)
         return model.encode(system) if system else []
 
-    systems = {id(c): system_ids(c) for c in distinct}
-    starting = [lane for lane in lanes if systems[id(lane._conversation)]]
-    if starting:
-        failures.together(starting, lambda live: forward_lanes(live, [systems[id(lane._conversation)] for lane in live], kind=KIND["system"]))
+    for conversation in distinct:  # one step per conversation: a prompt that does not fit fails its own lanes only
+        ids = system_ids(conversation)
+        if ids:
+            own = [lane for lane in lanes if lane._conversation is conversation]
+            failures.together(own, lambda live: forward_lanes(live, [ids] * len(live), kind=KIND["system"]))
     failures.each(lanes, lambda lane: lane.strategy.start_stream(prompt_len=cache_length(lane.cache)))
 
     schedules = {id(c): frames_to_feed(c, settings.frame_stride) for c in distinct}
@@ -101,7 +102,7 @@ def stream_lanes(
             break
         synchronize(device)
         frame_start = time.perf_counter()
-        # what each conversation with a frame at this step feeds: (frame, turns, references, text ids, provenance, image)
+        # what each conversation with a frame at this step feeds: (frame, turns, references, text ids, provenance)
         feeding: dict[int, tuple] = {}
         for conversation in distinct:
             schedule = schedules[id(conversation)]
@@ -111,6 +112,13 @@ def stream_lanes(
                 pieces.append((model.chat.frame(model.image_tokens, frame.time), KIND["frame_text"], frame.index))
                 feeding[id(conversation)] = (frame, turns, references, *model.encode_labeled(pieces))
         active = [lane for lane in failures.alive if id(lane._conversation) in feeding]
+        images = {}  # (image features, vision ms per frame); a frame that cannot be read fails its conversation's lanes only
+        for key in feeding:
+            try:
+                images[key] = next(features[key])
+            except Exception as error:
+                failures.fail([lane for lane in active if id(lane._conversation) == key], error)
+        active = [lane for lane in active if lane in failures.alive]
         if not active:
             break
         for lane in active:
@@ -129,7 +137,6 @@ def stream_lanes(
 
         summarize_lanes(failures, active, lambda lane: lane._needs_room(len(lane._pending) + len(lane._text_ids)))
         failures.each(active, make_room)
-        images = {key: next(features[key]) for key in feeding}  # (image features, vision ms per frame)
         for lane in [lane for lane in active if lane in failures.alive]:
             lane._image, lane._timing["vision_ms"] = images[id(lane._conversation)]
         # the frame chunk: one step for the lanes with nothing pending, alone for a lane with a restart text
@@ -196,14 +203,21 @@ def stream_lanes(
                 raise ContextOverflowError(f"cache holds {cache_length(lane.cache)} tokens > capacity {lane.capacity}")
 
         failures.each(active, finish_frame)
-        for lane in [lane for lane in active if lane in failures.alive]:
+        stepped = [lane for lane in active if lane in failures.alive]
+        conversations_fed = len({id(lane._conversation) for lane in stepped})
+        for lane in stepped:
             result = failures.results[id(lane)]
-            result.trace.append(records[id(lane)])
-            if step == len(schedules[id(lane._conversation)]) - 1:
-                result.wall_s = time.perf_counter() - started  # its conversation is done
+            record = records[id(lane)]
+            if conversations_fed > 1:  # the step fed several conversations' frames: this frame's share of its wall time
+                record["wall_ms"] /= conversations_fed
+            result.trace.append(record)
+            last = step == len(schedules[id(lane._conversation)]) - 1
+            if last:
+                result.wall_s = time.perf_counter() - started
             callback = callbacks[id(lane)]
             if callback is not None:
-                callback(records[id(lane)])
+                callback(record)
+            result.finished = last  # its conversation is done (and its last record written)
         if on_step is not None:
             on_step(records[id(active[0])]["index"])
     wall = time.perf_counter() - started

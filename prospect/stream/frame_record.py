@@ -59,7 +59,7 @@ class FrameRecord(TypedDict, total=False):
     cache_max: int  # the most tokens held during this frame step
     next_position: int  # the position the next token gets
     pending_tokens: int  # restart text queued for the next chunk
-    wall_ms: float
+    wall_ms: float  # the frame step's wall time; a step that fed several conversations (conversation_batch): its share
 
 
 @dataclass
@@ -73,6 +73,7 @@ class ConversationResult:
     wall_s: float = 0.0
     error: str | None = None
     partial: dict | None = None  # cut short by a stop signal: {"frames_streamed", "stopped_at": {"index", "time"} | None}
+    finished: bool = False  # every frame to feed was streamed (a stop signal in a batch's later steps leaves it whole)
 
     def prediction_frames(self) -> list[dict]:
         """Frames where the model spoke, a reference exists or a reference was scored: {index, time, gen, ref}

@@ -62,7 +62,8 @@ class StreamSettings:
         for name in ("vision_batch_size", "conversation_batch"):
             value = getattr(self, name)
             if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value}: must be auto or an integer >= 1")
+                shown = repr(value) if isinstance(value, str) else "null" if value is None else value  # '2' is text, not 2
+                raise ValueError(f"{name}={shown}: must be auto or an integer >= 1")
         if self.optimized is False and self.conversation_batch not in ("auto", 1):
             raise ValueError(f"conversation_batch={self.conversation_batch}: conversations stream as lanes on the optimized step "
                              f"only (stream.optimized=false); use 1")

@@ -83,6 +83,13 @@ def _strategy_part(strategy: dict) -> dict:
     return used
 
 
+def batches_conversations(config: Any) -> bool:
+    """Whether a job streams several conversations at once (an integer stream.conversation_batch > 1, and a model:
+    the oracle streams nothing): it then runs the optimized step, whatever `stream.optimized: auto` means here."""
+    batch = config["stream"].get("conversation_batch", "auto")
+    return isinstance(batch, int) and not isinstance(batch, bool) and batch > 1 and not config["model"].get("oracle")
+
+
 def resolved_execution(model: dict, stream: dict) -> dict:
     """What "auto" settles to on this machine: device type, dtype, optimized path, and `compile: true` where the
     optimized step is compiled (left out otherwise, so the keys of uncompiled runs stay as they were)."""
@@ -96,7 +103,7 @@ def resolved_execution(model: dict, stream: dict) -> dict:
     execution = {
         "device": kind,
         "dtype": ("bfloat16" if kind == "cuda" else "float32") if dtype == "auto" else dtype,
-        "optimized": (kind == "cuda") if optimized == "auto" else bool(optimized),
+        "optimized": (kind == "cuda" or batches_conversations({"model": model, "stream": stream})) if optimized == "auto" else bool(optimized),
     }
     if execution["optimized"] and ((kind == "cuda") if compile == "auto" else bool(compile)):
         execution["compile"] = True
