@@ -94,12 +94,9 @@ def test_bench_grid_rejects_bad_arguments_in_one_line(tmp_path, args, message):
 
 def test_bench_zoo_times_every_bounded_strategy(tmp_path, model_cache_dir):
     out = tmp_path / "zoo.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "prospect.bench", "zoo", "--model", "tiny_random", "--device", "cpu", "--seconds", "30", "--turns", "4",
-         "--reply-tokens", "4", "--max-seq-len", "512", "--reserved", "32", "--last-keep", "96", "--vision-batch", "4",
-         "--strategies", "drop_middle,tar_van,snapkv,snapkv:selection=shared,streammem:merge=false", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)},
-    )
+    result = bench("zoo", model_cache_dir, "--seconds", "30", "--turns", "4", "--reply-tokens", "4", "--max-seq-len", "512",
+                   "--reserved", "32", "--last-keep", "96", "--vision-batch", "4",
+                   "--strategies", "drop_middle,tar_van,snapkv,snapkv:selection=shared,streammem:merge=false", "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["strategies"]
     assert list(rows) == ["drop_middle", "tar_van", "snapkv", "snapkv:selection=shared", "streammem:merge=false"]
@@ -131,14 +128,17 @@ def test_bench_zoo_times_every_bounded_strategy_by_default():
     assert list(build_strategies(args)) == zoo_strategies() and "full" not in zoo_strategies()
 
 
+def bench(mode: str, model_cache_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m prospect.bench MODE` on the tiny random model on CPU."""
+    return subprocess.run([sys.executable, "-m", "prospect.bench", mode, "--model", "tiny_random", "--device", "cpu", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)})
+
+
 def test_bench_dataset_streams_conversations_one_by_one_and_batched(tmp_path, model_cache_dir):
     out = tmp_path / "dataset.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "prospect.bench", "dataset", "--model", "tiny_random", "--device", "cpu", "--seconds", "16", "--turns", "4",
-         "--reply-tokens", "5", "--conversations", "4", "--conversation-batch", "3", "--max-seq-len", "700", "--reserved", "32",
-         "--last-keep", "128", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)},
-    )
+    result = bench("dataset", model_cache_dir, "--seconds", "16", "--turns", "4", "--reply-tokens", "5", "--conversations", "4",
+                   "--conversation-batch", "3", "--max-seq-len", "700", "--reserved", "32", "--last-keep", "128", "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["video"]["frames_each"] == [17, 22, 27, 33] and report["video"]["frames"] == 99  # 8 s to 16 s at 2 fps
