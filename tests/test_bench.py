@@ -66,6 +66,10 @@ def test_bench_grid_runs_the_three_sweeps(tmp_path, model_cache_dir):
     runs = report["grid"]
     assert runs["sequential_eager"]["ok"] == 4 and runs["concurrent_optimized"]["ok"] == 12 and runs["fused"]["ok"] == 12
     assert runs["fused"]["workers"][0]["lanes"] == 12
+    split = runs["fused"]["time_split"]  # where the fused sweep's wall time went: the parts add up to it
+    assert split["model_loading_s"] > 0 and split["streaming_s"] > 0 and split["before_first_worker_s"] > 0
+    parts = ("before_first_worker_s", "model_loading_s", "streaming_s", "worker_rest_s", "after_last_worker_s")
+    assert sum(split[k] for k in parts) == pytest.approx(runs["fused"]["wall_s"], abs=0.5)
     for ratio in ("concurrent_optimized/sequential_eager", "fused/sequential_eager", "fused/concurrent_optimized"):
         faster, slower = ratio.split("/")
         assert report["ratios"][ratio] == pytest.approx(runs[faster]["jobs_per_hour"] / runs[slower]["jobs_per_hour"])
@@ -151,3 +155,24 @@ def test_bench_dataset_streams_conversations_one_by_one_and_batched(tmp_path, mo
 def test_bench_dataset_rejects_a_bad_count_in_one_line():
     result = subprocess.run([sys.executable, "-m", "prospect.bench", "dataset", "--conversations", "0"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip() == "prospect.bench: error: --conversations 0: must be at least 1"
+
+
+def test_time_split_of_a_fused_sweep_adds_up(tmp_path):
+    """A hand-made fused sweep folder: one worker from t=103 to t=163 that loaded its model in 7.5 s, two lanes whose
+    frame steps took 40 s and 41.5 s (5 s of summaries in the second), in a sweep of 70 s started at t=100."""
+    from prospect.bench.grid import time_split
+
+    (tmp_path / "fused").mkdir()
+    log = tmp_path / "fused" / "worker-0.log"
+    log.write_text("fused worker 0: 2 lanes\nmodel loaded in 7.5 s\n")
+    folders = []
+    for name, steps in (("0_a", [{"wall_ms": 20000.0}, {"wall_ms": 20000.0}]), ("1_b", [{"wall_ms": 20000.0}, {"wall_ms": 21500.0, "summary_ms": 5000.0}])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+        folders.append(str(tmp_path / name))
+    (tmp_path / "fused" / "workers.json").write_text(json.dumps(
+        [{"worker": 0, "jobs": [0, 1], "folders": folders, "started_at": 103.0, "finished_at": 163.0, "log": str(log)}]))
+    split = time_split(tmp_path, started_at=100.0, wall_s=70.0)
+    assert split == pytest.approx({"before_first_worker_s": 3.0, "model_loading_s": 7.5, "streaming_s": 41.5, "summaries_s": 5.0,
+                                   "worker_rest_s": 11.0, "after_last_worker_s": 7.0})
+    assert time_split(tmp_path / "nothing", 0.0, 1.0) is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def grid_parts(args) -> list[str]:
 
 def _sweep(name: str, command: list[str], folder: Path) -> dict:
     """Run one sweep command; its wall time, jobs, ok jobs and mean ms per frame from the jobs' results.json."""
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     done = subprocess.run(command + [f"hydra.sweep.dir={folder}"], capture_output=True, text=True)
     wall = time.perf_counter() - started
     documents = [json.loads(p.read_text()) for p in folder.rglob("results.json")]
@@ -49,9 +50,37 @@ def _sweep(name: str, command: list[str], folder: Path) -> dict:
     peaks = [d["metrics"].get("peak_memory_mb") for d in computed if (d.get("metrics") or {}).get("peak_memory_mb")]
     log.info("%s: %d jobs (%d computed) in %.0f s", name, len(documents), len(computed), wall)
     computed_ok = sum(d.get("status") == "ok" for d in computed)
-    return {"wall_s": wall, "jobs": len(documents), "computed": len(computed), "ok": sum(d.get("status") == "ok" for d in documents),
+    return {"wall_s": wall, "started_at": started_at, "jobs": len(documents), "computed": len(computed), "ok": sum(d.get("status") == "ok" for d in documents),
             "exit_code": done.returncode, "jobs_per_hour": 3600 * computed_ok / wall,  # jobs computed and ok (not reused ones)
             "ms_per_frame": statistics.mean(times) if times else None, "peak_memory_mb": max(peaks) if peaks else None}
+
+
+def time_split(folder: Path, started_at: float, wall_s: float) -> dict | None:
+    """Where a fused sweep's wall time went (seconds), from fused/workers.json, the workers' logs and the lanes'
+    traces: the sweep process before its first worker (Hydra, composing, checking and keying the jobs), the
+    workers' model loading, streaming (per worker its longest lane's frame steps, summaries included, of which
+    `summaries_s` went to summaries), the rest of the workers (imports, graph capture and compilation, writing
+    files), and the sweep process after the last worker (collecting, the summary). None without workers."""
+    path = folder / "fused" / "workers.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    rows = [r for r in rows if r.get("started_at") and r.get("finished_at")]
+    if not rows:
+        return None
+    workers_s = sum(r["finished_at"] - r["started_at"] for r in rows)
+    loading = sum(float(m) for r in rows if Path(r["log"]).is_file()
+                  for m in re.findall(r"model loaded in ([0-9.]+) s", Path(r["log"]).read_text()))
+    streaming = summaries = 0.0
+    for row in rows:
+        lanes = []
+        for job_folder in map(Path, row.get("folders", [])):
+            trace = job_folder / "trace.jsonl"
+            records = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()] if trace.is_file() else []
+            lanes.append((sum(r.get("wall_ms", 0.0) for r in records) / 1000, sum(r.get("summary_ms", 0.0) for r in records) / 1000))
+        longest = max(lanes, default=(0.0, 0.0))
+        streaming, summaries = streaming + longest[0], summaries + longest[1]
+    return {"before_first_worker_s": min(r["started_at"] for r in rows) - started_at, "model_loading_s": loading,
+            "streaming_s": streaming, "summaries_s": summaries, "worker_rest_s": workers_s - loading - streaming,
+            "after_last_worker_s": started_at + wall_s - max(r["finished_at"] for r in rows)}
 
 
 def _fused_workers(folder: Path) -> list[dict]:
@@ -122,6 +151,7 @@ def run_grid(args) -> dict:
         runs[name] = _sweep(name, commands[name], folder)
         if name in ("fused", "zoo_fused"):
             runs[name]["workers"] = _fused_workers(folder)
+            runs[name]["time_split"] = time_split(folder, runs[name]["started_at"], runs[name]["wall_s"])
     report = {"grid": runs, "grid_dir": str(root), "model": args.model, "seconds": args.seconds, "reply_tokens": args.reply_tokens,
               "summary_tokens": getattr(args, "summary_tokens", None) or 512,
               "jobs_per_gpu": args.jobs_per_gpu, "lanes_per_gpu": args.lanes_per_gpu,
@@ -149,6 +179,15 @@ def format_grid(report: dict) -> str:
         peak = f"{run['peak_memory_mb']:.0f}" if run.get("peak_memory_mb") else "-"
         lines.append(f"| {names[name]} | {run['jobs']} ({run['computed']}) | {run['ok']} | {run['wall_s']:.0f} | {run['jobs_per_hour']:.0f} | {ms} | {peak} |")
     lines.append("")
+    for name, run in report["grid"].items():
+        split = run.get("time_split")
+        if split:
+            lines.append(f"{names[name]}, where the {run['wall_s']:.0f} s went: " + ", ".join(
+                f"{label} {split[key]:.1f} s" for key, label in (
+                    ("before_first_worker_s", "sweep process before the worker"), ("model_loading_s", "model loading"),
+                    ("streaming_s", "streaming (longest lane)"), ("summaries_s", "of which summaries"),
+                    ("worker_rest_s", "worker's rest (imports, graphs, compilation, files)"),
+                    ("after_last_worker_s", "sweep process after the worker (summary)"))))
     lines += [f"{ratio}: {value:.1f}x" for ratio, value in report["ratios"].items()]
     agreement = report.get("lane_agreement")
     if agreement and agreement["replies"]:
