@@ -92,7 +92,7 @@ BAD_COMMAND_LINES = [
     (["-m", "strategy=none,drop_al"], "strategy=drop_al: unknown strategy"),
     (["strategy.last_keep_len=-5"], "strategy.last_keep_len=-5: must be >= 0"),
     (["stream.conversation_batch=0"], "stream.conversation_batch=0: must be auto or an integer >= 1"),
-    (["stream.conversation_batch=many"], "stream.conversation_batch=many: must be auto or an integer >= 1"),
+    (["stream.conversation_batch=many"], "stream.conversation_batch='many': must be auto or an integer >= 1"),
     (["stream.optimized=false", "stream.conversation_batch=2"],
      "stream.conversation_batch=2: conversations stream as lanes on the optimized step only (stream.optimized=false); use 1"),
     (["strategy.last_keep_len=4000"], "last_keep_len + reserved_seq_len (4128) must be < max_seq_len (4096)"),
