@@ -37,7 +37,8 @@ class KeepNewerHalf(BaseContextStrategy):
 '''
 
 
-@pytest.mark.parametrize("launcher", ["basic", "gpu_pool", "fused"])
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("gpu_pool", marks=pytest.mark.slow),  # CI's slow pass
+                                      pytest.param("fused", marks=pytest.mark.slow)])
 def test_a_strategy_from_outside_the_package_runs_in_a_sweep(tmp_path, model_cache_dir, launcher):
     package = tmp_path / "my_strategies"
     package.mkdir()
