@@ -406,16 +406,20 @@ def stream_jobs(runner: Any, conversations: Iterable[Conversation], files: Seque
                 if is_disk_full(error):  # no room for a file of the run: not this conversation's failure, stop
                     raise DiskFull.of(error) from None
                 raise
-        except Exception as error:  # recorded per conversation; the others still run
-            for result in lane_results:
+        except Exception as error:  # recorded per conversation (those the batch finished stay whole); the others still run
+            for result in [result for result in lane_results if not result.finished]:
                 result.error = result.error or f"{type(error).__name__}: {error}"
             log.error("%s failed after %d frames: %s: %s", where, len(lane_results[0].trace), type(error).__name__, error)
         except BaseException as error:  # interrupted or a full disk: keep what each lane made, then stop
             peak = (lambda: peak_memory_mb(device)) if device is not None else None
             reason = error
 
-            def keep(job_files: JobFiles, result: ConversationResult) -> None:  # a conversation the batch finished stays whole
-                job_files.conversation_done(result) if result.finished else job_files.stopped(result, reason, peak)
+            def keep(job_files: JobFiles, result: ConversationResult) -> None:
+                """A conversation the batch finished, or that already failed alone, stays as it is; the others are partial."""
+                if result.finished or result.error:
+                    job_files.conversation_done(result)
+                else:
+                    job_files.stopped(result, reason, peak)
 
             full = each_lane(lane_files, keep, lane_results)
             if full is not None and not isinstance(error, DiskFull):

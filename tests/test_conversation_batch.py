@@ -193,23 +193,25 @@ def test_a_system_prompt_that_does_not_fit_fails_its_conversation_alone(tmp_path
 
 
 def test_a_stop_mid_batch_keeps_the_conversations_it_finished_whole(tmp_path, tiny_model, synthetic_conversations):
-    """SIGTERM at step 30 of a batch of a 10-frame and a 57-frame conversation: the first was done at step 10 and
-    stays whole (scored), the second is marked partial with its 30 frames."""
+    """SIGTERM at step 30 of a batch of a 10-frame, a 57-frame and a failing conversation: the first was done at
+    step 10 and stays whole (scored), the second is marked partial with its 31 frames, the third keeps its own error."""
     import dataclasses
 
     from prospect.signals import Interrupted
 
     first, last = synthetic_conversations[0], synthetic_conversations[-1]
     short = dataclasses.replace(first, id="short", frames=first.frames[:10])
+    broken = dataclasses.replace(first, id="broken", frame_source=_BrokenFrames(first.frame_source, at=20))
 
     class StopAtFrame30:
         def check(self, where: str) -> None:
             if where.startswith("at frame 30 "):
                 raise Interrupted(15, where)
 
-    results, predictions, raised = _stream(tmp_path, tiny_model, [short, last], batch=2, stop=StopAtFrame30())
+    results, predictions, raised = _stream(tmp_path, tiny_model, [short, last, broken], batch=3, stop=StopAtFrame30())
     assert isinstance(raised, Interrupted) and "at frame 30 of conversations" in str(raised)
     assert "partial" not in predictions["short"] and "error" not in predictions["short"]
+    assert predictions["broken"]["error"] == "OSError: corrupt video frame 20" and "partial" not in predictions["broken"]
     assert predictions[last.id]["partial"] is True and predictions[last.id]["frames_streamed"] == 31
     assert len({r.conversation.id: r for r in results}["short"].trace) == 10
 

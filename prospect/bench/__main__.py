@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "two, and fused with --fused); for machines that limit one command's time")
     parser.add_argument("--conversations", type=int, default=16, help="dataset: how many conversations of mixed length")
     parser.add_argument("--conversation-batch", type=int, default=16, help="dataset: conversations at once in the batched run")
-    parser.add_argument("--out", type=Path, default=None, help="JSON report (default: bench.json or grid.json)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON report (default: bench.json, grid.json, zoo.json or dataset.json)")
     return parser
 
 

@@ -54,6 +54,7 @@ def stream_in_batches(model, strategy, settings: StreamSettings, conversations: 
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
     replies = {}
+    conversations = sorted(conversations, key=lambda conversation: -conversation.num_frames)  # as stream_jobs batches them
     started = time.perf_counter()
     for start in range(0, len(conversations), batch):
         group = conversations[start : start + batch]

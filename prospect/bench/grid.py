@@ -60,7 +60,9 @@ def time_split(folder: Path, started_at: float, wall_s: float) -> dict | None:
     traces: the sweep process before its first worker (Hydra, composing, checking and keying the jobs), the
     workers' model loading, streaming (per worker its longest lane's frame steps, summaries included, of which
     `summaries_s` went to summaries), the rest of the workers (imports, graph capture and compilation, writing
-    files), and the sweep process after the last worker (collecting, the summary). None without workers."""
+    files), and the sweep process after the last worker (collecting, the summary). The parts add up to the wall
+    time when the workers run one after the other (one GPU); workers side by side on several GPUs are summed.
+    None without workers."""
     path = folder / "fused" / "workers.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
     rows = [r for r in rows if r.get("started_at") and r.get("finished_at")]

@@ -325,9 +325,13 @@ class StaticForward:
             step = self.steps[key] = _Step(n, self.lanes, with_image, hidden, self.device, self.model.dtype)
         # the embeddings first: a chunk whose image features do not fit raises before any cache changes
         if with_image and per_lane_images:  # the other lanes' rows keep stale embeddings: inactive, they write nowhere seen
-            embedded = [self.model.embed(chunk, image)[0] for chunk, image in zip(ids, image_features)]
-            for lane, embeds in zip(lanes, embedded):
-                step.embeds[lane].copy_(embeds)
+            embedded: dict[tuple, torch.Tensor] = {}  # a conversation's frame is embedded once for all its strategy lanes
+            for chunk, image in zip(ids, image_features):
+                key = (id(image), tuple(chunk))
+                if key not in embedded:
+                    embedded[key] = self.model.embed(chunk, image)[0]
+            for lane, chunk, image in zip(lanes, ids, image_features):
+                step.embeds[lane].copy_(embedded[(id(image), tuple(chunk))])
         elif with_image:
             step.embeds.copy_(self.model.embed(ids[0], image_features).expand(self.lanes, -1, -1))
         start, first, active = [0] * self.lanes, [0] * self.lanes, [False] * self.lanes

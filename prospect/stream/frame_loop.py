@@ -211,13 +211,11 @@ def stream_lanes(
             if conversations_fed > 1:  # the step fed several conversations' frames: this frame's share of its wall time
                 record["wall_ms"] /= conversations_fed
             result.trace.append(record)
-            last = step == len(schedules[id(lane._conversation)]) - 1
-            if last:
-                result.wall_s = time.perf_counter() - started
+            if step == len(schedules[id(lane._conversation)]) - 1:  # its conversation is done (a record the disk
+                result.wall_s, result.finished = time.perf_counter() - started, True  # has no room for undoes it)
             callback = callbacks[id(lane)]
             if callback is not None:
                 callback(record)
-            result.finished = last  # its conversation is done (and its last record written)
         if on_step is not None:
             on_step(records[id(active[0])]["index"])
     wall = time.perf_counter() - started

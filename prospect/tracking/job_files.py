@@ -127,6 +127,7 @@ class JobFiles:
         for result in reversed(self.results):  # several conversations stream at once with conversation_batch > 1
             if result.trace and result.trace[-1] is record:
                 result.trace.pop()
+                result.finished = False
                 if "reply" in record:
                     result.replies.pop(record["index"], None)
                 return
