@@ -394,7 +394,7 @@ def stream_jobs(runner: Any, conversations: Iterable[Conversation], files: Seque
         for slot in range(len(group)):
             for job_results, result in zip(results, lane_results[slot * len(files) : (slot + 1) * len(files)]):
                 job_results.append(result)
-        for job_results in results:  # predictions.json lists the conversations started so far in dataset order
+        for job_results in results if batch > 1 else ():  # predictions.json: the conversations started so far, in dataset order
             job_results.sort(key=lambda result: position.get(id(result.conversation), len(position)))
         where = f"conversation {group[0].id}" if len(group) == 1 else f"conversations {', '.join(c.id for c in group)}"
         try:
