@@ -292,6 +292,13 @@ def test_the_compiled_step_gives_the_uncompiled_steps_replies(tiny_model, synthe
         assert float((k0 - k1).abs().max()) <= 1e-4 and float((v0 - v1).abs().max()) <= 1e-4
     layer = tiny_model.model.model.text_model.layers[0]
     assert "forward" not in vars(layer.mlp) and "forward" not in vars(layer.input_layernorm)
+    # the vision tower's compiled layers: the same features within fp32 rounding, swapped in while encoding only
+    images = [conversation.image(index) for index in range(3)]
+    with runner.static.compiled.encoding():
+        assert "forward" in vars(tiny_model.model.model.vision_model.encoder.layers[0])
+        compiled_features = tiny_model.image_features(images)
+    assert "forward" not in vars(tiny_model.model.model.vision_model.encoder.layers[0])
+    torch.testing.assert_close(compiled_features, tiny_model.image_features(images), rtol=1e-4, atol=1e-4)
 
 
 def test_square_frames_skip_the_image_processor_exactly(tiny_model):
@@ -304,3 +311,6 @@ def test_square_frames_skip_the_image_processor_exactly(tiny_model):
     fast, mask = tiny_model.pixel_values(images)
     reference = tiny_model.image_processor(images=[[i] for i in images], return_tensors="pt", do_image_splitting=False)
     assert mask is None and torch.equal(fast, reference["pixel_values"]) and bool(reference["pixel_attention_mask"].all())
+    # whole frames are encoded without get_image_features' host reads, to the same features bitwise
+    output = tiny_model.model.model.get_image_features(fast, None, return_dict=True)
+    assert torch.equal(tiny_model.image_features(images), torch.stack(list(output.pooler_output)))

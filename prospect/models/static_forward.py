@@ -19,7 +19,12 @@ lanes (the summaries of lanes that reduce together) runs on their rows only. A s
 one-lane case.
 
 With `compile` (stream.compile, default on CUDA) the text model's norms and MLPs run as torch.compile'd
-kernels inside the step (`CompiledBlocks`), captured into the same graphs.
+kernels inside the step (`CompiledBlocks`), captured into the same graphs, and the vision tower's layers run
+compiled while frames are encoded.
+
+A frame's step takes its token ids and image features and embeds them itself (token embeddings, then each
+`<image>` token takes the next row of its lane's features), so on CUDA the embedding and the scatter are part
+of the captured graph too.
 
 Replies decode on the device (`decode_on_device`): a chain of up to `chain` steps feeds each step the token
 the previous step chose to the lanes still speaking, picks the next token (greedy: the argmax of the logits
@@ -50,27 +55,42 @@ SLOT_ALIGN = 16  # buffer slots per lane rounded up to this: an attention mask r
 
 
 class CompiledBlocks:
-    """The text model's pointwise-heavy blocks, compiled with torch.compile (inductor fuses each RMSNorm into one
-    kernel and the MLP's SiLU·mul; the matrix products stay cuBLAS's): every decoder layer's MLP and two norms,
-    and the final norm, for any number of lanes and tokens (dynamic shapes). `active()` swaps them in for the
-    duration of a static step only, so the eager path of the same process stays uncompiled; under CUDA graphs
-    the compiled kernels are what the captured graphs replay. Attention (the lane writer, the query hooks)
-    stays as it is. One per model (`compiled_blocks`): compiled once per process, on the first steps."""
+    """The pointwise-heavy blocks of the model, compiled with torch.compile (inductor fuses each norm into one
+    kernel, the MLP's activation into its products' epilogues; the matrix products stay cuBLAS's), for any number
+    of lanes, tokens and frames (dynamic shapes):
+    - the text model's: every decoder layer's MLP and two norms, and the final norm. `active()` swaps them in
+      for the duration of a static step only, so the eager path of the same process stays uncompiled; under
+      CUDA graphs the compiled kernels are what the captured graphs replay. Attention (the lane writer, the
+      query hooks) stays as it is.
+    - the vision tower's: every encoder layer whole (norms, attention, MLP, residuals) and the last norm;
+      `encoding()` swaps them in while the optimized path encodes frames (prospect.stream.feed.frame_features).
+    One per model (`compiled_blocks`): compiled once per process, on first use."""
 
     def __init__(self, model: VisionLanguageModel):
         text = model.model.model.text_model
         blocks = [block for layer in text.layers for block in (layer.input_layernorm, layer.mlp, layer.post_attention_layernorm)]
         self.blocks = [(block, torch.compile(block.forward, dynamic=True)) for block in blocks + [text.norm]]
+        vision = model.model.model.vision_model
+        self.vision = [(block, torch.compile(block.forward, dynamic=True)) for block in [*vision.encoder.layers, vision.post_layernorm]]
 
+    @staticmethod
     @contextlib.contextmanager
-    def active(self) -> Iterator[None]:
+    def _swapped(blocks) -> Iterator[None]:
         try:
-            for block, compiled in self.blocks:
+            for block, compiled in blocks:
                 block.forward = compiled
             yield
         finally:
-            for block, _ in self.blocks:
+            for block, _ in blocks:
                 vars(block).pop("forward", None)  # the class's forward again
+
+    def active(self) -> contextlib.AbstractContextManager:
+        """The text model's compiled blocks, for a static step."""
+        return self._swapped(self.blocks)
+
+    def encoding(self) -> contextlib.AbstractContextManager:
+        """The vision tower's compiled blocks, for encoding frames."""
+        return self._swapped(self.vision)
 
 
 def compiled_blocks(model: VisionLanguageModel) -> CompiledBlocks:
@@ -114,15 +134,17 @@ class _LaneWriter(Cache):
 
 
 class _Step:
-    """Static inputs/outputs of one chunk shape (length, image or text-only, all logits or the last), and its
-    CUDA graph once captured. Positions, write slots and the mask are computed inside the step from small
-    per-lane tensors (cache length, first position, active), so a replay needs only a few small copies."""
+    """Static inputs/outputs of one chunk shape (length, number of image tokens, all logits or the last), and its
+    CUDA graph once captured. Positions, write slots, the mask and the input embeddings (token embeddings with
+    each lane's image features scattered at its `<image>` tokens) are computed inside the step from small
+    per-lane tensors (ids, cache length, first position, active) and the image features, so a replay needs
+    only a few copies."""
 
-    def __init__(self, n: int, lanes: int, with_image: bool, hidden: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, n: int, lanes: int, image_tokens: int, hidden: int, device: torch.device, dtype: torch.dtype):
         self.n = n
-        self.with_image = with_image
+        self.with_image = image_tokens > 0
         self.ids = torch.zeros(lanes, n, dtype=torch.long, device=device)
-        self.embeds = torch.zeros(lanes, n, hidden, device=device, dtype=dtype) if with_image else None
+        self.features = torch.zeros(lanes, image_tokens, hidden, device=device, dtype=dtype) if image_tokens else None
         self.start = torch.zeros(lanes, dtype=torch.long, device=device)  # cache length = first write slot
         self.first = torch.zeros(lanes, dtype=torch.long, device=device)  # position of the first token
         self.active = torch.zeros(lanes, dtype=torch.bool, device=device)
@@ -138,7 +160,7 @@ class _DecodeState:
     [lanes, length] (the token a lane appended at each step, -1 where it appended none)."""
 
     def __init__(self, lanes: int, vocab: int, hidden: int, device: torch.device, dtype: torch.dtype, stop_ids: Sequence[int]):
-        self.step = _Step(1, lanes, False, hidden, device, dtype)
+        self.step = _Step(1, lanes, 0, hidden, device, dtype)
         self.count = torch.zeros(lanes, dtype=torch.long, device=device)
         self.stopped = torch.zeros(lanes, dtype=torch.bool, device=device)
         self.min_new = torch.zeros(lanes, dtype=torch.long, device=device)
@@ -235,7 +257,12 @@ class StaticForward:
         width = width or self.slots
         if not self.use_graphs:
             width = self._used_width(step, rows, width)
-        embeds = step.embeds[rows] if step.with_image else self.model.model.get_input_embeddings()(step.ids[rows])
+        ids = step.ids[rows]
+        embeds = self.model.model.get_input_embeddings()(ids)
+        if step.with_image:  # the k-th <image> token of a lane takes row k of its features (VisionLanguageModel.embed)
+            is_image = (ids == self.model.image_token_id)[..., None]
+            index = (is_image.long().cumsum(1) - 1).clamp(min=0).expand(-1, -1, embeds.shape[-1])
+            embeds = torch.where(is_image, step.features[rows].gather(1, index), embeds)
         start, first, active = step.start[rows], step.first[rows], step.active[rows]
         # inactive lanes write into the last slot of the rows run: past every capacity there, never visible
         slots = torch.where(active[:, None], start[:, None] + step.offsets[None], width - 1)  # [lanes, n]
@@ -311,29 +338,26 @@ class StaticForward:
             lanes.append(lane)
         if len(set(lanes)) != len(lanes):
             raise ValueError("a lane appears twice in one step")
-        with_image = image_features is not None or any(self.model.image_token_id in chunk for chunk in ids)
         per_lane_images = isinstance(image_features, (list, tuple))
         if per_lane_images and len(image_features) != len(ids):
             raise ValueError(f"{len(image_features)} lanes' image features for {len(ids)} chunks")
-        if with_image and not per_lane_images and any(chunk != ids[0] for chunk in ids):
+        if image_features is not None and not per_lane_images and any(chunk != ids[0] for chunk in ids):
             raise ValueError("a step with one image feeds the same ids to every lane (pass one image per lane otherwise)")
+        # the image features are checked first: a chunk whose features do not fit raises before any cache changes
+        features = self._image_rows(ids, image_features if per_lane_images else [image_features] * len(ids))
+        image_tokens = max((len(rows) for rows in features if rows is not None), default=0)
         span = self._span(lanes)
-        key = (n, all_logits, with_image, span)
+        key = (n, all_logits, image_tokens, span)
         step = self.steps.get(key)
         if step is None:
             hidden = self.model.model.config.text_config.hidden_size
-            step = self.steps[key] = _Step(n, self.lanes, with_image, hidden, self.device, self.model.dtype)
-        # the embeddings first: a chunk whose image features do not fit raises before any cache changes
-        if with_image and per_lane_images:  # the other lanes' rows keep stale embeddings: inactive, they write nowhere seen
-            embedded: dict[tuple, torch.Tensor] = {}  # a conversation's frame is embedded once for all its strategy lanes
-            for chunk, image in zip(ids, image_features):
-                key = (id(image), tuple(chunk))
-                if key not in embedded:
-                    embedded[key] = self.model.embed(chunk, image)[0]
-            for lane, chunk, image in zip(lanes, ids, image_features):
-                step.embeds[lane].copy_(embedded[(id(image), tuple(chunk))])
-        elif with_image:
-            step.embeds.copy_(self.model.embed(ids[0], image_features).expand(self.lanes, -1, -1))
+            step = self.steps[key] = _Step(n, self.lanes, image_tokens, hidden, self.device, self.model.dtype)
+        if image_tokens and not per_lane_images:  # one frame for all lanes: one copy
+            step.features.copy_(features[0].expand(self.lanes, -1, -1))
+        elif image_tokens:  # the other lanes' rows keep stale features: inactive, they write nowhere seen
+            for lane, rows in zip(lanes, features):
+                if rows is not None:
+                    step.features[lane, : len(rows)].copy_(rows)
         start, first, active = [0] * self.lanes, [0] * self.lanes, [False] * self.lanes
         rows = [[0] * n for _ in range(self.lanes)]
         for lane, cache, chunk, provenance in zip(lanes, caches, ids, provenances):
@@ -341,8 +365,7 @@ class StaticForward:
             first[lane] = int(cache.take_positions(n, provenance)[0]) if append else cache.next_position
             active[lane] = True
             rows[lane] = chunk
-        if not with_image:
-            step.ids.copy_(torch.tensor(rows), non_blocking=True)
+        step.ids.copy_(torch.tensor(rows), non_blocking=True)
         step.start.copy_(torch.tensor(start), non_blocking=True)
         step.first.copy_(torch.tensor(first), non_blocking=True)
         step.active.copy_(torch.tensor(active), non_blocking=True)
@@ -366,6 +389,20 @@ class StaticForward:
             for layer in cache.layers:
                 layer.length += n
         return logits
+
+    def _image_rows(self, ids: list[list[int]], image_features: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Each chunk's image feature rows [its <image> tokens, hidden] (None for a chunk without image tokens);
+        raises where a chunk's <image> tokens and its features' rows differ in number (counted on the host: no
+        device sync)."""
+        hidden = self.model.model.config.text_config.hidden_size
+        out = []
+        for chunk, image in zip(ids, image_features):
+            count = sum(1 for token in chunk if token == self.model.image_token_id)
+            rows = image.reshape(-1, hidden) if image is not None else None
+            if (rows.shape[0] if rows is not None else 0) != count:
+                raise ValueError(f"{count} <image> tokens but {0 if rows is None else rows.shape[0]} image feature rows")
+            out.append(rows if count else None)
+        return out
 
     # ---- greedy decode on the device ----------------------------------------------------------------
 

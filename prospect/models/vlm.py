@@ -192,8 +192,21 @@ class VisionLanguageModel:
     def image_features(self, images: Sequence) -> torch.Tensor:
         """Image features of frames, [n, image_tokens, hidden], in one vision-tower batch."""
         pixels, mask = self.pixel_values(images)
+        if mask is None:
+            return self.encode_whole_frames(pixels[:, 0])
         output = self.model.model.get_image_features(pixels, mask, return_dict=True)
         return torch.stack(list(output.pooler_output))
+
+    @torch.no_grad()
+    def encode_whole_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image features [n, image_tokens, hidden] of n normalised frames [n, 3, size, size] of the tower's own
+        size: SmolVLM's get_image_features for images without padding, whose patches are all real, without its
+        host reads (which images are padding, how many per sample), so a batch of frames costs no device sync."""
+        inner = self.model.model
+        patches = pixels.shape[-1] // inner.config.vision_config.patch_size
+        patch_mask = torch.ones(pixels.shape[0], patches, patches, dtype=torch.bool, device=pixels.device)
+        hidden = inner.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask, return_dict=True).last_hidden_state
+        return inner.connector(hidden)
 
     def pixel_values(self, images: Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[n, 1, 3, size, size] pixels as SmolVLM's image processor makes them for unsplit frames. Frames that

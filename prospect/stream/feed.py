@@ -4,6 +4,7 @@ lanes, and the per-lane failure bookkeeping."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import time
@@ -13,6 +14,7 @@ import torch
 
 from prospect.cache import KIND, Provenance, cache_length
 from prospect.data.types import Conversation, StreamFrame, Turn
+from prospect.models.static_forward import CompiledBlocks
 from prospect.models.vlm import VisionLanguageModel
 from prospect.stream.frame_record import ConversationResult
 
@@ -66,15 +68,18 @@ def frames_to_feed(conversation: Conversation, stride: int) -> list[tuple[Stream
     return fed
 
 
-def frame_features(model: VisionLanguageModel, conversation: Conversation, frames: list[StreamFrame], batch: int):
-    """(image features, vision ms per frame) of the fed frames, in order, `batch` frames per vision call."""
+def frame_features(model: VisionLanguageModel, conversation: Conversation, frames: list[StreamFrame], batch: int,
+                   compiled: CompiledBlocks | None = None):
+    """(image features, vision ms per frame) of the fed frames, in order, `batch` frames per vision call (with
+    `compiled`, the vision tower's compiled layers)."""
     device = model.device
     for start in range(0, len(frames), batch):
         chunk = frames[start : start + batch]
         images = [conversation.image(frame.index) for frame in chunk]
         synchronize(device)
         t0 = time.perf_counter()
-        encoded = model.image_features(images)
+        with compiled.encoding() if compiled is not None else contextlib.nullcontext():
+            encoded = model.image_features(images)
         synchronize(device)
         per_frame = (time.perf_counter() - t0) * 1000 / len(chunk)
         for row in encoded:

@@ -92,7 +92,9 @@ def stream_lanes(
     failures.each(lanes, lambda lane: lane.strategy.start_stream(prompt_len=cache_length(lane.cache)))
 
     schedules = {id(c): frames_to_feed(c, settings.frame_stride) for c in distinct}
-    features = {id(c): frame_features(model, c, [frame for frame, _, _ in schedules[id(c)]], lanes[0].vision_batch_size) for c in distinct}
+    compiled = lanes[0].static.compiled if lanes[0].static is not None else None  # stream.compile: the vision tower's layers too
+    features = {id(c): frame_features(model, c, [frame for frame, _, _ in schedules[id(c)]], lanes[0].vision_batch_size, compiled)
+                for c in distinct}
     steps = range(max(len(schedule) for schedule in schedules.values()))
     if progress:
         steps = tqdm(steps, desc=distinct[0].id if len(distinct) == 1 else f"{len(distinct)} conversations", unit="frame", leave=False)
