@@ -420,29 +420,45 @@ def test_conversations_as_batched_lanes_match_them_one_at_a_time(tiny_model, syn
             torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-5)
 
 
-def test_the_step_embeds_each_lanes_frame_itself(tiny_model):
+def test_the_step_embeds_each_lanes_frame_itself(tiny_model, monkeypatch):
     """A frame step takes ids and image features and embeds them inside the step (captured in the CUDA graph on
-    a GPU): lanes whose frames differ (images at other offsets of the chunk) get the eager forward's logits
-    of their own chunk, and features that do not fit a chunk's <image> tokens raise before any cache changes."""
+    a GPU), without the model's host-side embed: lanes whose chunks differ (two frames, one frame at another
+    offset, text only) get the eager forward's logits of their own chunk, also when the step (and its feature
+    buffer, holding the first call's rows) runs again; features that do not fit a chunk's <image> tokens
+    raise before any cache changes."""
     k, image = tiny_model.image_tokens, tiny_model.image_token_id
     hidden = tiny_model.model.config.text_config.hidden_size
-    capacity = 2 * k + 32
-    static = StaticForward(tiny_model, [capacity, capacity], batch_lanes=True)
+    capacity = 6 * k + 32
+    static = StaticForward(tiny_model, [capacity] * 3, batch_lanes=True)
     caches = static.caches()
-    static.forward_lanes(caches, [[300, 301], [302, 303]])
-    chunks = [[310] + [image] * k + [311, 312], [313, 314] + [image] * k + [315]]
+    prefixes = [[300, 301], [302, 303], [304, 305]]
+    static.forward_lanes(caches, prefixes)
+    chunks = [[310] + [image] * (2 * k) + [311, 312], [313, 314] + [image] * k + [315] * (k + 1), list(range(320, 323 + 2 * k))]
     generator = torch.Generator().manual_seed(0)
-    features = [torch.randn(1, k, hidden, generator=generator).to(tiny_model.dtype) for _ in chunks]
-    logits = static.forward_lanes(caches, chunks, features, all_logits=True)
-    for lane, (prefix, chunk, rows) in enumerate(zip([[300, 301], [302, 303]], chunks, features)):
-        eager = tiny_model.new_cache(capacity)
-        tiny_model.forward(prefix, eager)
-        expected = tiny_model.forward(chunk, eager, rows, all_logits=True)
-        torch.testing.assert_close(logits[lane], expected, rtol=1e-4, atol=1e-4)
+
+    def draw():
+        return [torch.randn(2, k, hidden, generator=generator).to(tiny_model.dtype),
+                torch.randn(1, k, hidden, generator=generator).to(tiny_model.dtype), None]
+
+    eager = [tiny_model.new_cache(capacity) for _ in chunks]
+    for prefix, cache in zip(prefixes, eager):
+        tiny_model.forward(prefix, cache)
+    embed = tiny_model.embed
+    for _ in range(2):  # the second call replays the first call's step
+        features = draw()
+        monkeypatch.setattr(tiny_model, "embed", lambda *a, **kw: pytest.fail("the frame step called the model's embed"))
+        logits = static.forward_lanes(caches, chunks, features, all_logits=True)
+        monkeypatch.setattr(tiny_model, "embed", embed)
+        for lane, (chunk, rows, cache) in enumerate(zip(chunks, features, eager)):
+            expected = tiny_model.forward(chunk, cache, rows, all_logits=True)
+            torch.testing.assert_close(logits[lane], expected, rtol=1e-4, atol=1e-4)
+    assert len(static.steps) == 2  # the prefix's step and one frame step, replayed
     assert not torch.allclose(logits[0], logits[1])
     before = [(cache_length(cache), cache.positions.clone()) for cache in caches]
     with pytest.raises(ValueError, match=f"^{k} <image> tokens but {k - 1} image feature rows$"):
-        static.forward_lanes(caches, chunks, [features[0], features[1][:, :-1]])
-    with pytest.raises(ValueError, match=f"^{k} <image> tokens but 0 image feature rows$"):
+        static.forward_lanes(caches, chunks, [features[0], features[1][:, :-1], None])
+    with pytest.raises(ValueError, match=f"^0 <image> tokens but {k} image feature rows$"):
+        static.forward_lanes(caches, chunks, [features[0], features[1], features[1]])
+    with pytest.raises(ValueError, match=f"^{2 * k} <image> tokens but 0 image feature rows$"):
         static.forward_lanes(caches[:1], chunks[:1])
     assert all(length == cache_length(cache) and torch.equal(positions, cache.positions) for (length, positions), cache in zip(before, caches))

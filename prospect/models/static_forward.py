@@ -199,7 +199,7 @@ class StaticForward:
         self.max_graphs = max_graphs + 16 * (self.lanes - 1)  # and steps of some lanes' own rows (_span)
         if chain < 1:
             raise ValueError(f"chain must be at least 1 decode step, got {chain}")
-        self.steps: dict[tuple[int, bool, bool, tuple[int, int] | None], _Step] = {}  # (n, all logits, image, rows)
+        self.steps: dict[tuple[int, bool, int, tuple[int, int] | None], _Step] = {}  # (n, all logits, image tokens, rows)
         self.slots = buffer_slots(self.capacity)
         self.slot_index = torch.arange(self.slots, device=self.device)
         self.lane_index = torch.arange(self.lanes, device=self.device)[:, None]

@@ -201,12 +201,15 @@ class VisionLanguageModel:
     def encode_whole_frames(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image features [n, image_tokens, hidden] of n normalised frames [n, 3, size, size] of the tower's own
         size: SmolVLM's get_image_features for images without padding, whose patches are all real, without its
-        host reads (which images are padding, how many per sample), so a batch of frames costs no device sync."""
-        inner = self.model.model
-        patches = pixels.shape[-1] // inner.config.vision_config.patch_size
+        host reads (which images are padding, how many per sample, whether the attention mask is all true), so a
+        batch of frames costs no device sync. The vision model's steps are called one by one: with every patch
+        real, its encoder attends without a mask (what its own forward ends up doing after reading the mask)."""
+        vision = self.model.model.vision_model
+        patches = pixels.shape[-1] // vision.config.patch_size
         patch_mask = torch.ones(pixels.shape[0], patches, patches, dtype=torch.bool, device=pixels.device)
-        hidden = inner.vision_model(pixel_values=pixels, patch_attention_mask=patch_mask, return_dict=True).last_hidden_state
-        return inner.connector(hidden)
+        hidden = vision.embeddings(pixel_values=pixels, patch_attention_mask=patch_mask)
+        hidden = vision.encoder(inputs_embeds=hidden, attention_mask=None).last_hidden_state
+        return self.model.model.connector(vision.post_layernorm(hidden))
 
     def pixel_values(self, images: Sequence) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[n, 1, 3, size, size] pixels as SmolVLM's image processor makes them for unsplit frames. Frames that
