@@ -289,6 +289,7 @@ def test_kill_9_mid_sweep_then_resume(tmp_path, env):
     assert "| failed |" not in (sweep / "summary.md").read_text()
 
 
+@pytest.mark.slow  # CI's slow pass (~12 s)
 def test_two_identical_sweeps_at_once_compute_each_job_once(tmp_path, env):
     common = ["-m", *TINY, "dataset.generate.seconds=60", "logger=none", "strategy=drop_all,none", f"cache_root={tmp_path}"]
     runs = [Run(tmp_path, name, [*common, f"hydra.sweep.dir={tmp_path / name}"], env) for name in ("a", "b")]

@@ -117,6 +117,7 @@ def test_gpu_pool_pins_each_job_and_honours_concurrency(tmp_path):
     assert (tmp_path / "grid" / "summary.md").is_file()
 
 
+@pytest.mark.slow  # CI's slow pass (~14 s); the gpu_pool launcher keeps its other default tests
 def test_gpu_pool_reused_job_keeps_its_overrides(tmp_path):
     """A job that reuses a result gets .hydra/overrides.yaml like any other, so the summary does not call an
     override shared that varies; without that file its overrides are read from results.json's config."""
@@ -196,6 +197,7 @@ def test_gpu_pool_sweep_stops_on_sigterm(tmp_path, model_cache_dir):
     assert _processes_mentioning(str(grid)) == []
 
 
+@pytest.mark.slow  # CI's slow pass (~17 s): a side launcher
 def test_submitit_local_launcher(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     result = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "model=oracle", "strategy=none,drop_all",
@@ -218,6 +220,7 @@ def test_slurm_preset_composes():
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu" and launcher.gpus_per_node == 1
 
 
+@pytest.mark.slow  # CI's slow pass (~13 s): the example notebook
 def test_analysis_notebook_runs(tmp_path):
     import nbclient
     import nbformat
