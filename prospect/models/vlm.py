@@ -203,7 +203,8 @@ class VisionLanguageModel:
         size: SmolVLM's get_image_features for images without padding, whose patches are all real, without its
         host reads (which images are padding, how many per sample, whether the attention mask is all true), so a
         batch of frames costs no device sync. The vision model's steps are called one by one: with every patch
-        real, its encoder attends without a mask (what its own forward ends up doing after reading the mask)."""
+        real, its encoder attends without a mask (under SDPA its own forward drops the all-true mask after reading
+        it; under eager attention the mask it would add is all zeros, which changes no score)."""
         vision = self.model.model.vision_model
         patches = pixels.shape[-1] // vision.config.patch_size
         patch_mask = torch.ones(pixels.shape[0], patches, patches, dtype=torch.bool, device=pixels.device)
