@@ -96,6 +96,7 @@ def test_bench_grid_rejects_bad_arguments_in_one_line(tmp_path, args, message):
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
+@pytest.mark.slow  # CI's slow pass; by default the bench's two paths run (above) and the zoo's bad strategies fail in one line
 def test_bench_zoo_times_every_bounded_strategy(tmp_path, model_cache_dir):
     out = tmp_path / "zoo.json"
     result = bench("zoo", model_cache_dir, "--seconds", "30", "--turns", "4", "--reply-tokens", "4", "--max-seq-len", "512",
@@ -139,6 +140,7 @@ def bench(mode: str, model_cache_dir: Path, *args: str) -> subprocess.CompletedP
                           env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)})
 
 
+@pytest.mark.slow  # CI's slow pass; by default tests/test_lanes.py checks conversations as lanes
 def test_bench_dataset_streams_conversations_one_by_one_and_batched(tmp_path, model_cache_dir):
     out = tmp_path / "dataset.json"
     result = bench("dataset", model_cache_dir, "--seconds", "16", "--turns", "4", "--reply-tokens", "5", "--conversations", "4",

@@ -170,6 +170,8 @@ def test_bad_setting_is_one_line(tmp_path, setting, message):
 # ------------------------------------------------------------------------------------------ sweeps
 
 
+@pytest.mark.slow  # CI's slow pass; by default the wandb-runs test below runs the fused launcher end to end, and
+# tests/test_lanes.py checks each lane against its job alone, bitwise
 def test_strategy_grid_runs_as_lanes_and_a_rerun_computes_nothing(tmp_path, model_cache_dir):
     first = fused(tmp_path, "experiment=strategy_grid", *SMALL, model_cache_dir=model_cache_dir)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -317,6 +319,7 @@ def _act_once_streaming(parent: subprocess.Popen, grid: Path, pattern: str, act,
             parent.wait()
 
 
+@pytest.mark.slow  # CI's slow pass; by default tests/test_faults.py kills a sweep with -9 and resumes it
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
 def test_a_killed_worker_fails_its_jobs_and_the_other_worker_goes_on(tmp_path, model_cache_dir):
     grid = tmp_path / "grid"
