@@ -500,6 +500,8 @@ def merge_tokens_per_head(cache: PositionedCache, members: torch.Tensor, weights
     its members; in each (layer, head) the groups are disjoint and listed by ascending first slot, and every
     layer and head has `count` of them (the buffers stay rectangular). weights: [layers, kv_heads, count,
     width], non-negative, normalised within each group (a group whose weights sum to 0 is averaged equally).
+    A kv_heads dimension of 1 gives every head of a layer the same groups (one set per layer), without
+    expanding them over the heads; the heads of each layer must then hold the same tokens.
 
     A group of one token keeps it bitwise (key, value, query, records). A larger group becomes the weighted
     average of its members: keys are stored after RoPE, so each member's key is rotated back to position 0
@@ -535,9 +537,10 @@ def _check_groups(members: torch.Tensor, weights: torch.Tensor, length: int) -> 
         raise ValueError("merge_tokens: each group's slots must be strictly ascending")
     if not bool((members[..., 1:, 0] > members[..., :-1, 0]).all()):
         raise ValueError("merge_tokens: groups must be listed by strictly ascending first slot")
-    flat = torch.where(valid, members, -1 - torch.arange(members.shape[-2] * members.shape[-1]).view(members.shape[-2:]))
-    ordered = torch.sort(flat.flatten(-2), dim=-1).values
-    if not bool((ordered[..., 1:] > ordered[..., :-1]).all()):
+    rows = members.reshape(-1, members.shape[-2] * members.shape[-1])  # one row of slots per (layer, head)
+    uses = torch.zeros(rows.shape[0], length + 1, dtype=torch.int32)  # column `length`: the padding
+    uses.scatter_add_(1, torch.where(rows >= 0, rows, length), torch.ones_like(rows, dtype=torch.int32))
+    if bool((uses[:, :length] > 1).any()):
         raise ValueError("merge_tokens: a slot belongs to two groups")
     if weights.shape != members.shape or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise ValueError("merge_tokens: weights must be finite, non-negative and shaped like the groups")
@@ -551,17 +554,23 @@ def _merge(cache: PositionedCache, members: torch.Tensor, weights: torch.Tensor 
     valid = members >= 0
     weights = valid.double() if weights is None else weights.cpu().to(torch.float64)
     per_head = members.dim() == 4
-    if members.dim() not in (2, 4) or per_head and layers and tuple(members.shape[:2]) != (len(layers), layers[0].key_buffer.shape[1]):
+    heads = layers[0].key_buffer.shape[1] if layers else 1
+    if members.dim() not in (2, 4) or per_head and layers and (members.shape[0] != len(layers) or members.shape[1] not in (1, heads)):
         raise ValueError(f"merge_tokens: groups of shape {tuple(members.shape)}, not [count, width] or [layers, kv_heads, count, width]")
     _check_groups(members, weights, length)
     if cache.per_head and not per_head:  # shared groups on a cache whose heads hold different tokens
-        members, valid, weights = (t.expand(len(layers), layers[0].key_buffer.shape[1], *t.shape) for t in (members, valid, weights))
+        members, valid, weights = (t.expand(len(layers), heads, *t.shape) for t in (members, valid, weights))
         per_head = True
     weights = torch.where(valid, weights, 0.0)
     total = weights.sum(dim=-1, keepdim=True)
     weights = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), valid.double() / valid.sum(dim=-1, keepdim=True))
     index = members.clamp(min=0)
-    records = cache.records.expanded(*members.shape[:2]) if per_head else cache.records
+    records = cache.records.expanded(len(layers), heads) if per_head else cache.records
+    per_layer = per_head and members.shape[1] == 1 and heads > 1  # one set per layer, broadcast over its heads
+    if per_layer:
+        if cache.per_head and not bool((records.positions == records.positions[:, :1]).all()):
+            raise ValueError("merge_tokens: one set of groups per layer, but the heads of a layer hold different tokens")
+        records = Records(*(t[:, :1] for t in records))
 
     def take(values: torch.Tensor) -> torch.Tensor:  # a record of each member: [..., count, width]
         if not per_head:
@@ -575,21 +584,23 @@ def _merge(cache: PositionedCache, members: torch.Tensor, weights: torch.Tensor 
         positions[..., 0].clone(), take(records.kinds)[..., 0].clone(), take(records.frames)[..., 0].clone(),
         torch.where(same_patch, patches[..., 0], -1), (take(records.merged) * valid).sum(dim=-1),
     )
+    if per_layer:
+        cache_records = Records(*(t.expand(-1, heads, -1).contiguous() for t in cache_records))
     several = valid[..., 1:].any(dim=-1) if members.shape[-1] > 1 else torch.zeros(valid.shape[:-1], dtype=torch.bool)
     if bool(several.any()) and cache.inv_freq is None:
         raise ValueError("merge_tokens: merging keys needs the model's RoPE inv_freq on the cache")
     for layer_index, layer in enumerate(layers):
-        heads = layer.key_buffer.shape[1]
-        pick = (lambda t: t[layer_index]) if per_head else (lambda t: t.expand(heads, *t.shape))
+        pick = (lambda t: t[layer_index]) if per_head else (lambda t: t[None])  # [kv_heads or 1, count, ...]
         _merge_layer(layer, length, pick(index), pick(valid), pick(weights), pick(positions), pick(several), cache.inv_freq)
     cache.records = cache_records
 
 
 def _merge_layer(layer: BufferLayer, length: int, index: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor,
                  positions: torch.Tensor, several: torch.Tensor, inv_freq: torch.Tensor | None) -> None:
-    """One layer of _merge: index, valid, weights, positions [kv_heads, count, width]; several [kv_heads, count]."""
+    """One layer of _merge: index, valid, weights, positions [kv_heads, count, width]; several [kv_heads, count]
+    (a first dimension of 1: the same groups in every head)."""
     device = layer.key_buffer.device
-    heads, count, _ = index.shape
+    heads, count = layer.key_buffer.shape[1], index.shape[1]
     columns = torch.nonzero(several.any(dim=0)).flatten()  # the groups of more than one token in some head
     width = int(valid[:, columns].sum(dim=-1).max()) if len(columns) else 1
     first = index[..., 0].to(device)

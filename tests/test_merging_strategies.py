@@ -141,6 +141,33 @@ def test_per_head_groups_give_per_head_records_and_each_head_its_own_merge():
     check_merged(cache, before, lambda l, h: [[0], [1, 2, 3]], lambda l, h: [[1.0], [1.0, 1.0, 1.0]])
 
 
+def test_one_set_per_layer_equals_the_same_groups_given_to_every_head():
+    """members [layers, 1, count, width] (streammem's per-layer sets, not expanded over the heads) give bitwise
+    the cache that the same groups repeated for every head give; on a cache whose heads of a layer hold
+    different tokens they are refused."""
+    members = torch.full((3, 1, 4, 3), -1)
+    weights = torch.zeros(3, 1, 4, 3, dtype=torch.float64)
+    for layer in range(3):
+        for j, (g, w) in enumerate(zip([[0], [1 + layer, 9], [11, 12 + layer, 30], [40 + 2 * layer]],
+                                       [[1.0], [1.0, 2.0], [1.0, 0.5, 2.0 + layer], [1.0]])):
+            members[layer, 0, j, : len(g)], weights[layer, 0, j, : len(w)] = torch.tensor(g), torch.tensor(w)
+    broadcast, expanded = constructed_cache(layers=3, heads=2, q_heads=4), constructed_cache(layers=3, heads=2, q_heads=4)
+    merge_tokens_per_head(broadcast, members, weights)
+    merge_tokens_per_head(expanded, members.expand(-1, 2, -1, -1), weights.expand(-1, 2, -1, -1))
+    assert broadcast.per_head and cache_length(broadcast) == 4
+    for name, mine, theirs in zip(broadcast.records._fields, broadcast.head_records(), expanded.head_records()):
+        assert mine.shape == (3, 2, 4) and torch.equal(mine, theirs), name
+    for (k1, v1), (k2, v2) in zip(broadcast.layer_tensors(), expanded.layer_tensors()):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    for mine, theirs in zip(broadcast.layers, expanded.layers):
+        assert torch.equal(mine.query_buffer[:4], theirs.query_buffer[:4])
+    heads_differ = constructed_cache(layers=3, heads=2, q_heads=4)
+    per_head = torch.tensor([[[[0], [1], [2], [3]], [[0], [1], [2], [4]]]] * 3)  # head 1 keeps slot 4, head 0 slot 3
+    merge_tokens_per_head(heads_differ, per_head)
+    with pytest.raises(ValueError, match="heads of a layer hold different tokens"):
+        merge_tokens_per_head(heads_differ, torch.tensor([[[[0], [1]]]] * 3))
+
+
 @pytest.mark.parametrize("groups,weights,message", [
     ([[1, 2], [0]], None, "ascending first slot"),
     ([[0, 2], [0, 3]], None, "ascending first slot"),

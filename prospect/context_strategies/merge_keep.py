@@ -66,10 +66,9 @@ class MergeKeep(BudgetKeep):
             merge_tokens(cache, *rows_groups[0])
         else:
             width = max(members.shape[1] for members, _ in rows_groups)
-            heads = next(iter(cache.layer_tensors()))[0].shape[1]
             members = torch.stack([_widen(m, width, -1) for m, _ in rows_groups])
             weights = torch.stack([_widen(w, width, 0) for _, w in rows_groups])
-            merge_tokens_per_head(cache, members[:, None].expand(-1, heads, -1, -1), weights[:, None].expand(-1, heads, -1, -1))
+            merge_tokens_per_head(cache, members[:, None], weights[:, None])  # [layers, 1, ...]: every head of a layer alike
         self._apply_position_mode(cache)
         return cache, last_msg
 
