@@ -82,6 +82,32 @@ def test_bench_grid_runs_the_three_sweeps(tmp_path, model_cache_dir):
     assert "summaries of up to 16 tokens" in result.stdout
 
 
+@pytest.mark.slow
+def test_a_stopped_bench_grid_keeps_its_finished_jobs_and_starts_no_later_part(tmp_path, model_cache_dir):
+    """SIGTERM (as `timeout` sends) while the sequential eager sweep runs: the signal reaches the sweep, the bench
+    writes grid.json with the jobs that finished, says it was stopped, runs no later part and exits 143."""
+    import signal
+    import time
+
+    out = tmp_path / "grid.json"
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "prospect.bench", "grid", "--part", "sequential_eager,fused", "--model", "tiny_random", "--seconds", "8",
+         "--reply-tokens", "4", "--eager-jobs", "4", "--summary-tokens", "16", "--grid-dir", str(tmp_path / "grid"), "--out", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PROSPECT_CACHE_DIR": str(model_cache_dir)})
+    deadline = time.monotonic() + 600
+    while not any(json.loads(p.read_text()).get("status") == "ok" for p in (tmp_path / "grid").rglob("results.json")):
+        assert bench.poll() is None and time.monotonic() < deadline, "no eager job finished"
+        time.sleep(0.2)
+    bench.send_signal(signal.SIGTERM)
+    stdout, stderr = bench.communicate(timeout=300)
+    assert bench.returncode == 143, stderr[-2000:]
+    report = json.loads(out.read_text())
+    eager = report["grid"]["sequential_eager"]
+    assert report["stopped_by"] == eager["stopped_by"] == "SIGTERM" and "fused" not in report["grid"]
+    assert 1 <= eager["ok"] == eager["computed"] < 4 and eager["jobs_per_hour"] > 0
+    assert "stopped by SIGTERM" in stdout and not (Path(report["grid_dir"]) / "fused").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--part", "fused,pool"], "--part 'fused,pool': expected a comma-separated list of sequential_eager, concurrent_optimized, fused, zoo_fused"),
     (["--fused", "--lanes-per-gpu", "0"], "--lanes-per-gpu 0: must be at least 1"),

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
 import prospect.bench
-from prospect.signals import EXIT_USAGE
+from prospect.signals import EXIT_USAGE, exit_code
 from prospect.bench.grid import GRID_PARTS, format_grid, grid_parts, run_grid
 
 
@@ -94,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as bad:
             print(f"prospect.bench: error: {bad}", file=sys.stderr)
             return EXIT_USAGE
+    args.out = args.out or Path({"grid": "grid.json", "zoo": "zoo.json", "dataset": "dataset.json"}.get(args.mode, "bench.json"))
     report = run(args)
     text = format_report(report)
-    out = args.out or Path({"grid": "grid.json", "zoo": "zoo.json", "dataset": "dataset.json"}.get(args.mode, "bench.json"))
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(text)
-    print(f"wrote {out}")
-    return 0
+    print(f"wrote {args.out}")
+    stopped = report.get("stopped_by")
+    return exit_code(signal.Signals[stopped]) if stopped else 0
 
 
 if __name__ == "__main__":

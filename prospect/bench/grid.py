@@ -4,7 +4,10 @@ Runs the grid (`experiment=strategy_grid`, cache=false) through `python -m prosp
 optimized with the GPU pool (`jobs_per_gpu` jobs per GPU) and, with --fused, as lanes of one process through
 `hydra/launcher=fused`; it reports jobs per hour, the ratios and how often the lanes' replies equal the same
 jobs run alone (the pool's); `--part` picks parts, `zoo_fused` times experiment=strategy_zoo as lanes. The
-sweeps run in their own processes: this one only starts them and reads their folders.
+sweeps run in their own processes: this one only starts them and reads their folders. The report is written
+after each part, so a bench stopped later keeps the parts it finished; a stop signal (SIGINT, SIGTERM, as
+`timeout` sends) is forwarded to the running sweep, whose finished jobs are then counted, and no further
+part starts.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import datetime
 import json
 import logging
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from prospect.signals import SweepStop
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +44,41 @@ def grid_parts(args) -> list[str]:
 
 
 def _sweep(name: str, command: list[str], folder: Path) -> dict:
-    """Run one sweep command; its wall time, jobs, ok jobs and mean ms per frame from the jobs' results.json."""
+    """Run one sweep command; its wall time, jobs, ok jobs and mean ms per frame from the jobs' results.json.
+    A stop signal received meanwhile is forwarded to the sweep, which stops its jobs and exits; `stopped_by`
+    then names it, and only the jobs that finished count."""
     started, started_at = time.perf_counter(), time.time()
-    done = subprocess.run(command + [f"hydra.sweep.dir={folder}"], capture_output=True, text=True)
+    stop = SweepStop().install()
+    try:
+        sweep = subprocess.Popen(command + [f"hydra.sweep.dir={folder}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        forwarded = 0
+        while True:
+            try:
+                stdout, stderr = sweep.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                for signum in stop.received[forwarded:]:
+                    sweep.send_signal(signum)
+                forwarded = len(stop.received)
+    finally:
+        stop.uninstall()
     wall = time.perf_counter() - started
     documents = [json.loads(p.read_text()) for p in folder.rglob("results.json")]
-    if done.returncode != 0 or not documents:
-        log.error("%s exited with %d:\n%s", name, done.returncode, (done.stdout + done.stderr)[-3000:])
+    if stop.received:
+        documents = [d for d in documents if d.get("status") == "ok" or d.get("cached")]  # a stopped job's results say failed
+    elif sweep.returncode != 0 or not documents:
+        log.error("%s exited with %d:\n%s", name, sweep.returncode, (stdout + stderr)[-3000:])
     computed = [d for d in documents if not d.get("cached")]
     times = [d["metrics"]["time_per_frame"] * 1000 for d in computed if d.get("metrics")]
     peaks = [d["metrics"].get("peak_memory_mb") for d in computed if (d.get("metrics") or {}).get("peak_memory_mb")]
     log.info("%s: %d jobs (%d computed) in %.0f s", name, len(documents), len(computed), wall)
     computed_ok = sum(d.get("status") == "ok" for d in computed)
-    return {"wall_s": wall, "started_at": started_at, "jobs": len(documents), "computed": len(computed), "ok": sum(d.get("status") == "ok" for d in documents),
-            "exit_code": done.returncode, "jobs_per_hour": 3600 * computed_ok / wall,  # jobs computed and ok (not reused ones)
-            "ms_per_frame": statistics.mean(times) if times else None, "peak_memory_mb": max(peaks) if peaks else None}
+    run = {"wall_s": wall, "started_at": started_at, "jobs": len(documents), "computed": len(computed), "ok": sum(d.get("status") == "ok" for d in documents),
+           "exit_code": sweep.returncode, "jobs_per_hour": 3600 * computed_ok / wall,  # jobs computed and ok (not reused ones)
+           "ms_per_frame": statistics.mean(times) if times else None, "peak_memory_mb": max(peaks) if peaks else None}
+    if stop.received:
+        run["stopped_by"] = signal.Signals(stop.signum).name  # jobs/hour: the finished jobs over the time until the stop
+    return run
 
 
 def time_split(folder: Path, started_at: float, wall_s: float) -> dict | None:
@@ -148,17 +174,22 @@ def run_grid(args) -> dict:
     keep_lens = ("512", "256", "1024")[: max(1, min(3, args.eager_jobs // 4))]
     commands = grid_commands(args, root, keep_lens)
     runs = {}
+    report = {"grid": runs, "grid_dir": str(root), "model": args.model, "seconds": args.seconds, "reply_tokens": args.reply_tokens,
+              "summary_tokens": getattr(args, "summary_tokens", None) or 512,
+              "jobs_per_gpu": args.jobs_per_gpu, "lanes_per_gpu": args.lanes_per_gpu,
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "note": "sequential eager ran the 4 strategies at last_keep_len " + ",".join(keep_lens) + " (jobs per hour compared)"}
     for name in grid_parts(args):
         folder = root / name
         runs[name] = _sweep(name, commands[name], folder)
         if name in ("fused", "zoo_fused"):
             runs[name]["workers"] = _fused_workers(folder)
             runs[name]["time_split"] = time_split(folder, runs[name]["started_at"], runs[name]["wall_s"])
-    report = {"grid": runs, "grid_dir": str(root), "model": args.model, "seconds": args.seconds, "reply_tokens": args.reply_tokens,
-              "summary_tokens": getattr(args, "summary_tokens", None) or 512,
-              "jobs_per_gpu": args.jobs_per_gpu, "lanes_per_gpu": args.lanes_per_gpu,
-              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-              "note": "sequential eager ran the 4 strategies at last_keep_len " + ",".join(keep_lens) + " (jobs per hour compared)"}
+        if args.out is not None:  # the parts so far, should a later one not finish
+            args.out.write_text(json.dumps({**report, "partial": True}, indent=1) + "\n")
+        if "stopped_by" in runs[name]:
+            report["stopped_by"] = runs[name]["stopped_by"]
+            break
     ratios = {}
     for faster, slower in (("concurrent_optimized", "sequential_eager"), ("fused", "sequential_eager"), ("fused", "concurrent_optimized")):
         if faster in runs and slower in runs and runs[slower]["jobs_per_hour"]:
@@ -181,6 +212,9 @@ def format_grid(report: dict) -> str:
         peak = f"{run['peak_memory_mb']:.0f}" if run.get("peak_memory_mb") else "-"
         lines.append(f"| {names[name]} | {run['jobs']} ({run['computed']}) | {run['ok']} | {run['wall_s']:.0f} | {run['jobs_per_hour']:.0f} | {ms} | {peak} |")
     lines.append("")
+    if report.get("stopped_by"):
+        lines += [f"stopped by {report['stopped_by']}: the stopped part counts its finished jobs over the time until the stop; "
+                  "no later part ran", ""]
     for name, run in report["grid"].items():
         split = run.get("time_split")
         if split:
