@@ -6,8 +6,8 @@ optimized with the GPU pool (`jobs_per_gpu` jobs per GPU) and, with --fused, as 
 jobs run alone (the pool's); `--part` picks parts, `zoo_fused` times experiment=strategy_zoo as lanes. The
 sweeps run in their own processes: this one only starts them and reads their folders. The report is written
 after each part, so a bench stopped later keeps the parts it finished; a stop signal (SIGINT, SIGTERM, as
-`timeout` sends) is forwarded to the running sweep, whose finished jobs are then counted, and no further
-part starts.
+`timeout` sends) is forwarded to the running sweep, whose finished jobs are then counted (over the time
+until the last of them ended), and no further part starts.
 """
 
 from __future__ import annotations
@@ -43,29 +43,31 @@ def grid_parts(args) -> list[str]:
     return parts
 
 
-def _sweep(name: str, command: list[str], folder: Path) -> dict:
+def _sweep(name: str, command: list[str], folder: Path, stop: SweepStop) -> dict:
     """Run one sweep command; its wall time, jobs, ok jobs and mean ms per frame from the jobs' results.json.
-    A stop signal received meanwhile is forwarded to the sweep, which stops its jobs and exits; `stopped_by`
-    then names it, and only the jobs that finished count."""
+    The sweep runs in a session of its own, so a signal to the bench's process group (Ctrl-C, `timeout`)
+    reaches it once, forwarded from `stop`; it then stops its jobs and exits. `stopped_by` names the signal,
+    only the jobs that finished count, and jobs per hour run until the last of them ended."""
     started, started_at = time.perf_counter(), time.time()
-    stop = SweepStop().install()
-    try:
-        sweep = subprocess.Popen(command + [f"hydra.sweep.dir={folder}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        forwarded = 0
-        while True:
-            try:
-                stdout, stderr = sweep.communicate(timeout=0.5)
-                break
-            except subprocess.TimeoutExpired:
-                for signum in stop.received[forwarded:]:
-                    sweep.send_signal(signum)
-                forwarded = len(stop.received)
-    finally:
-        stop.uninstall()
+    sweep = subprocess.Popen(command + [f"hydra.sweep.dir={folder}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    forwarded = 0  # a signal that came before the start is forwarded at once
+    while True:
+        try:
+            stdout, stderr = sweep.communicate(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            for signum in stop.received[forwarded:]:
+                sweep.send_signal(signum)
+            forwarded = len(stop.received)
     wall = time.perf_counter() - started
-    documents = [json.loads(p.read_text()) for p in folder.rglob("results.json")]
-    if stop.received:
-        documents = [d for d in documents if d.get("status") == "ok" or d.get("cached")]  # a stopped job's results say failed
+    paths = list(folder.rglob("results.json"))
+    documents = [json.loads(p.read_text()) for p in paths]
+    stopped = bool(stop.received)
+    if stopped:  # a stopped job's results say failed; the finished ones count, up to the last one's end
+        finished = [(p, d) for p, d in zip(paths, documents) if d.get("status") == "ok" or d.get("cached")]
+        documents = [d for _, d in finished]
+        wall = max([p.stat().st_mtime - started_at for p, _ in finished], default=wall)
     elif sweep.returncode != 0 or not documents:
         log.error("%s exited with %d:\n%s", name, sweep.returncode, (stdout + stderr)[-3000:])
     computed = [d for d in documents if not d.get("cached")]
@@ -76,8 +78,8 @@ def _sweep(name: str, command: list[str], folder: Path) -> dict:
     run = {"wall_s": wall, "started_at": started_at, "jobs": len(documents), "computed": len(computed), "ok": sum(d.get("status") == "ok" for d in documents),
            "exit_code": sweep.returncode, "jobs_per_hour": 3600 * computed_ok / wall,  # jobs computed and ok (not reused ones)
            "ms_per_frame": statistics.mean(times) if times else None, "peak_memory_mb": max(peaks) if peaks else None}
-    if stop.received:
-        run["stopped_by"] = signal.Signals(stop.signum).name  # jobs/hour: the finished jobs over the time until the stop
+    if stopped:
+        run["stopped_by"] = signal.Signals(stop.signum).name  # wall_s: until the last finished job ended
     return run
 
 
@@ -179,17 +181,20 @@ def run_grid(args) -> dict:
               "jobs_per_gpu": args.jobs_per_gpu, "lanes_per_gpu": args.lanes_per_gpu,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "note": "sequential eager ran the 4 strategies at last_keep_len " + ",".join(keep_lens) + " (jobs per hour compared)"}
-    for name in grid_parts(args):
-        folder = root / name
-        runs[name] = _sweep(name, commands[name], folder)
-        if name in ("fused", "zoo_fused"):
-            runs[name]["workers"] = _fused_workers(folder)
-            runs[name]["time_split"] = time_split(folder, runs[name]["started_at"], runs[name]["wall_s"])
-        if args.out is not None:  # the parts so far, should a later one not finish
-            args.out.write_text(json.dumps({**report, "partial": True}, indent=1) + "\n")
-        if "stopped_by" in runs[name]:
-            report["stopped_by"] = runs[name]["stopped_by"]
-            break
+    stop = SweepStop().install()  # from here a stop signal ends the bench after the part in progress
+    try:
+        for name in grid_parts(args):
+            folder = root / name
+            runs[name] = _sweep(name, commands[name], folder, stop)
+            if name in ("fused", "zoo_fused"):
+                runs[name]["workers"] = _fused_workers(folder)
+                runs[name]["time_split"] = time_split(folder, runs[name]["started_at"], runs[name]["wall_s"])
+            args.out.write_text(json.dumps({**report, "partial": True}, indent=1) + "\n")  # the parts so far
+            if stop.received:
+                report["stopped_by"] = signal.Signals(stop.signum).name
+                break
+    finally:
+        stop.uninstall()
     ratios = {}
     for faster, slower in (("concurrent_optimized", "sequential_eager"), ("fused", "sequential_eager"), ("fused", "concurrent_optimized")):
         if faster in runs and slower in runs and runs[slower]["jobs_per_hour"]:
@@ -213,8 +218,8 @@ def format_grid(report: dict) -> str:
         lines.append(f"| {names[name]} | {run['jobs']} ({run['computed']}) | {run['ok']} | {run['wall_s']:.0f} | {run['jobs_per_hour']:.0f} | {ms} | {peak} |")
     lines.append("")
     if report.get("stopped_by"):
-        lines += [f"stopped by {report['stopped_by']}: the stopped part counts its finished jobs over the time until the stop; "
-                  "no later part ran", ""]
+        lines += [f"stopped by {report['stopped_by']}: the stopped part counts its finished jobs over the time until the last of "
+                  "them ended; no later part ran", ""]
     for name, run in report["grid"].items():
         split = run.get("time_split")
         if split:
