@@ -568,7 +568,7 @@ def _merge(cache: PositionedCache, members: torch.Tensor, weights: torch.Tensor 
     records = cache.records.expanded(len(layers), heads) if per_head else cache.records
     per_layer = per_head and members.shape[1] == 1 and heads > 1  # one set per layer, broadcast over its heads
     if per_layer:
-        if cache.per_head and not bool((records.positions == records.positions[:, :1]).all()):
+        if cache.per_head and not all(bool((t == t[:, :1]).all()) for t in records):  # positions alone may agree (contiguous)
             raise ValueError("merge_tokens: one set of groups per layer, but the heads of a layer hold different tokens")
         records = Records(*(t[:, :1] for t in records))
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from prospect.cache import (KIND, PositionedCache, Provenance, cache_length, keep_tokens, merge_tokens,
+from prospect.cache import (KIND, PositionedCache, Provenance, cache_length, keep_tokens, make_contiguous, merge_tokens,
                             merge_tokens_per_head)
 from prospect.context_strategies import create_strategy
 from prospect.models.chat_format import SMOLVLM
@@ -162,8 +162,10 @@ def test_one_set_per_layer_equals_the_same_groups_given_to_every_head():
     for mine, theirs in zip(broadcast.layers, expanded.layers):
         assert torch.equal(mine.query_buffer[:4], theirs.query_buffer[:4])
     heads_differ = constructed_cache(layers=3, heads=2, q_heads=4)
-    per_head = torch.tensor([[[[0], [1], [2], [3]], [[0], [1], [2], [4]]]] * 3)  # head 1 keeps slot 4, head 0 slot 3
+    per_head = torch.tensor([[[[0], [1], [2], [3]], [[0], [1], [2], [8]]]] * 3)  # head 0 keeps a system token, head 1 frame text
     merge_tokens_per_head(heads_differ, per_head)
+    make_contiguous(heads_differ)  # the same positions 0..3 in every head: only the other records tell the heads apart
+    assert torch.equal(heads_differ.head_records().positions[:, 0], heads_differ.head_records().positions[:, 1])
     with pytest.raises(ValueError, match="heads of a layer hold different tokens"):
         merge_tokens_per_head(heads_differ, torch.tensor([[[[0], [1]]]] * 3))
 
