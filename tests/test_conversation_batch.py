@@ -50,8 +50,8 @@ def assert_same_job(batched: Path, alone: Path) -> dict:
     return mine
 
 
-@pytest.mark.slow  # CI's slow pass; by default tests/test_lanes.py checks conversations as lanes bitwise, and the
-# batching test at the end of this file runs stream_jobs
+@pytest.mark.slow  # CI's slow pass: the command line with stream.conversation_batch; by default tests/test_lanes.py
+# checks conversations as lanes bitwise, and test_batches_take_the_longest_conversations_first_... below runs stream_jobs
 def test_a_job_streams_its_conversations_in_batches_as_it_would_one_by_one(tmp_path, model_cache_dir):
     alone = prospect_run(tmp_path, model_cache_dir, *DATA, "strategy=summarize_and_drop", SUMMARY_ROOM, "stream.optimized=true",
                          "stream.conversation_batch=1", folder="alone")

@@ -233,7 +233,7 @@ def test_signal_mid_conversation_keeps_what_was_computed(tmp_path, env, signum, 
         assert [h["items"]["frame_index"] for h in frames] == [r["index"] for r in trace]
 
 
-@pytest.mark.slow  # CI's slow pass; by default SIGINT stops a run mid-conversation (above)
+@pytest.mark.slow  # CI's slow pass; by default tests/test_sweep.py stops a gpu_pool sweep with SIGTERM
 def test_sigusr2_stops_a_sweep_and_the_summary_is_written(tmp_path, env):
     """submitit's preemption signal in a sweep: the job stops after its frame, no further job starts, the
     summary is written, exit 140; rerunning the command computes the interrupted job (and the one not started)."""

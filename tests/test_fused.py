@@ -319,7 +319,8 @@ def _act_once_streaming(parent: subprocess.Popen, grid: Path, pattern: str, act,
             parent.wait()
 
 
-@pytest.mark.slow  # CI's slow pass; by default tests/test_faults.py kills a sweep with -9 and resumes it
+@pytest.mark.slow  # CI's slow pass only: the one test of a fused worker that dies (by default tests/test_faults.py
+# kills a basic sweep with -9 and resumes it)
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
 def test_a_killed_worker_fails_its_jobs_and_the_other_worker_goes_on(tmp_path, model_cache_dir):
     grid = tmp_path / "grid"

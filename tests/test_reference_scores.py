@@ -67,11 +67,15 @@ def assert_measured(result, conversation, policy):
 # every strategy as lanes under the threshold policy: the slowest variants, in CI's slow pass (-m slow)
 SLOW_THRESHOLD = ["gt_turns", pytest.param("threshold", marks=pytest.mark.slow)]
 
-@pytest.mark.slow  # CI's slow pass; by default the lanes' test below checks every strategy on the optimized step
-@pytest.mark.parametrize("policy", ["gt_turns", "threshold"])
-def test_measuring_changes_nothing_on_the_eager_path(tiny_model, synthetic_conversations, policy):
+EAGER_DEFAULT = ("drop_middle", "summarize_and_drop", "streammem")  # a drop, a summary, a merge: the slow pass runs all
+
+
+@pytest.mark.parametrize("policy, names", [("gt_turns", EAGER_DEFAULT), pytest.param("gt_turns", tuple(STRATEGIES), marks=pytest.mark.slow),
+                                           pytest.param("threshold", tuple(STRATEGIES), marks=pytest.mark.slow)],
+                         ids=["gt_turns", "gt_turns-every-strategy", "threshold"])
+def test_measuring_changes_nothing_on_the_eager_path(tiny_model, synthetic_conversations, policy, names):
     conversation = synthetic_conversations[0]
-    for name in STRATEGIES:
+    for name in names:
         runs = []
         for on in (True, False):
             runner = StreamRunner(tiny_model, create_strategy(name, **SMALL), settings(on, optimized=False, **POLICIES[policy]))

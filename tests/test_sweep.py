@@ -101,7 +101,7 @@ def test_report_cli(tmp_path):
     assert missing.returncode == 2 and missing.stderr.strip() == f"prospect.report: error: {tmp_path / 'nope'}: no such directory"
 
 
-@pytest.mark.slow  # a side launcher: CI's slow pass
+@pytest.mark.slow  # CI's slow pass; by default test_gpu_pool_sweep_stops_on_sigterm runs the gpu_pool launcher end to end
 def test_gpu_pool_pins_each_job_and_honours_concurrency(tmp_path):
     result = sweep(tmp_path, "hydra/launcher=gpu_pool", "hydra.launcher.gpus=[7,9]", "hydra.launcher.jobs_per_gpu=1", "model=oracle",
                    "strategy=none,drop_all,drop_middle,full", "dataset.generate.seconds=12", "cache=false")
@@ -118,7 +118,7 @@ def test_gpu_pool_pins_each_job_and_honours_concurrency(tmp_path):
     assert (tmp_path / "grid" / "summary.md").is_file()
 
 
-@pytest.mark.slow  # CI's slow pass (~14 s); the gpu_pool launcher keeps its other default tests
+@pytest.mark.slow  # CI's slow pass (~14 s); by default test_gpu_pool_sweep_stops_on_sigterm runs the gpu_pool launcher
 def test_gpu_pool_reused_job_keeps_its_overrides(tmp_path):
     """A job that reuses a result gets .hydra/overrides.yaml like any other, so the summary does not call an
     override shared that varies; without that file its overrides are read from results.json's config."""
@@ -164,7 +164,6 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-@pytest.mark.slow  # a side launcher: CI's slow pass
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="lists processes through /proc")
 def test_gpu_pool_sweep_stops_on_sigterm(tmp_path, model_cache_dir):
     """SIGTERM to a gpu_pool sweep reaches its running job, which stops after its frame and writes its files;
