@@ -111,7 +111,10 @@ def test_a_stopped_bench_grid_keeps_its_finished_jobs_and_starts_no_later_part(t
     assert report["stopped_by"] == eager["stopped_by"] == "SIGTERM" and "fused" not in report["grid"]
     assert 1 <= eager["ok"] == eager["computed"] < 4 and eager["wall_s"] < signalled  # up to the last finished job's end
     assert eager["jobs_per_hour"] == pytest.approx(3600 * eager["ok"] / eager["wall_s"])
-    assert (Path(report["grid_dir"]) / "sequential_eager" / "summary.md").is_file()  # the sweep stopped itself and wrote its summary
+    eager_folder = Path(report["grid_dir"]) / "sequential_eager"
+    assert (eager_folder / "summary.md").is_file()  # the sweep stopped itself and wrote its summary
+    output = (eager_folder / "sweep.log").read_text()
+    assert output.count("SIGTERM received") == 1 and "sent twice" not in output  # the signal reached the sweep once
     assert "stopped by SIGTERM" in stdout and not (Path(report["grid_dir"]) / "fused").exists()
 
 
