@@ -214,3 +214,25 @@ def test_time_split_of_a_fused_sweep_adds_up(tmp_path):
     assert split == pytest.approx({"before_first_worker_s": 3.0, "model_loading_s": 7.5, "streaming_s": 41.5, "summaries_s": 5.0,
                                    "worker_rest_s": 11.0, "after_last_worker_s": 7.0})
     assert time_split(tmp_path / "nothing", 0.0, 1.0) is None
+
+
+@pytest.mark.parametrize("log_writable", [True, False])
+def test_a_parts_sweep_output_goes_to_its_log_and_an_unwritable_log_loses_no_result(tmp_path, caplog, log_writable):
+    from prospect.bench.grid import _sweep
+    from prospect.signals import SweepStop
+
+    # a stand-in sweep command: prints, and writes one finished job's results.json where hydra.sweep.dir says
+    script = ("import json, pathlib, sys; folder = pathlib.Path(sys.argv[1].split('=', 1)[1]) / '0'; "
+              "folder.mkdir(parents=True); print('the sweep ran'); "
+              "(folder / 'results.json').write_text(json.dumps({'status': 'ok', 'metrics': {'time_per_frame': 0.02}}))")
+    folder = tmp_path / "part"
+    if not log_writable:
+        (folder / "sweep.log").mkdir(parents=True)  # a folder where the log should go: writing it fails
+    run = _sweep("part", [sys.executable, "-c", script], folder, SweepStop())
+    assert (run["jobs"], run["computed"], run["ok"], run["exit_code"]) == (1, 1, 1, 0)
+    assert run["ms_per_frame"] == pytest.approx(20.0) and run["jobs_per_hour"] > 0
+    if log_writable:
+        assert (folder / "sweep.log").read_text() == "the sweep ran\n" and not caplog.records
+    else:
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+            f"part: cannot write {folder / 'sweep.log'} (Is a directory); its jobs' results still count"]

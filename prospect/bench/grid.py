@@ -45,9 +45,10 @@ def grid_parts(args) -> list[str]:
 
 def _sweep(name: str, command: list[str], folder: Path, stop: SweepStop) -> dict:
     """Run one sweep command; its wall time, jobs, ok jobs and mean ms per frame from the jobs' results.json;
-    its output goes to FOLDER/sweep.log. The sweep runs in a session of its own, so a signal to the bench's process group (Ctrl-C, `timeout`)
-    reaches it once, forwarded from `stop`; it then stops its jobs and exits. `stopped_by` names the signal,
-    only the jobs that finished count, and jobs per hour run until the last of them ended."""
+    its output goes to FOLDER/sweep.log. The sweep runs in a session of its own, so a signal to the bench's
+    process group (Ctrl-C, `timeout`) reaches it once, forwarded from `stop`; it then stops its jobs and exits.
+    `stopped_by` names the signal, only the jobs that finished count, and jobs per hour run until the last of
+    them ended."""
     started, started_at = time.perf_counter(), time.time()
     sweep = subprocess.Popen(command + [f"hydra.sweep.dir={folder}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
@@ -61,8 +62,11 @@ def _sweep(name: str, command: list[str], folder: Path, stop: SweepStop) -> dict
                 sweep.send_signal(signum)
             forwarded = len(stop.received)
     wall = time.perf_counter() - started
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sweep.log").write_text(stdout + stderr)  # the sweep's own output, kept for a look afterwards
+    try:  # the sweep's own output, kept for a look afterwards; a log that cannot be written loses no result
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "sweep.log").write_text(stdout + stderr)
+    except OSError as error:
+        log.warning("%s: cannot write %s (%s); its jobs' results still count", name, folder / "sweep.log", error.strerror or error)
     paths = list(folder.rglob("results.json"))
     documents = [json.loads(p.read_text()) for p in paths]
     stopped = bool(stop.received)
