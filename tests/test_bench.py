@@ -70,6 +70,9 @@ def test_bench_grid_runs_the_three_sweeps(tmp_path, model_cache_dir):
     assert split["model_loading_s"] > 0 and split["streaming_s"] > 0 and split["before_first_worker_s"] > 0
     parts = ("before_first_worker_s", "model_loading_s", "streaming_s", "worker_rest_s", "after_last_worker_s")
     assert sum(split[k] for k in parts) == pytest.approx(runs["fused"]["wall_s"], abs=0.5)
+    rest = split["worker_rest_parts"]  # the worker's rest split by its lanes' results stamps
+    assert min(rest.values()) > 0 and sum(rest.values()) == pytest.approx(split["worker_rest_s"])
+    assert "the worker's rest: start-up" in result.stdout
     for ratio in ("concurrent_optimized/sequential_eager", "fused/sequential_eager", "fused/concurrent_optimized"):
         faster, slower = ratio.split("/")
         assert report["ratios"][ratio] == pytest.approx(runs[faster]["jobs_per_hour"] / runs[slower]["jobs_per_hour"])
@@ -197,22 +200,31 @@ def test_bench_dataset_rejects_a_bad_count_in_one_line():
 
 def test_time_split_of_a_fused_sweep_adds_up(tmp_path):
     """A hand-made fused sweep folder: one worker from t=103 to t=163 that loaded its model in 7.5 s, two lanes whose
-    frame steps took 40 s and 41.5 s (5 s of summaries in the second), in a sweep of 70 s started at t=100."""
+    frame steps took 40 s and 41.5 s (5 s of summaries in the second), in a sweep of 70 s started at t=100. The
+    lanes' run started at t=105 and t=105.2 and their results were stamped at t=157 and t=158: the worker's 11 s of
+    rest are 2 s of start-up, 6 s of files after the first results and 3 s in the run outside loading and frames."""
     from prospect.bench.grid import time_split
 
     (tmp_path / "fused").mkdir()
     log = tmp_path / "fused" / "worker-0.log"
     log.write_text("fused worker 0: 2 lanes\nmodel loaded in 7.5 s\n")
     folders = []
-    for name, steps in (("0_a", [{"wall_ms": 20000.0}, {"wall_ms": 20000.0}]), ("1_b", [{"wall_ms": 20000.0}, {"wall_ms": 21500.0, "summary_ms": 5000.0}])):
+    lanes = (("0_a", [{"wall_ms": 20000.0}, {"wall_ms": 20000.0}], 105.0, 157.0),
+             ("1_b", [{"wall_ms": 20000.0}, {"wall_ms": 21500.0, "summary_ms": 5000.0}], 105.2, 158.0))
+    for name, steps, started, finished in lanes:
         (tmp_path / name).mkdir()
         (tmp_path / name / "trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+        (tmp_path / name / "results.json").write_text(json.dumps({"status": "ok", "started_at": started, "finished_at": finished}))
         folders.append(str(tmp_path / name))
     (tmp_path / "fused" / "workers.json").write_text(json.dumps(
         [{"worker": 0, "jobs": [0, 1], "folders": folders, "started_at": 103.0, "finished_at": 163.0, "log": str(log)}]))
     split = time_split(tmp_path, started_at=100.0, wall_s=70.0)
+    parts = split.pop("worker_rest_parts")
     assert split == pytest.approx({"before_first_worker_s": 3.0, "model_loading_s": 7.5, "streaming_s": 41.5, "summaries_s": 5.0,
                                    "worker_rest_s": 11.0, "after_last_worker_s": 7.0})
+    assert parts == pytest.approx({"start_s": 2.0, "outside_frames_s": 3.0, "files_s": 6.0})
+    (tmp_path / "1_b" / "results.json").unlink()  # a lane without results (stopped): its worker's rest is not split
+    assert "worker_rest_parts" not in time_split(tmp_path, started_at=100.0, wall_s=70.0)
     assert time_split(tmp_path / "nothing", 0.0, 1.0) is None
 
 

@@ -93,10 +93,17 @@ def time_split(folder: Path, started_at: float, wall_s: float) -> dict | None:
     """Where a fused sweep's wall time went (seconds), from fused/workers.json, the workers' logs and the lanes'
     traces: the sweep process before its first worker (Hydra, composing, checking and keying the jobs), the
     workers' model loading, streaming (per worker its longest lane's frame steps, summaries included, of which
-    `summaries_s` went to summaries), the rest of the workers (imports, graph capture and compilation, writing
-    files), and the sweep process after the last worker (collecting, the summary). The parts add up to the wall
-    time when the workers run one after the other (one GPU); workers side by side on several GPUs are summed.
-    None without workers."""
+    `summaries_s` went to summaries), the rest of the workers, and the sweep process after the last worker
+    (collecting, the summary). The parts add up to the wall time when the workers run one after the other (one
+    GPU); workers side by side on several GPUs are summed. None without workers.
+
+    The workers' rest is split where the lanes' results.json files say when their run started and ended
+    (`worker_rest_parts`, when every lane of every worker wrote one): `start_s` from the worker process's start to its
+    run (Python, imports, reading and checking its jobs), `outside_frames_s` within the run but outside model
+    loading and the longest lane's frame steps (the dataset, the prompt, bookkeeping between conversations and
+    the shorter lanes' waits), and `files_s` from the first lane's results to the worker's exit (scoring,
+    results, plots and timelines of every lane). Graph capture and compilation happen at a step's first use,
+    so they count in the frame steps (streaming)."""
     path = folder / "fused" / "workers.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
     rows = [r for r in rows if r.get("started_at") and r.get("finished_at")]
@@ -106,17 +113,29 @@ def time_split(folder: Path, started_at: float, wall_s: float) -> dict | None:
     loading = sum(float(m) for r in rows if Path(r["log"]).is_file()
                   for m in re.findall(r"model loaded in ([0-9.]+) s", Path(r["log"]).read_text()))
     streaming = summaries = 0.0
+    runs = []  # per worker: (its lanes' earliest run start, earliest results stamp), or None without them
     for row in rows:
-        lanes = []
+        lanes, stamps = [], []
         for job_folder in map(Path, row.get("folders", [])):
             trace = job_folder / "trace.jsonl"
             records = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()] if trace.is_file() else []
             lanes.append((sum(r.get("wall_ms", 0.0) for r in records) / 1000, sum(r.get("summary_ms", 0.0) for r in records) / 1000))
+            results = job_folder / "results.json"
+            document = json.loads(results.read_text()) if results.is_file() else {}
+            if document.get("started_at") and document.get("finished_at"):
+                stamps.append((document["started_at"], document["finished_at"]))
         longest = max(lanes, default=(0.0, 0.0))
         streaming, summaries = streaming + longest[0], summaries + longest[1]
-    return {"before_first_worker_s": min(r["started_at"] for r in rows) - started_at, "model_loading_s": loading,
-            "streaming_s": streaming, "summaries_s": summaries, "worker_rest_s": workers_s - loading - streaming,
-            "after_last_worker_s": started_at + wall_s - max(r["finished_at"] for r in rows)}
+        runs.append((min(s for s, _ in stamps), min(f for _, f in stamps)) if stamps and len(stamps) == len(lanes) else None)
+    rest = workers_s - loading - streaming
+    split = {"before_first_worker_s": min(r["started_at"] for r in rows) - started_at, "model_loading_s": loading,
+             "streaming_s": streaming, "summaries_s": summaries, "worker_rest_s": rest,
+             "after_last_worker_s": started_at + wall_s - max(r["finished_at"] for r in rows)}
+    if all(runs):
+        start = sum(run[0] - row["started_at"] for row, run in zip(rows, runs))
+        files = sum(row["finished_at"] - run[1] for row, run in zip(rows, runs))
+        split["worker_rest_parts"] = {"start_s": start, "outside_frames_s": rest - start - files, "files_s": files}
+    return split
 
 
 def _fused_workers(folder: Path) -> list[dict]:
@@ -233,8 +252,12 @@ def format_grid(report: dict) -> str:
                 f"{label} {split[key]:.1f} s" for key, label in (
                     ("before_first_worker_s", "sweep process before the worker"), ("model_loading_s", "model loading"),
                     ("streaming_s", "streaming (longest lane)"), ("summaries_s", "of which summaries"),
-                    ("worker_rest_s", "worker's rest (imports, graphs, compilation, files)"),
+                    ("worker_rest_s", "worker's rest (start-up, outside the frame steps, files)"),
                     ("after_last_worker_s", "sweep process after the worker (summary)"))))
+            parts = split.get("worker_rest_parts")
+            if parts:
+                lines.append(f"  the worker's rest: start-up (process, imports, its jobs) {parts['start_s']:.1f} s, in its run outside "
+                             f"model loading and frame steps {parts['outside_frames_s']:.1f} s, results and files {parts['files_s']:.1f} s")
     lines += [f"{ratio}: {value:.1f}x" for ratio, value in report["ratios"].items()]
     agreement = report.get("lane_agreement")
     if agreement and agreement["replies"]:
