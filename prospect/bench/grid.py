@@ -100,10 +100,10 @@ def time_split(folder: Path, started_at: float, wall_s: float) -> dict | None:
     The workers' rest is split where the lanes' results.json files say when their run started and ended
     (`worker_rest_parts`, when every lane of every worker wrote one): `start_s` from the worker process's start to its
     run (Python, imports, reading and checking its jobs), `outside_frames_s` within the run but outside model
-    loading and the longest lane's frame steps (the dataset, the prompt, bookkeeping between conversations and
-    the shorter lanes' waits), and `files_s` from the first lane's results to the worker's exit (scoring,
-    results, plots and timelines of every lane). Graph capture and compilation happen at a step's first use,
-    so they count in the frame steps (streaming)."""
+    loading and the longest lane's frame steps (the dataset, the prompt's step, bookkeeping), and `files_s` from
+    the first lane's results to the worker's exit (scoring, results, plots and timelines of every lane). Graph
+    capture and compilation happen at a step's first use: in a frame step they count in streaming, in the
+    prompt's step outside the frames."""
     path = folder / "fused" / "workers.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
     rows = [r for r in rows if r.get("started_at") and r.get("finished_at")]
