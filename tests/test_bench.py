@@ -200,17 +200,18 @@ def test_bench_dataset_rejects_a_bad_count_in_one_line():
 
 def test_time_split_of_a_fused_sweep_adds_up(tmp_path):
     """A hand-made fused sweep folder: one worker from t=103 to t=163 that loaded its model in 7.5 s, two lanes whose
-    frame steps took 40 s and 41.5 s (5 s of summaries in the second), in a sweep of 70 s started at t=100. The
-    lanes' run started at t=105 and t=105.2 and their results were stamped at t=157 and t=158: the worker's 11 s of
-    rest are 2 s of start-up, 6 s of files after the first results and 3 s in the run outside loading and frames."""
+    frame steps took 41.5 s and 40 s (5 s of summaries in the second: the first lane's steps held them too), in a
+    sweep of 70 s started at t=100. The lanes' run started at t=105 and t=105.2 and their results were stamped at
+    t=157 and t=158: the worker's 11 s of rest are 2 s of start-up, 6 s of files after the first results and 3 s
+    in the run outside loading and frames."""
     from prospect.bench.grid import time_split
 
     (tmp_path / "fused").mkdir()
     log = tmp_path / "fused" / "worker-0.log"
     log.write_text("fused worker 0: 2 lanes\nmodel loaded in 7.5 s\n")
     folders = []
-    lanes = (("0_a", [{"wall_ms": 20000.0}, {"wall_ms": 20000.0}], 105.0, 157.0),
-             ("1_b", [{"wall_ms": 20000.0}, {"wall_ms": 21500.0, "summary_ms": 5000.0}], 105.2, 158.0))
+    lanes = (("0_a", [{"wall_ms": 20000.0}, {"wall_ms": 21500.0}], 105.0, 157.0),
+             ("1_b", [{"wall_ms": 20000.0}, {"wall_ms": 20000.0, "summary_ms": 5000.0}], 105.2, 158.0))
     for name, steps, started, finished in lanes:
         (tmp_path / name).mkdir()
         (tmp_path / name / "trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))

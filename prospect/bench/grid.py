@@ -92,8 +92,8 @@ def _sweep(name: str, command: list[str], folder: Path, stop: SweepStop) -> dict
 def time_split(folder: Path, started_at: float, wall_s: float) -> dict | None:
     """Where a fused sweep's wall time went (seconds), from fused/workers.json, the workers' logs and the lanes'
     traces: the sweep process before its first worker (Hydra, composing, checking and keying the jobs), the
-    workers' model loading, streaming (per worker its longest lane's frame steps, summaries included, of which
-    `summaries_s` went to summaries), the rest of the workers, and the sweep process after the last worker
+    workers' model loading, streaming (per worker its longest lane's frame steps, which hold every lane's
+    reductions and summaries; `summaries_s`: the most summary time of any lane), the rest of the workers, and the sweep process after the last worker
     (collecting, the summary). The parts add up to the wall time when the workers run one after the other (one
     GPU); workers side by side on several GPUs are summed. None without workers.
 
@@ -124,8 +124,10 @@ def time_split(folder: Path, started_at: float, wall_s: float) -> dict | None:
             document = json.loads(results.read_text()) if results.is_file() else {}
             if document.get("started_at") and document.get("finished_at"):
                 stamps.append((document["started_at"], document["finished_at"]))
-        longest = max(lanes, default=(0.0, 0.0))
-        streaming, summaries = streaming + longest[0], summaries + longest[1]
+        # a lane's step holds the others (lanes step together), so the longest lane's frame steps hold every lane's
+        # summaries: those of lanes reducing at the same frame decode as one batch, and the most any lane waited counts
+        streaming += max((wall for wall, _ in lanes), default=0.0)
+        summaries += max((summary for _, summary in lanes), default=0.0)
         runs.append((min(s for s, _ in stamps), min(f for _, f in stamps)) if stamps and len(stamps) == len(lanes) else None)
     rest = workers_s - loading - streaming
     split = {"before_first_worker_s": min(r["started_at"] for r in rows) - started_at, "model_loading_s": loading,
