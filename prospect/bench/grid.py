@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prospect.signals import SweepStop
@@ -92,16 +93,21 @@ def _sweep(name: str, command: list[str], folder: Path, stop: SweepStop) -> dict
 def time_split(folder: Path, started_at: float, wall_s: float) -> dict | None:
     """Where a fused sweep's wall time went (seconds), from fused/workers.json, the workers' logs and the lanes'
     traces: the sweep process before its first worker (Hydra, composing, checking and keying the jobs), the
-    workers' model loading, streaming (per worker its longest lane's frame steps, which hold every lane's
-    reductions and summaries; `summaries_s`: the most summary time of any lane), the rest of the workers, and the sweep process after the last worker
+    workers' model loading, streaming, the rest of the workers, and the sweep process after the last worker
     (collecting, the summary). The parts add up to the wall time when the workers run one after the other (one
     GPU); workers side by side on several GPUs are summed. None without workers.
 
-    The workers' rest is split where the lanes' results.json files say when their run started and ended
-    (`worker_rest_parts`, when every lane of every worker wrote one): `start_s` from the worker process's start to its
-    run (Python, imports, reading and checking its jobs), `outside_frames_s` within the run but outside model
-    loading and the longest lane's frame steps (the dataset, the prompt's step, bookkeeping), and `files_s` from
-    the first lane's results to the worker's exit (scoring, results, plots and timelines of every lane). Graph
+    Streaming: per lane set (the lanes a worker runs together) its longest lane's frame steps, which hold every
+    lane's reductions and summaries, as lanes step together; `summaries_s`: per lane set the most summary time
+    of any lane. A worker runs its lane sets one after the other; they are told apart by the run start in their
+    lanes' results.json (without those stamps, all the worker's lanes count as one set).
+
+    The workers' rest is split by those stamps (`worker_rest_parts`, when every lane that ran has them; a reused
+    result's stamps, from another run, fall outside the worker's time and are left out): `start_s` from the
+    worker process's start to its first run (Python, imports, reading and checking its jobs), `files_s` from
+    each set's first results stamp to the next set's start or the worker's exit (the other lanes' scoring, every
+    lane's results, plots and timelines), and `outside_frames_s` the remainder: within the runs but outside model
+    loading and frame steps (the dataset, the prompt's step, the first lane's scoring, bookkeeping). Graph
     capture and compilation happen at a step's first use: in a frame step they count in streaming, in the
     prompt's step outside the frames."""
     path = folder / "fused" / "workers.json"
@@ -112,32 +118,60 @@ def time_split(folder: Path, started_at: float, wall_s: float) -> dict | None:
     workers_s = sum(r["finished_at"] - r["started_at"] for r in rows)
     loading = sum(float(m) for r in rows if Path(r["log"]).is_file()
                   for m in re.findall(r"model loaded in ([0-9.]+) s", Path(r["log"]).read_text()))
-    streaming = summaries = 0.0
-    runs = []  # per worker: (its lanes' earliest run start, earliest results stamp), or None without them
+    streaming = summaries = start = files = 0.0
+    stamped = True  # every lane that ran in every worker has its run's stamps
     for row in rows:
-        lanes, stamps = [], []
-        for job_folder in map(Path, row.get("folders", [])):
-            trace = job_folder / "trace.jsonl"
-            records = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()] if trace.is_file() else []
-            lanes.append((sum(r.get("wall_ms", 0.0) for r in records) / 1000, sum(r.get("summary_ms", 0.0) for r in records) / 1000))
-            results = job_folder / "results.json"
-            document = json.loads(results.read_text()) if results.is_file() else {}
-            if document.get("started_at") and document.get("finished_at"):
-                stamps.append((document["started_at"], document["finished_at"]))
-        # a lane's step holds the others (lanes step together), so the longest lane's frame steps hold every lane's
-        # summaries: those of lanes reducing at the same frame decode as one batch, and the most any lane waited counts
-        streaming += max((wall for wall, _ in lanes), default=0.0)
-        summaries += max((summary for _, summary in lanes), default=0.0)
-        runs.append((min(s for s, _ in stamps), min(f for _, f in stamps)) if stamps and len(stamps) == len(lanes) else None)
+        lanes = [_lane_times(Path(folder)) for folder in row.get("folders", [])]
+        ran = [lane for lane in lanes if lane.run_start is None or row["started_at"] <= lane.run_start <= row["finished_at"]]
+        sets = _lane_sets(ran)
+        if sets is None:
+            stamped, sets = False, [ran]
+        else:
+            ends = [min(lane.first_stamp for lane in lane_set) for lane_set in sets]
+            nexts = [min(lane.run_start for lane in lane_set) for lane_set in sets[1:]] + [row["finished_at"]]
+            start += min(lane.run_start for lane in sets[0]) - row["started_at"]
+            files += sum(following - end for following, end in zip(nexts, ends))
+        for lane_set in sets:
+            streaming += max((lane.frames_s for lane in lane_set), default=0.0)
+            summaries += max((lane.summaries_s for lane in lane_set), default=0.0)
     rest = workers_s - loading - streaming
     split = {"before_first_worker_s": min(r["started_at"] for r in rows) - started_at, "model_loading_s": loading,
              "streaming_s": streaming, "summaries_s": summaries, "worker_rest_s": rest,
              "after_last_worker_s": started_at + wall_s - max(r["finished_at"] for r in rows)}
-    if all(runs):
-        start = sum(run[0] - row["started_at"] for row, run in zip(rows, runs))
-        files = sum(row["finished_at"] - run[1] for row, run in zip(rows, runs))
+    if stamped:
         split["worker_rest_parts"] = {"start_s": start, "outside_frames_s": rest - start - files, "files_s": files}
     return split
+
+
+@dataclass
+class _LaneTimes:
+    frames_s: float  # its frame steps (trace.jsonl)
+    summaries_s: float  # of which its summaries
+    run_start: float | None  # its run's start and results stamp (results.json), None without them
+    first_stamp: float | None
+
+
+def _lane_times(job_folder: Path) -> _LaneTimes:
+    trace = job_folder / "trace.jsonl"
+    records = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()] if trace.is_file() else []
+    results = job_folder / "results.json"
+    document = json.loads(results.read_text()) if results.is_file() else {}
+    stamps = (document.get("started_at"), document.get("finished_at")) if document.get("started_at") and document.get("finished_at") else (None, None)
+    return _LaneTimes(sum(r.get("wall_ms", 0.0) for r in records) / 1000, sum(r.get("summary_ms", 0.0) for r in records) / 1000, *stamps)
+
+
+def _lane_sets(lanes: list[_LaneTimes], gap_s: float = 0.5) -> list[list[_LaneTimes]] | None:
+    """The lanes grouped by run (the lanes of one run start within moments of each other; the next run starts
+    after the previous one ended), in order; None when a lane has no stamps or there is none."""
+    if not lanes or any(lane.run_start is None for lane in lanes):
+        return None
+    sets: list[list[_LaneTimes]] = []
+    for lane in sorted(lanes, key=lambda lane: lane.run_start):
+        if sets and lane.run_start - sets[-1][-1].run_start <= gap_s:
+            sets[-1].append(lane)
+        else:
+            sets.append([lane])
+    return sets
 
 
 def _fused_workers(folder: Path) -> list[dict]:
