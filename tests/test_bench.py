@@ -232,7 +232,8 @@ def test_time_split_of_a_fused_sweep_adds_up(tmp_path):
 def test_time_split_counts_each_lane_set_of_a_worker_and_leaves_out_reused_results(tmp_path):
     """A worker from t=200 to t=300 runs two lane sets: A and B from t=202 (frame steps 30 s and 28 s, 4 s of
     summaries in B; results at t=240 and t=241), then C from t=245 (20 s, 2 s of summaries; results at t=280). D
-    reuses an earlier run's result (stamps at t=50-60, a trace of 99 s): it did not run here. The model loaded in
+    reuses the result of a run another sweep made meanwhile (cached; stamps t=210-220, a trace of 99 s): it did
+    not run here. The model loaded in
     3 s and 2 s. Streaming is 30 + 20 s, the rest 100 - 5 - 50 = 45 s: 2 s of start-up, 5 + 20 s of files, 18 s
     outside the frames."""
     from prospect.bench.grid import time_split
@@ -242,10 +243,11 @@ def test_time_split_counts_each_lane_set_of_a_worker_and_leaves_out_reused_resul
     log.write_text("model loaded in 3.0 s\nlane set 2 of 2\nmodel loaded in 2.0 s\n")
     folders = []
     for name, wall, summary, started, finished in (("0_a", 30.0, 0.0, 202.0, 240.0), ("1_b", 28.0, 4.0, 202.0001, 241.0),
-                                                    ("2_c", 20.0, 2.0, 245.0, 280.0), ("3_d", 99.0, 0.0, 50.0, 60.0)):
+                                                    ("2_c", 20.0, 2.0, 245.0, 280.0), ("3_d", 99.0, 0.0, 210.0, 220.0)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "trace.jsonl").write_text(json.dumps({"wall_ms": wall * 1000, "summary_ms": summary * 1000}) + "\n")
-        (tmp_path / name / "results.json").write_text(json.dumps({"status": "ok", "started_at": started, "finished_at": finished}))
+        (tmp_path / name / "results.json").write_text(json.dumps({"status": "ok", "started_at": started, "finished_at": finished,
+                                                                  "cached": name == "3_d"}))
         folders.append(str(tmp_path / name))
     (tmp_path / "fused" / "workers.json").write_text(json.dumps(
         [{"worker": 0, "jobs": [0, 1, 2, 3], "folders": folders, "started_at": 200.0, "finished_at": 300.0, "log": str(log)}]))

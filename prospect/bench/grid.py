@@ -103,7 +103,7 @@ def time_split(folder: Path, started_at: float, wall_s: float) -> dict | None:
     lanes' results.json (without those stamps, all the worker's lanes count as one set).
 
     The workers' rest is split by those stamps (`worker_rest_parts`, when every lane that ran has them; a reused
-    result's stamps, from another run, fall outside the worker's time and are left out): `start_s` from the
+    result (`cached`) did not run here and is left out, trace and stamps): `start_s` from the
     worker process's start to its first run (Python, imports, reading and checking its jobs), `files_s` from
     each set's first results stamp to the next set's start or the worker's exit (the other lanes' scoring, every
     lane's results, plots and timelines), and `outside_frames_s` the remainder: within the runs but outside model
@@ -121,8 +121,7 @@ def time_split(folder: Path, started_at: float, wall_s: float) -> dict | None:
     streaming = summaries = start = files = 0.0
     stamped = True  # every lane that ran in every worker has its run's stamps
     for row in rows:
-        lanes = [_lane_times(Path(folder)) for folder in row.get("folders", [])]
-        ran = [lane for lane in lanes if lane.run_start is None or row["started_at"] <= lane.run_start <= row["finished_at"]]
+        ran = [lane for lane in map(_lane_times, map(Path, row.get("folders", []))) if lane is not None]
         sets = _lane_sets(ran)
         if sets is None:
             stamped, sets = False, [ran]
@@ -151,11 +150,14 @@ class _LaneTimes:
     first_stamp: float | None
 
 
-def _lane_times(job_folder: Path) -> _LaneTimes:
-    trace = job_folder / "trace.jsonl"
-    records = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()] if trace.is_file() else []
+def _lane_times(job_folder: Path) -> _LaneTimes | None:
+    """A lane's times from its trace and results.json; None for a reused result (its files come from another run)."""
     results = job_folder / "results.json"
     document = json.loads(results.read_text()) if results.is_file() else {}
+    if document.get("cached"):
+        return None
+    trace = job_folder / "trace.jsonl"
+    records = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()] if trace.is_file() else []
     stamps = (document.get("started_at"), document.get("finished_at")) if document.get("started_at") and document.get("finished_at") else (None, None)
     return _LaneTimes(sum(r.get("wall_ms", 0.0) for r in records) / 1000, sum(r.get("summary_ms", 0.0) for r in records) / 1000, *stamps)
 
